@@ -1,0 +1,56 @@
+# offshelf: `make benchmark` runs the default job end to end; `make test` runs the tests.
+# Every target depends on `setup`, which creates .venv and is a no-op when it is up to date.
+
+PYTHON   ?= python3
+VENV     := .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.installed
+
+DATASET  ?= fashion-mnist
+MODEL    ?= efficientnet_lite0
+SEED     ?= 0
+CLASSIFIER ?= logreg
+BASELINES ?= hog
+
+DATA_ARGS = --dataset '$(DATASET)' --seed $(SEED) \
+	$(if $(DATA_DIR),--data-dir '$(DATA_DIR)') $(if $(LIMIT),--limit $(LIMIT)) $(if $(FULL),--full) \
+	$(if $(OVERWRITE),--overwrite) $(if $(ON_ERROR),--on-error $(ON_ERROR))
+
+.PHONY: setup data extract layers baselines classify report benchmark data-info test
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# The default dataset must be on disk: found, downloaded, or installed from Debian's package.
+data: $(STAMP)
+	@if [ '$(DATASET)' = fashion-mnist ] && [ -z '$(DATA_DIR)' ]; then $(PY) -m extract fetch --dataset fashion-mnist; fi
+
+extract: setup
+	$(PY) -m extract features $(DATA_ARGS) --model $(MODEL) $(if $(LAYERS),--layers '$(LAYERS)') \
+		$(if $(POOLING),--pooling $(POOLING)) $(if $(WEIGHTS),--weights '$(WEIGHTS)')
+
+layers: setup
+	$(PY) -m extract layers --model $(MODEL)
+
+data-info: setup
+	$(PY) -m extract data-info $(DATA_ARGS)
+
+baselines: setup
+	$(PY) -m baselines $(DATA_ARGS) --baselines $(BASELINES)
+
+classify: setup
+	$(PY) -m classify probe --dataset '$(DATASET)' --classifier $(CLASSIFIER) --seed $(SEED) \
+		$(if $(FEATURES),--features '$(FEATURES)') $(if $(LAYERS),--layers '$(LAYERS)')
+
+report: setup
+	$(PY) -m classify report --dataset '$(DATASET)'
+
+benchmark: extract baselines classify report
+
+test: setup
+	$(PY) -m pytest

@@ -1,0 +1,101 @@
+"""The backbone registry: each entry declares how to build the network, its input, and its taps."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One tap: a stable ``name``, the Keras ``layer`` whose output it reads, and its shape facts."""
+
+    name: str
+    layer: str
+    channels: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and what it offers.
+
+    ``build(weights)`` returns a Keras model that takes RGB pixels in [0, 255] (the model
+    holds its own normalisation) plus a description of the weights it loaded, including
+    their SHA-256 where they came from a file.
+    """
+
+    name: str
+    build: Callable[[str | None], tuple[keras.Model, dict]]
+    input_size: int
+    feature_info: tuple[FeatureInfo, ...]
+    preprocessing: str
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    default_weights: str = "imagenet"
+    offline_weights: bool = False
+    notes: str = ""
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    def tap(self, name: str) -> FeatureInfo:
+        for info in self.feature_info:
+            if info.name == name:
+                return info
+        raise KeyError(name)
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is registered twice")
+    names = [info.name for info in spec.feature_info]
+    if len(set(names)) != len(names):
+        raise ValueError(f"backbone {spec.name!r} declares duplicate tap names: {names}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    return sorted(fnmatch.filter(_REGISTRY, pattern))
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())}") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_keras_weights_file(model: keras.Model, path: str | Path) -> dict:
+    """Load a Keras ``.weights.h5`` or ``.keras`` file into ``model``; describe what was loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.name.endswith(".keras"):
+        source = keras.saving.load_model(path, compile=False)
+        model.set_weights(source.get_weights())
+    elif path.name.endswith(".weights.h5") or path.suffix == ".h5":
+        model.load_weights(path)
+    else:
+        raise ValueError(f"{path}: weights files must end in .weights.h5, .h5 or .keras")
+    return weights_record(path)
+
+
+def weights_record(path: str | Path, *, source: str | None = None) -> dict:
+    path = Path(path)
+    return {"weights": source or str(path), "weights_file": path.name, "weights_sha256": file_sha256(path)}

@@ -1,0 +1,116 @@
+"""Command line of ``python -m extract {features,layers,fetch,data-info}``, and the dataset
+options and error handling that ``python -m baselines`` shares."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from extract.datasets import load_dataset
+from extract.images import ImageDecodeError
+from extract.store import StoreError
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or folder:PATH")
+    parser.add_argument("--data-dir", default=None, help="where an existing copy of the dataset lives")
+    parser.add_argument("--limit", type=int, default=None, help="class-balanced subset: N train and N//2 per other split")
+    parser.add_argument("--full", action="store_true", help="use every image (no default subset)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for subsets, splits and random weights")
+    parser.add_argument("--features-dir", default="features", help="root folder of the feature stores")
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="on an unreadable image: stop, or record it as skipped")
+    parser.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def dataset_from(args):
+    return load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit, full=args.full, seed=args.seed)
+
+
+def cmd_features(args) -> None:
+    from extract.extractor import CNNFeaturizer
+    from extract.pipeline import extract_to_store, store_path
+
+    dataset = dataset_from(args)
+    featurizer = CNNFeaturizer(args.model, layers=args.layers, pooling=args.pooling, weights=args.weights, seed=args.seed, batch_size=args.batch_size)
+    path = extract_to_store(
+        dataset, featurizer, store_path(args.features_dir, dataset, featurizer),
+        on_error=args.on_error, overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress,
+    )
+    print(f"features: {path}")
+
+
+def cmd_layers(args) -> None:
+    from extract.extractor import CNNFeaturizer
+
+    featurizer = CNNFeaturizer(args.model, weights=None, pooling=args.pooling)
+    size = featurizer.input_size
+    print(f"{args.model}: input {size}x{size}x3 RGB in [0, 255]; preprocessing {featurizer.spec.preprocessing}")
+    print(f"{'index':>5}  {'tap':<12} {'layer':<24} {'output shape':<16} {'stride':>6} {'pooled dim':>10}")
+    for index, info in enumerate(featurizer.feature_info):
+        shape = tuple(featurizer.backbone.get_layer(info.layer).output.shape[1:])
+        print(f"{index:>5}  {info.name:<12} {info.layer:<24} {str(shape):<16} {info.stride:>6} {featurizer.dims[info.name]:>10}")
+
+
+def cmd_fetch(args) -> None:
+    from extract.datasets import fashion_mnist
+
+    if args.dataset != "fashion-mnist":
+        raise SystemExit(f"fetch knows fashion-mnist only; for {args.dataset} see the README's dataset table")
+    print(f"Fashion-MNIST: {fashion_mnist.ensure_available()}")
+
+
+def cmd_data_info(args) -> None:
+    dataset = dataset_from(args)
+    counts = dataset.counts()
+    print(f"{dataset.name}: {len(dataset)} images, {len(dataset.classes)} classes, source {dataset.info.get('source')}")
+    print(f"{'class':<28}" + "".join(f"{s:>10}" for s in counts))
+    for name in dataset.classes:
+        print(f"{name:<28}" + "".join(f"{counts[s][name]:>10}" for s in counts))
+    print(f"{'total':<28}" + "".join(f"{sum(counts[s].values()):>10}" for s in counts))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m extract", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    features = sub.add_parser("features", help="extract CNN features into features/<dataset>/<model>.h5")
+    add_dataset_arguments(features)
+    features.add_argument("--model", default="efficientnet_lite0", help="a registered backbone (see `layers`)")
+    features.add_argument("--layers", default=None, help="taps: names, globs, indices, or N for the last N (default: all)")
+    features.add_argument("--pooling", default="avg", choices=("avg", "max", "avgmax", "spp"))
+    features.add_argument("--weights", default="imagenet", help="imagenet, random, or a weights file")
+    features.add_argument("--batch-size", type=int, default=32)
+    features.add_argument("--workers", type=int, default=None, help="image decoding threads")
+    features.set_defaults(func=cmd_features)
+
+    layers = sub.add_parser("layers", help="list a backbone's taps and their output shapes")
+    layers.add_argument("--model", default="efficientnet_lite0")
+    layers.add_argument("--pooling", default="avg", choices=("avg", "max", "avgmax", "spp"))
+    layers.set_defaults(func=cmd_layers)
+
+    fetch = sub.add_parser("fetch", help="make a dataset available offline (used by make setup)")
+    fetch.add_argument("--dataset", default="fashion-mnist")
+    fetch.set_defaults(func=cmd_fetch)
+
+    info = sub.add_parser("data-info", help="counts per split and class")
+    add_dataset_arguments(info)
+    info.set_defaults(func=cmd_data_info)
+
+    args = parser.parse_args(argv)
+    return run_command(args.func, args)
+
+
+def run_command(func, args) -> int:
+    """Run a command with logging set up; expected failures print one clear line and exit 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        func(args)
+    except (ImageDecodeError, StoreError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0

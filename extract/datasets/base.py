@@ -1,0 +1,123 @@
+"""The dataset contract shared by CNN extraction and the hand-crafted baselines."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+TRAIN_SPLIT = "train"
+
+
+def slugify(name: str) -> str:
+    """A filesystem-safe name for output folders."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    if not slug:
+        raise ValueError(f"cannot make a folder name from dataset name {name!r}")
+    return slug
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """Images with labels and splits.
+
+    ``paths`` are stable identifiers (a file path, or ``file#row`` for array
+    datasets); ``read(i, min_side=None)`` returns sample ``i`` as RGB ``uint8``
+    (H, W, 3), allowed to decode large files at a reduced scale down to ``min_side``.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    paths: tuple[str, ...]
+    labels: np.ndarray
+    splits: tuple[str, ...]
+    read: Callable[..., np.ndarray] = field(repr=False, compare=False)
+    info: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if not (len(self.paths) == len(self.labels) == len(self.splits)):
+            raise ValueError(
+                f"dataset {self.name!r}: paths ({len(self.paths)}), labels ({len(self.labels)}) "
+                f"and splits ({len(self.splits)}) differ in length"
+            )
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise ValueError(f"dataset {self.name!r}: labels outside 0..{len(self.classes) - 1}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def split_names(self) -> list[str]:
+        return sorted(set(self.splits), key=lambda s: (s != TRAIN_SPLIT, s))
+
+    def counts(self) -> dict[str, Counter]:
+        """Per split, the number of images of each class name."""
+        table: dict[str, Counter] = {split: Counter() for split in self.split_names}
+        for label, split in zip(self.labels, self.splits):
+            table[split][self.classes[label]] += 1
+        return table
+
+    def digest(self) -> str:
+        """SHA-256 of the ordered (path, label, split) index: the identity of the sample list."""
+        digest = hashlib.sha256()
+        for path, label, split in zip(self.paths, self.labels, self.splits):
+            digest.update(f"{path}\t{label}\t{split}\n".encode())
+        return digest.hexdigest()
+
+    def subset(self, indices, **info) -> ImageDataset:
+        indices = np.asarray(indices, dtype=np.int64)
+        read = self.read
+        return replace(
+            self,
+            paths=tuple(self.paths[i] for i in indices),
+            labels=self.labels[indices],
+            splits=tuple(self.splits[i] for i in indices),
+            read=lambda i, min_side=None: read(int(indices[i]), min_side=min_side),
+            info={**self.info, **info},
+        )
+
+
+def balanced_subset(dataset: ImageDataset, limit: int, *, seed: int) -> ImageDataset:
+    """A seeded, class-balanced subset: ``limit`` training images and ``limit // 2`` per other split."""
+    if limit < 1:
+        raise ValueError(f"limit must be a positive number of images. Received: limit={limit}")
+    rng = np.random.default_rng(seed)
+    splits = np.asarray(dataset.splits)
+    chosen = []
+    for split in dataset.split_names:
+        cap = limit if split == TRAIN_SPLIT else max(1, limit // 2)
+        members = np.flatnonzero(splits == split)
+        by_class = {c: rng.permutation(members[dataset.labels[members] == c]) for c in np.unique(dataset.labels[members])}
+        # Deal images round-robin over classes in a seeded order, so every class gets
+        # floor or ceil of cap / n_classes (less only where a class runs out).
+        order = rng.permutation(sorted(by_class))
+        taken = {c: 0 for c in order}
+        remaining = min(cap, len(members))
+        while remaining:
+            progressed = False
+            for c in order:
+                if remaining and taken[c] < len(by_class[c]):
+                    taken[c] += 1
+                    remaining -= 1
+                    progressed = True
+            if not progressed:
+                break
+        chosen.extend(idx for c in order for idx in by_class[c][: taken[c]])
+    return dataset.subset(np.sort(np.asarray(chosen, dtype=np.int64)), limit=limit, subset_seed=seed)
+
+
+def seeded_split(labels: np.ndarray, *, test_fraction: float, seed: int) -> list[str]:
+    """Per class, put ``test_fraction`` of the items (at least one when possible) in "test"."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1). Received: test_fraction={test_fraction}")
+    rng = np.random.default_rng(seed)
+    splits = np.full(len(labels), TRAIN_SPLIT, dtype=object)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n_test = min(len(members) - 1, max(1, round(len(members) * test_fraction))) if len(members) > 1 else 0
+        splits[members[:n_test]] = "test"
+    return [str(s) for s in splits]

@@ -1,0 +1,103 @@
+"""Decode any image file into RGB uint8, and fit it to a model's input size.
+
+Every failure raises ``ImageDecodeError`` naming the file, so a bad image in a
+dataset of thousands is found at once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+INTERPOLATIONS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "area": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+# Transparent pixels are shown on white, as a viewer would show them.
+ALPHA_BACKGROUND = (255, 255, 255)
+# Refuse images above this many pixels (after JPEG draft reduction): 4x PIL's bomb limit.
+MAX_PIXELS = 4 * 89_478_485
+
+
+class ImageDecodeError(ValueError):
+    """An image file could not be decoded. ``path`` names it."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot decode image {self.path}: {reason}")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit and float images: scale the full range to 8 bits instead of clipping it.
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def read_image(path: str | Path, *, min_side: int | None = None) -> np.ndarray:
+    """Return the image at ``path`` as an RGB ``uint8`` array of shape (H, W, 3).
+
+    EXIF orientation is applied. With ``min_side``, large JPEGs are decoded at a
+    reduced scale (a power of two) that keeps both sides at least ``min_side``, so
+    a 20-megapixel photo costs little more than a thumbnail.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if min_side is not None and image.format == "JPEG":
+                    width, height = image.size
+                    scale = max(min_side / min(width, height), 1e-6)
+                    image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+                if image.size[0] * image.size[1] > MAX_PIXELS:
+                    raise ImageDecodeError(path, f"image of {image.size[0]}x{image.size[1]} pixels is too large")
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                rgb = _to_rgb(image)
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageDecodeError(path, f"{type(error).__name__}: {error}") from None
+    array = np.asarray(rgb, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) == 0:
+        raise ImageDecodeError(path, f"decoded to an unusable array of shape {array.shape}")
+    return array
+
+
+def fit_to_input(rgb: np.ndarray, size: int, *, crop_pct: float = 1.0, interpolation: str = "bicubic") -> np.ndarray:
+    """Resize the shorter side to ``size / crop_pct`` and centre-crop ``size`` x ``size``.
+
+    This is the evaluation transform of timm and of the official EfficientNet code.
+    """
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1]. Received: crop_pct={crop_pct}")
+    height, width = rgb.shape[:2]
+    if (height, width) == (size, size) and crop_pct == 1.0:
+        return rgb
+    scale = size / crop_pct / min(height, width)
+    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+    image = Image.fromarray(rgb).resize((new_width, new_height), INTERPOLATIONS[interpolation], reducing_gap=3.0)
+    left, top = (new_width - size) // 2, (new_height - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)

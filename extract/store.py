@@ -1,0 +1,417 @@
+"""The HDF5 feature store: the one contract between ``extract/``, ``baselines/`` and ``classify/``.
+
+Schema version 1. One file per dataset and extractor: ``features/<dataset>/<extractor>.h5``.
+
+==================  ==========  =============================================================
+path                shape/type  meaning
+==================  ==========  =============================================================
+/index/path         (N,) utf-8  stable identifier of each image: its path relative to the
+                                dataset root, or ``file#row`` for array datasets
+/index/label        (N,) int64  class index into /classes
+/index/split        (N,) utf-8  split name: "train", "test", "val", a domain name...
+/classes            (C,) utf-8  class names in label order
+/layers/<tap>       (N, D) f32  one feature matrix per tapped layer (or baseline variant),
+                                chunked by rows, gzip-compressed with byte shuffle
+/skipped/path       (K,) utf-8  images left out under ``--on-error skip`` (K may be 0)
+/skipped/reason     (K,) utf-8  why each one was left out
+==================  ==========  =============================================================
+
+Root attributes:
+
+* ``schema_version``: 1
+* ``dataset``: the dataset's folder name; ``extractor``: the backbone or baseline name
+* ``fingerprint``: JSON of everything that determined the features: model, weights
+  SHA-256, input size, preprocessing, pooling, taps, package versions
+* ``taps``: JSON list of the layer names in /layers, from low to high
+* ``dataset_digest``: SHA-256 of the ordered (path, label, split) list the store was made for
+* ``dataset_info``: JSON: where the images came from, subset size and seed
+* ``complete``: true; a store is only ever published complete (see below)
+* ``created``: ISO-8601 UTC time of publication
+
+Crash safety. HDF5 files can be left unreadable when a writer dies mid-write, so no
+HDF5 file is ever written in place. Rows are computed into shards in
+``<store>.partial/``; each shard is written to a temporary file, fsync'ed and renamed,
+so a kill at any moment leaves only whole shards, and a rerun computes only the rows
+that no shard holds. When every row is done, the shards are assembled into a temporary
+HDF5 file that is fsync'ed and renamed over the store path. The file at the store path
+is therefore always a complete store, old or new.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STRING = h5py.string_dtype("utf-8")
+CHUNK_BYTES = 1 << 20
+MANIFEST = "manifest.json"
+
+
+class StoreError(ValueError):
+    """A feature store is unreadable, incomplete or of another schema. Names the file."""
+
+
+class StoreMismatchError(StoreError):
+    """Features would be mixed with features made under other settings or for other images."""
+
+
+def canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def fingerprint_differences(expected: dict, found: dict) -> list[str]:
+    keys = sorted(set(expected) | set(found))
+    return [f"{k}: {found.get(k)!r} in the store, {expected.get(k)!r} now" for k in keys if expected.get(k) != found.get(k)]
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Call ``write(tmp_path)``, fsync the result and rename it onto ``target``."""
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(target.parent)
+
+
+class FeatureStore:
+    """Read-only view of a complete store. Use as a context manager."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"feature store not found: {self.path}")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as error:
+            raise StoreError(f"{self.path} is not a readable HDF5 file ({error}); delete it and extract again") from None
+        try:
+            self._validate()
+        except Exception:
+            self._file.close()
+            raise
+
+    def _validate(self) -> None:
+        attrs = self._file.attrs
+        version = attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema_version={version!r}; this code reads version {SCHEMA_VERSION}")
+        if not attrs.get("complete", False):
+            raise StoreError(f"{self.path} is marked incomplete; rerun the extraction to finish it")
+        missing = [p for p in ("index/path", "index/label", "index/split", "classes", "layers") if p not in self._file]
+        if missing:
+            raise StoreError(f"{self.path} lacks {missing}; it is not a schema-1 feature store")
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def dataset(self) -> str:
+        return str(self._file.attrs["dataset"])
+
+    @property
+    def extractor(self) -> str:
+        return str(self._file.attrs["extractor"])
+
+    @property
+    def fingerprint(self) -> dict:
+        return json.loads(self._file.attrs["fingerprint"])
+
+    @property
+    def dataset_info(self) -> dict:
+        return json.loads(self._file.attrs.get("dataset_info", "{}"))
+
+    @property
+    def dataset_digest(self) -> str:
+        return str(self._file.attrs["dataset_digest"])
+
+    @property
+    def taps(self) -> list[str]:
+        return json.loads(self._file.attrs["taps"])
+
+    @property
+    def classes(self) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else s for s in self._file["classes"][()]]
+
+    @property
+    def paths(self) -> np.ndarray:
+        return self._file["index/path"].asstr()[()]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._file["index/label"][()]
+
+    @property
+    def splits(self) -> np.ndarray:
+        return self._file["index/split"].asstr()[()]
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        if "skipped/path" not in self._file:
+            return []
+        return list(zip(self._file["skipped/path"].asstr()[()], self._file["skipped/reason"].asstr()[()]))
+
+    def __len__(self) -> int:
+        return len(self._file["index/label"])
+
+    def dim(self, layer: str) -> int:
+        return int(self._dataset(layer).shape[1])
+
+    def _dataset(self, layer: str) -> h5py.Dataset:
+        if layer not in self._file["layers"]:
+            raise KeyError(f"{self.path} has no layer {layer!r}; it has {self.taps}")
+        return self._file["layers"][layer]
+
+    def features(self, layer: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """The (n, D) float32 features of ``layer``, for all rows or a boolean/index selection."""
+        data = self._dataset(layer)
+        if rows is None:
+            return data[()]
+        rows = np.asarray(rows)
+        index = np.flatnonzero(rows) if rows.dtype == bool else np.sort(rows)
+        return data[index] if len(index) else np.zeros((0, data.shape[1]), np.float32)
+
+    def iter_chunks(self, layer: str, rows: np.ndarray, chunk_rows: int = 4096):
+        """Yield (positions, features) over sorted row indices without loading the whole layer."""
+        data = self._dataset(layer)
+        rows = np.sort(np.asarray(rows))
+        for start in range(0, len(rows), chunk_rows):
+            block = rows[start : start + chunk_rows]
+            lo, hi = int(block[0]), int(block[-1]) + 1
+            yield block, data[lo:hi][block - lo]
+
+
+class StoreWriter:
+    """Resumable, crash-safe writer for one store. Use as a context manager.
+
+    >>> with StoreWriter(path, dataset=ds, extractor="hog", fingerprint=fp, taps=["hog"]) as writer:
+    ...     for rows in batches(writer.pending_rows()):
+    ...         writer.write_shard(rows, features, skipped=[])
+    ...     writer.finalize()
+    """
+
+    def __init__(self, path: str | Path, *, dataset, extractor: str, fingerprint: dict, taps: list[str], overwrite: bool = False):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.dataset = dataset
+        self.extractor = extractor
+        self.fingerprint = fingerprint
+        self.taps = list(taps)
+        self.overwrite = overwrite
+        self.digest = dataset.digest()
+        self._done = np.zeros(len(dataset), dtype=bool)
+        self.up_to_date = False
+
+    # -- opening -------------------------------------------------------------------------
+    def __enter__(self) -> StoreWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not self.overwrite:
+            self.up_to_date = self._check_existing_store()
+            if self.up_to_date:
+                shutil.rmtree(self.partial, ignore_errors=True)
+                return self
+        self._open_partial()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def _manifest(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "dataset": self.dataset.name,
+            "extractor": self.extractor,
+            "fingerprint": self.fingerprint,
+            "taps": self.taps,
+            "dataset_digest": self.digest,
+            "rows": len(self.dataset),
+        }
+
+    def _check_existing_store(self) -> bool:
+        with FeatureStore(self.path) as store:
+            found_fp, digest, n = store.fingerprint, store.dataset_digest, len(store) + len(store.skipped)
+        differences = fingerprint_differences(self.fingerprint, found_fp)
+        if differences:
+            raise StoreMismatchError(
+                f"{self.path} holds features made with other settings:\n  " + "\n  ".join(differences)
+                + "\nRefusing to mix them. Use --overwrite to replace the store, or write to another path."
+            )
+        if digest != self.digest:
+            raise StoreMismatchError(
+                f"{self.path} was made for another list of images ({n} rows, now {len(self.dataset)}): "
+                "LIMIT, FULL, the seed or the dataset files changed. Use --overwrite to replace it."
+            )
+        return True
+
+    def _open_partial(self) -> None:
+        manifest_path = self.partial / MANIFEST
+        manifest = self._manifest()
+        if manifest_path.is_file():
+            found = json.loads(manifest_path.read_text())
+            if canonical_json(found) != canonical_json(manifest):
+                if not self.overwrite:
+                    differences = fingerprint_differences(manifest["fingerprint"], found.get("fingerprint", {}))
+                    if found.get("dataset_digest") != self.digest:
+                        differences.append("the list of images changed")
+                    raise StoreMismatchError(
+                        f"{self.partial} holds an interrupted extraction with other settings:\n  "
+                        + "\n  ".join(differences or ["the store layout changed"])
+                        + "\nUse --overwrite to discard it, or restore the old settings to resume it."
+                    )
+                shutil.rmtree(self.partial)
+        if not manifest_path.is_file():
+            self.partial.mkdir(parents=True, exist_ok=True)
+            _atomic_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
+        for leftover in self.partial.glob(".*.tmp-*"):
+            leftover.unlink(missing_ok=True)
+        for shard in self._shards():
+            self._done[shard["rows"]] = True
+            self._done[shard["skipped_rows"]] = True
+        if self._done.any():
+            log.info("resuming %s: %d of %d rows already done", self.path, int(self._done.sum()), len(self._done))
+
+    def _shards(self):
+        """Yield the readable shards; an unreadable one is removed so its rows are redone."""
+        for shard_path in sorted(self.partial.glob("shard-*.npz")):
+            try:
+                with np.load(shard_path) as shard:
+                    yield {"path": shard_path, "rows": shard["rows"], "skipped_rows": shard["skipped_rows"]}
+            except (OSError, ValueError, KeyError) as error:
+                log.warning("discarding unreadable shard %s (%s); its rows will be redone", shard_path, error)
+                shard_path.unlink(missing_ok=True)
+
+    # -- writing -------------------------------------------------------------------------
+    def pending_rows(self) -> np.ndarray:
+        return np.flatnonzero(~self._done)
+
+    @property
+    def rows_done(self) -> int:
+        return int(self._done.sum())
+
+    def write_shard(self, rows, features: dict[str, np.ndarray], skipped: list[tuple[int, str]] = ()) -> None:
+        """Persist the features of ``rows`` (dataset indices) and the rows skipped with reasons."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if set(features) != set(self.taps):
+            raise ValueError(f"shard has layers {sorted(features)}, the store expects {self.taps}")
+        for name, array in features.items():
+            if len(array) != len(rows):
+                raise ValueError(f"layer {name!r}: {len(array)} feature rows for {len(rows)} images")
+        skipped_rows = np.asarray([r for r, _ in skipped], dtype=np.int64)
+        if len(rows) + len(skipped_rows) == 0:
+            return
+        if self._done[rows].any() or self._done[skipped_rows].any():
+            raise ValueError("a shard would write rows that are already stored")
+        first = int(min(rows.min(initial=len(self._done)), skipped_rows.min(initial=len(self._done))))
+        payload = {f"layer/{name}": np.asarray(array, dtype=np.float32) for name, array in features.items()}
+        payload.update(rows=rows, skipped_rows=skipped_rows, skipped_reasons=np.asarray([r for _, r in skipped], dtype=str))
+        target = self.partial / f"shard-{first:09d}-{uuid.uuid4().hex[:6]}.npz"
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **payload)
+
+        _atomic_write(target, write)
+        self._done[rows] = True
+        self._done[skipped_rows] = True
+
+    # -- publishing ----------------------------------------------------------------------
+    def finalize(self) -> Path:
+        """Assemble the shards into the store (atomically). All rows must be done."""
+        if self.up_to_date:
+            return self.path
+        if not self._done.all():
+            raise StoreError(f"{self.path}: {int((~self._done).sum())} rows are not extracted yet")
+        shards = list(self._shards())
+        ok_rows = np.zeros(len(self._done), dtype=bool)
+        for shard in shards:
+            if ok_rows[shard["rows"]].any():
+                raise StoreError(f"{self.partial}: a row is stored twice; delete the folder and extract again")
+            ok_rows[shard["rows"]] = True
+        position = np.cumsum(ok_rows) - 1  # row index -> position among stored rows
+        n_ok = int(ok_rows.sum())
+        skipped_rows, skipped_reasons = [], []
+        ds = self.dataset
+
+        def write(tmp: Path) -> None:
+            with h5py.File(tmp, "w") as f:
+                keep = np.flatnonzero(ok_rows)
+                f.create_dataset("index/path", data=np.asarray([ds.paths[i] for i in keep], dtype=object), dtype=STRING)
+                f.create_dataset("index/label", data=ds.labels[keep].astype(np.int64))
+                f.create_dataset("index/split", data=np.asarray([ds.splits[i] for i in keep], dtype=object), dtype=STRING)
+                f.create_dataset("classes", data=np.asarray(ds.classes, dtype=object), dtype=STRING)
+                layers = f.create_group("layers")
+                for shard in shards:
+                    with np.load(shard["path"]) as data:
+                        skipped_rows.extend(data["skipped_rows"].tolist())
+                        skipped_reasons.extend(data["skipped_reasons"].tolist())
+                        target = position[data["rows"]]
+                        order = np.argsort(target)
+                        for name in self.taps:
+                            block = data[f"layer/{name}"][order]
+                            if not len(block):
+                                continue
+                            if name not in layers:
+                                chunk_rows = max(1, min(max(n_ok, 1), CHUNK_BYTES // (4 * block.shape[1])))
+                                layers.create_dataset(
+                                    name, shape=(n_ok, block.shape[1]), dtype=np.float32,
+                                    chunks=(chunk_rows, block.shape[1]), compression="gzip",
+                                    compression_opts=4, shuffle=True,
+                                )
+                            where = target[order]
+                            if where[-1] - where[0] + 1 == len(where):
+                                layers[name][where[0] : where[-1] + 1] = block
+                            else:
+                                layers[name][where] = block
+                for name in self.taps:  # every row may have been skipped
+                    if name not in layers:
+                        layers.create_dataset(name, shape=(0, 0), dtype=np.float32)
+                order = np.argsort(skipped_rows)
+                f.create_dataset("skipped/path", data=np.asarray([ds.paths[skipped_rows[i]] for i in order], dtype=object), dtype=STRING)
+                f.create_dataset("skipped/reason", data=np.asarray([skipped_reasons[i] for i in order], dtype=object), dtype=STRING)
+                f.attrs.update(
+                    schema_version=SCHEMA_VERSION,
+                    dataset=ds.name,
+                    extractor=self.extractor,
+                    fingerprint=canonical_json(self.fingerprint),
+                    taps=json.dumps(self.taps),
+                    dataset_digest=self.digest,
+                    dataset_info=canonical_json(ds.info),
+                    complete=True,
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                )
+
+        _atomic_write(self.path, write)
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.up_to_date = True
+        return self.path

@@ -1,0 +1,51 @@
+"""Shared fixtures: small image trees made on the fly, and the optional ../shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_data(name: str) -> Path:
+    """A folder of ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (tests marked shared_data need ../shared/data)")
+    return path
+
+
+def make_image_tree(root: Path, *, classes=("circle", "square"), per_class: dict[str, int] | None = None, size=48, seed=0) -> Path:
+    """Write JPEGs of two visually distinct classes: ``root/<split>/<class>/<n>.jpg``.
+
+    Circles and squares of random position, colour and size on a noisy background, so a
+    probe has something real to learn.
+    """
+    per_class = per_class or {"train": 8, "test": 4}
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for split, count in per_class.items():
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(count):
+                image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+                cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+                r = rng.integers(size // 6, size // 3)
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2 if label == 0 else (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+                image[mask] = rng.integers(150, 256, 3)
+                Image.fromarray(image).save(folder / f"{n:03d}.jpg", quality=92)
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    return make_image_tree(tmp_path / "shapes")
