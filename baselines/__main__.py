@@ -26,6 +26,7 @@ def cmd_baselines(args) -> None:
         path = extract_to_store(
             dataset, featurizer, store_path(args.features_dir, dataset, featurizer),
             on_error=args.on_error, overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress,
+            checkpoint_seconds=args.checkpoint_seconds,
         )
         print(f"features: {path}")
 

@@ -57,7 +57,7 @@ class HOGFeaturizer:
         }
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        crop = fit_to_input(image, self.side, interpolation="area")
+        crop = fit_to_input(image, self.side)
         gray = crop.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         return hog(
             gray,

@@ -54,8 +54,13 @@ def probe_store(
     train_split: str = "train",
     test_split: str | None = None,
     progress: bool = True,
+    fitted: dict | None = None,
 ) -> list[dict]:
-    """Fit one probe per (layer, classifier) of the store at ``path`` on its training split."""
+    """Fit one probe per (layer, classifier) of the store at ``path`` on its training split.
+
+    Only training rows are read before the probe is fitted. ``fitted``, when given, receives
+    each fitted probe under its (layer, classifier) key.
+    """
     rows = []
     with FeatureStore(path) as store:
         splits = store.splits
@@ -68,9 +73,12 @@ def probe_store(
         fingerprint_id = store_fingerprint_id(store.fingerprint)
         jobs = [(tap, clf) for tap in taps for clf in classifiers]
         for tap, classifier in tqdm(jobs, desc=f"probe {store.extractor}", disable=not progress):
-            X_train, X_test = store.features(tap, train_mask), store.features(tap, test_mask)
-            probe = LinearProbe(classifier, Cs=Cs, cv=cv, normalization=normalization, seed=seed).fit(X_train, labels[train_mask])
+            probe = LinearProbe(classifier, Cs=Cs, cv=cv, normalization=normalization, seed=seed)
+            probe.fit(store.features(tap, train_mask), labels[train_mask])
+            X_test = store.features(tap, test_mask)
             predicted = probe.predict(X_test)
+            if fitted is not None:
+                fitted[(tap, classifier)] = probe
             if not probe.converged_:
                 log.warning("%s/%s %s: the solver did not converge at C=%g", store.extractor, tap, classifier, probe.best_C_)
             rows.append({
@@ -89,7 +97,7 @@ def probe_store(
                 "seed": seed,
                 "n_train": int(train_mask.sum()),
                 "n_test": int(test_mask.sum()),
-                "n_features": X_train.shape[1],
+                "n_features": X_test.shape[1],
                 "top1": top1(labels[test_mask], predicted),
                 "mean_per_class_acc": mean_per_class_accuracy(labels[test_mask], predicted),
                 "fit_seconds": round(probe.fit_seconds_, 3),

@@ -22,6 +22,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="on an unreadable image: stop, or record it as skipped")
     parser.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--checkpoint-seconds", type=float, default=20.0, help="save finished batches at least this often")
 
 
 def dataset_from(args):
@@ -37,6 +38,7 @@ def cmd_features(args) -> None:
     path = extract_to_store(
         dataset, featurizer, store_path(args.features_dir, dataset, featurizer),
         on_error=args.on_error, overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress,
+        checkpoint_seconds=args.checkpoint_seconds,
     )
     print(f"features: {path}")
 

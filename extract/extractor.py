@@ -170,7 +170,7 @@ class CNNFeaturizer:
             **self.weights,
             "input_size": self.input_size,
             "preprocessing": {
-                "resize": "shorter side to input_size / crop_pct, centre crop",
+                "resize": "centre crop of crop_pct of the shorter side, resized to input_size (OpenCV)",
                 "crop_pct": self.spec.crop_pct,
                 "interpolation": self.spec.interpolation,
                 "normalisation": self.spec.preprocessing,

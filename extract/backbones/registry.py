@@ -36,7 +36,7 @@ class BackboneSpec:
     feature_info: tuple[FeatureInfo, ...]
     preprocessing: str
     crop_pct: float = 0.875
-    interpolation: str = "bicubic"
+    interpolation: str = "auto"
     default_weights: str = "imagenet"
     offline_weights: bool = False
     notes: str = ""

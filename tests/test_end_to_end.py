@@ -1,0 +1,60 @@
+"""A small end-to-end run through the command lines: images -> stores -> probes -> report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import make_image_tree, shared_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd=ROOT):
+    result = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _run_all(dataset: str, out: Path, *extract_args) -> pd.DataFrame:
+    dirs = ["--features-dir", str(out / "features")]
+    _cli("extract", "features", "--dataset", dataset, *dirs, "--no-progress", *extract_args)
+    _cli("baselines", "--dataset", dataset, *dirs, "--no-progress")
+    outs = [*dirs, "--results-dir", str(out / "results"), "--reports-dir", str(out / "reports")]
+    _cli("classify", "probe", "--dataset", dataset, *outs, "--no-progress", "--cs", "0.01,1")
+    printed = _cli("classify", "report", "--dataset", dataset, *outs)
+    assert "report:" in printed
+    return pd.read_csv(out / "results" / Path(dataset.split(":")[-1]).name / "results.csv")
+
+
+@pytest.mark.slow
+def test_end_to_end_on_generated_images(tmp_path):
+    tree = make_image_tree(tmp_path / "shapes", per_class={"train": 12, "test": 6})
+    results = _run_all(f"folder:{tree}", tmp_path, "--layers", "stem,stage4,pre_logits")
+    assert set(results["features"]) == {"efficientnet_lite0", "hog"}
+    assert list(results.loc[results["features"] == "efficientnet_lite0", "layer"]) == ["stem", "stage4", "pre_logits"]
+    assert (results["n_train"] == 24).all() and (results["n_test"] == 12).all()
+    assert results.set_index("layer").loc["pre_logits", "top1"] >= 0.9  # circles vs squares are easy for ImageNet features
+    report = (tmp_path / "reports" / "shapes" / "report.md").read_text()
+    assert "**" in report and "![accuracy by layer](accuracy_by_layer.png)" in report
+    assert (tmp_path / "reports" / "shapes" / "accuracy_by_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "extract", "features", "--dataset", f"folder:{tmp_path / 'none'}"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: dataset folder not found")
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_hymenoptera_lite0_beats_hog(tmp_path):
+    results = _run_all(f"folder:{shared_data('hymenoptera')}", tmp_path, "--layers", "stage2,pre_logits")
+    best = results.groupby("features")["top1"].max()
+    assert best["efficientnet_lite0"] > best["hog"] + 0.1
+    assert best["efficientnet_lite0"] > 0.85

@@ -1,0 +1,86 @@
+"""Image decoding never surprises: odd modes, orientation, huge and broken files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from extract.images import ImageDecodeError, fit_to_input, read_image
+
+
+def _gradient(width=40, height=30):
+    x = np.linspace(0, 255, width, dtype=np.uint8)
+    return np.repeat(np.stack([x, x[::-1], np.full_like(x, 128)], axis=1)[None], height, axis=0)
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path):
+    Image.fromarray(_gradient()[:, :, 0]).save(tmp_path / "g.png")
+    rgb = read_image(tmp_path / "g.png")
+    assert rgb.shape == (30, 40, 3) and rgb.dtype == np.uint8
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+
+
+def test_cmyk_jpeg(tmp_path):
+    Image.fromarray(_gradient()).convert("CMYK").save(tmp_path / "c.jpg", quality=95)
+    rgb = read_image(tmp_path / "c.jpg")
+    assert rgb.shape == (30, 40, 3)
+    assert np.abs(rgb.astype(int) - _gradient().astype(int)).mean() < 12
+
+
+def test_alpha_is_composited_on_white(tmp_path):
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[:5, :, :3] = (255, 0, 0)
+    rgba[:5, :, 3] = 255  # top half opaque red, bottom transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    rgb = read_image(tmp_path / "a.png")
+    assert tuple(rgb[0, 0]) == (255, 0, 0) and tuple(rgb[9, 9]) == (255, 255, 255)
+
+
+def test_palette_image(tmp_path):
+    Image.fromarray(_gradient()).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(tmp_path / "p.gif")
+    assert read_image(tmp_path / "p.gif").shape == (30, 40, 3)
+
+
+def test_16_bit_png_uses_the_full_range(tmp_path):
+    deep = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 4 + 1000).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    rgb = read_image(tmp_path / "d.png")
+    assert rgb[..., 0].min() == 0 and rgb[..., 0].max() == 255  # scaled, not clipped to white
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.fromarray(_gradient(40, 30))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    image.save(tmp_path / "o.jpg", exif=exif.tobytes())
+    assert read_image(tmp_path / "o.jpg").shape == (40, 30, 3)
+
+
+def test_huge_jpeg_is_decoded_at_reduced_scale(tmp_path):
+    Image.new("RGB", (4000, 3000), (10, 200, 30)).save(tmp_path / "big.jpg")
+    small = read_image(tmp_path / "big.jpg", min_side=224)
+    assert min(small.shape[:2]) >= 224 and max(small.shape[:2]) <= 1000
+    assert read_image(tmp_path / "big.jpg").shape == (3000, 4000, 3)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\xff\xd8\xff\xe0" + b"\0" * 50])
+def test_broken_files_name_the_file(tmp_path, content):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageDecodeError, match="broken.jpg"):
+        read_image(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ImageDecodeError, match="nowhere.png.*not found"):
+        read_image(tmp_path / "nowhere.png")
+
+
+def test_fit_to_input_centre_crops_the_shorter_side():
+    image = np.zeros((100, 200, 3), np.uint8)
+    image[:, 50:150] = 255  # a white centre square
+    out = fit_to_input(image, 50)
+    assert out.shape == (50, 50, 3) and out.mean() > 250
+    with pytest.raises(ValueError, match="crop_pct"):
+        fit_to_input(image, 50, crop_pct=0)
