@@ -34,7 +34,10 @@ def cmd_features(args) -> None:
     from extract.pipeline import extract_to_store, store_path
 
     dataset = dataset_from(args)
-    featurizer = CNNFeaturizer(args.model, layers=args.layers, pooling=args.pooling, weights=args.weights, seed=args.seed, batch_size=args.batch_size)
+    featurizer = CNNFeaturizer(
+        args.model, layers=args.layers, pooling=args.pooling, weights=args.weights, seed=args.seed,
+        batch_size=args.batch_size, crop_pct=args.crop_pct,
+    )
     path = extract_to_store(
         dataset, featurizer, store_path(args.features_dir, dataset, featurizer),
         on_error=args.on_error, overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress,
@@ -83,6 +86,7 @@ def main(argv=None) -> int:
     features.add_argument("--layers", default=None, help="taps: names, globs, indices, or N for the last N (default: all)")
     features.add_argument("--pooling", default="avg", choices=("avg", "max", "avgmax", "spp"))
     features.add_argument("--weights", default="imagenet", help="imagenet, random, or a weights file")
+    features.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction of the shorter side (default 1.0; ImageNet evaluation used 0.875)")
     features.add_argument("--batch-size", type=int, default=32)
     features.add_argument("--workers", type=int, default=None, help="image decoding threads")
     features.set_defaults(func=cmd_features)

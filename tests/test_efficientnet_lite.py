@@ -93,12 +93,12 @@ def reference_forward(sd, image_uint8, model_name):
 
 @pytest.fixture(scope="module", params=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def featurizer(request):
-    return CNNFeaturizer(request.param, weights="imagenet", batch_size=2)
+    from extract.backbones import get_backbone
+
+    return CNNFeaturizer(request.param, weights="imagenet", batch_size=2, crop_pct=get_backbone(request.param).crop_pct)
 
 
 def _predict_top1(featurizer, image):
-    from extract.backbones.efficientnet_lite import LITE_VARIANTS  # noqa: F401  (registry loaded)
-
     logits = featurizer.backbone.predict(featurizer.prepare(image)[None].astype(np.float32), verbose=0)[0]
     return int(np.argmax(logits))
 
