@@ -45,7 +45,7 @@ baselines: setup
 
 classify: setup
 	$(PY) -m classify probe --dataset '$(DATASET)' --classifier $(CLASSIFIER) --seed $(SEED) \
-		$(if $(FEATURES),--features '$(FEATURES)') $(if $(LAYERS),--layers '$(LAYERS)')
+		$(if $(FEATURES),--features '$(FEATURES)') $(if $(LAYERS),--layers '$(LAYERS)') $(if $(PROTOCOL),--protocol '$(PROTOCOL)')
 
 report: setup
 	$(PY) -m classify report --dataset '$(DATASET)'

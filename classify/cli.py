@@ -1,42 +1,64 @@
-"""Command line: ``python -m classify {probe,report}``."""
+"""Command line: ``python -m classify {probe,predict,report}``."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from classify.evaluate import probe_store, store_paths, update_results
-from classify.probe import CLASSIFIERS, DEFAULT_CS, NORMALIZATIONS, parse_cs
+import pandas as pd
+
+from classify.evaluate import ALL_CLASSIFIERS, Evaluation, ProbeSettings, parse_protocol, store_paths, update_results
+from classify.persist import SavedProbe
+from classify.probe import CLASSIFIERS, DEFAULT_CS, NORMALIZATIONS, SEARCHES, parse_cs
 from classify.report import write_report
 from extract.cli import run_command
 from extract.datasets import dataset_slug
+from extract.store import FeatureStore
 
 
 def _split_list(text: str | None):
     return None if not text else [item.strip() for item in text.split(",") if item.strip()]
 
 
-def results_csv(args) -> Path:
-    return Path(args.results_dir) / dataset_slug(args.dataset) / "results.csv"
+def results_dir(args) -> Path:
+    return Path(args.results_dir) / dataset_slug(args.dataset)
 
 
 def cmd_probe(args) -> None:
-    classifiers = list(CLASSIFIERS) if args.classifier == "both" else [args.classifier]
+    classifiers = {"both": CLASSIFIERS, "all": ALL_CLASSIFIERS}.get(args.classifier, (args.classifier,))
+    settings = ProbeSettings(
+        classifiers=tuple(classifiers), Cs=args.cs, search=args.search, cv=args.cv, normalization=args.normalization,
+        seed=args.seed, repeats=args.repeats, n_jobs=args.jobs,
+    )
+    protocol = parse_protocol(args.protocol)
+    out = results_dir(args)
     rows = []
     for path in store_paths(args.features_dir, dataset_slug(args.dataset), _split_list(args.features)):
-        rows += probe_store(
-            path, classifiers=classifiers, layers=_split_list(args.layers), Cs=args.cs, cv=args.cv,
-            normalization=args.normalization, seed=args.seed, train_split=args.train_split,
-            test_split=args.test_split, progress=not args.no_progress,
-        )
-    update_results(results_csv(args), rows)
+        evaluation = Evaluation(path, protocol, settings, out_dir=out, features_dir=Path(args.features_dir), save_probes=args.save_probes)
+        rows += evaluation.run(layers=_split_list(args.layers), progress=not args.no_progress)
+    if not rows:
+        raise ValueError(f"no store of {args.dataset} has any of the layers {args.layers}")
+    update_results(out / "results.csv", rows)
     for row in rows:
-        print(f"{row['features']:>24} {row['layer']:<12} {row['classifier']:<7} C={row['C']:<8.3g} top-1 {100 * row['top1']:6.2f}%  mean/class {100 * row['mean_per_class_acc']:6.2f}%")
-    print(f"results: {results_csv(args)}")
+        spread = f" ± {100 * row['top1_std']:.2f}" if row["repeats"] > 1 else ""
+        print(f"{row['features']:>24} {row['layer']:<12} {row['classifier']:<7} {row['protocol']:<10} C={row['C']:<8.3g} "
+              f"top-1 {100 * row['top1']:6.2f}%{spread}  mean/class {100 * row['mean_per_class_acc']:6.2f}%")
+    print(f"results: {out / 'results.csv'}")
+
+
+def cmd_predict(args) -> None:
+    probe = SavedProbe.load(args.probe)
+    with FeatureStore(args.store) as store:
+        probe.check_store(store)
+        predicted = probe.predict(store.features(probe.layer))
+        table = pd.DataFrame({"path": store.paths, "split": store.splits, "predicted": predicted})
+    out = Path(args.out or Path(args.store).with_suffix(f".{Path(args.probe).stem}.predictions.csv"))
+    table.to_csv(out, index=False)
+    print(f"predictions: {out}")
 
 
 def cmd_report(args) -> None:
-    report = write_report(results_csv(args), Path(args.reports_dir) / dataset_slug(args.dataset))
+    report = write_report(results_dir(args) / "results.csv", Path(args.reports_dir) / dataset_slug(args.dataset))
     print(f"report: {report}")
 
 
@@ -52,15 +74,24 @@ def main(argv=None) -> int:
     probe = sub.add_parser("probe", parents=[common], help="fit linear probes on every store and layer; update results.csv")
     probe.add_argument("--features", default=None, help="comma-separated store names (default: every store of the dataset)")
     probe.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
-    probe.add_argument("--classifier", default="logreg", choices=(*CLASSIFIERS, "both"))
+    probe.add_argument("--classifier", default="logreg", choices=(*ALL_CLASSIFIERS, "both", "all"), help="both: logreg and svm")
+    probe.add_argument("--protocol", default="given", help="given | fewshot[:1,2,5,10,20] | transfer:SOURCE->TARGET | cross:DATASET")
     probe.add_argument("--normalization", default="standard", choices=NORMALIZATIONS)
+    probe.add_argument("--search", default="cv", choices=SEARCHES, help="C chosen by k-fold CV or on a held-out validation split")
     probe.add_argument("--cs", type=parse_cs, default=DEFAULT_CS, help="C grid: LOW:HIGH:COUNT (log-spaced) or a,b,c")
     probe.add_argument("--cv", type=int, default=3, help="cross-validation folds on the training split")
+    probe.add_argument("--repeats", type=int, default=5, help="few-shot draws per k")
     probe.add_argument("--seed", type=int, default=0)
-    probe.add_argument("--train-split", default="train")
-    probe.add_argument("--test-split", default=None, help="default: test, else val")
+    probe.add_argument("--jobs", type=int, default=None, help="parallel processes for the C search (default: all cores)")
+    probe.add_argument("--save-probes", action="store_true", help="save each probe to results/<dataset>/probes/ (npz)")
     probe.add_argument("--no-progress", action="store_true")
     probe.set_defaults(func=cmd_probe)
+
+    predict = sub.add_parser("predict", help="apply a saved probe to a store")
+    predict.add_argument("--probe", required=True, help="a .npz written by `probe --save-probes`")
+    predict.add_argument("--store", required=True, help="a feature store made with the same settings")
+    predict.add_argument("--out", default=None, help="CSV to write (default: beside the store)")
+    predict.set_defaults(func=cmd_predict)
 
     report = sub.add_parser("report", parents=[common], help="write reports/<dataset>/report.md from results.csv")
     report.set_defaults(func=cmd_report)

@@ -1,27 +1,86 @@
-"""Run probes over the layers of feature stores and collect one result row per fit."""
+"""Evaluation protocols over feature stores, one ``results.csv`` row per (layer, classifier, protocol).
+
+Protocols (the ``protocol`` column):
+
+* ``given``: train on the ``train`` split, test on ``test`` (else ``val``);
+* ``fewshot:1,2,5,10,20``: k training images per class, drawn with seeds ``seed .. seed+repeats-1``,
+  reported as mean and std over the repeats (one row per k, protocol ``5-shot``);
+* ``transfer:SOURCE->TARGET``: train on one split or domain, test on another;
+* ``cross:DATASET``: train on this store, test on the store of the same extractor for
+  another dataset (its test split, else all of it); classes are matched by name.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from classify.metrics import mean_per_class_accuracy, top1
-from classify.probe import DEFAULT_CS, LinearProbe
-from extract.store import FeatureStore, canonical_json
+from classify.persist import save_probe
+from classify.probe import CLASSIFIERS, DEFAULT_CS, LinearProbe, StreamingSGDProbe
+from extract.store import FeatureStore, StoreMismatchError, canonical_json, fingerprint_differences
 
 log = logging.getLogger(__name__)
 
+ALL_CLASSIFIERS = (*CLASSIFIERS, "sgd")
 RESULT_COLUMNS = [
     "dataset", "features", "layer", "layer_depth", "classifier", "protocol", "train_split", "test_split",
-    "normalization", "C", "converged", "cv_folds", "seed", "n_train", "n_test", "n_features",
-    "top1", "mean_per_class_acc", "fit_seconds", "store_fingerprint", "created",
+    "normalization", "search", "C", "converged", "cv_splits", "seed", "repeats", "n_train", "n_test", "n_features",
+    "top1", "top1_std", "mean_per_class_acc", "mean_per_class_acc_std", "fit_seconds", "store_fingerprint", "created",
 ]
 RESULT_KEY = ["dataset", "features", "layer", "classifier", "protocol", "normalization"]
+DEFAULT_SHOTS = (1, 2, 5, 10, 20)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    classifiers: tuple[str, ...] = ("logreg",)
+    Cs: tuple[float, ...] = DEFAULT_CS
+    search: str = "cv"
+    cv: int = 3
+    normalization: str = "standard"
+    seed: int = 0
+    repeats: int = 5
+    n_jobs: int | None = None
+
+    def __post_init__(self):
+        unknown = [c for c in self.classifiers if c not in ALL_CLASSIFIERS]
+        if unknown:
+            raise ValueError(f"classifiers {unknown} are not among {ALL_CLASSIFIERS}")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    train_split: str = "train"
+    test_split: str | None = None
+    shots: tuple[int, ...] = ()
+    other_dataset: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def parse_protocol(text: str) -> Protocol:
+    if text == "given":
+        return Protocol("given")
+    if text.startswith("fewshot"):
+        shots = tuple(int(k) for k in text.partition(":")[2].split(",") if k) or DEFAULT_SHOTS
+        if min(shots) < 1:
+            raise ValueError(f"shots per class must be positive. Received: {text!r}")
+        return Protocol("fewshot", shots=shots)
+    match = re.fullmatch(r"transfer:([^>]+)->(.+)", text)
+    if match:
+        return Protocol(text, train_split=match.group(1), test_split=match.group(2))
+    if text.startswith("cross:") and len(text) > len("cross:"):
+        return Protocol(text, other_dataset=text.removeprefix("cross:"))
+    raise ValueError(f"protocol {text!r} is not one of: given, fewshot[:K,K,...], transfer:SOURCE->TARGET, cross:DATASET")
 
 
 def choose_splits(splits, train_split: str = "train", test_split: str | None = None) -> tuple[str, str]:
@@ -42,69 +101,147 @@ def store_fingerprint_id(fingerprint: dict) -> str:
     return hashlib.sha256(canonical_json(fingerprint).encode()).hexdigest()[:12]
 
 
-def probe_store(
-    path: str | Path,
-    *,
-    classifiers=("logreg",),
-    layers=None,
-    Cs=DEFAULT_CS,
-    cv: int = 3,
-    normalization: str = "standard",
-    seed: int = 0,
-    train_split: str = "train",
-    test_split: str | None = None,
-    progress: bool = True,
-    fitted: dict | None = None,
-) -> list[dict]:
-    """Fit one probe per (layer, classifier) of the store at ``path`` on its training split.
+def few_shot_rows(labels: np.ndarray, candidates: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """``shots`` rows per class from ``candidates`` (all of a class when it has fewer), seeded."""
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(candidates[labels[candidates] == c])[:shots] for c in np.unique(labels[candidates])]
+    return np.sort(np.concatenate(chosen))
 
-    Only training rows are read before the probe is fitted. ``fitted``, when given, receives
-    each fitted probe under its (layer, classifier) key.
-    """
-    rows = []
-    with FeatureStore(path) as store:
-        splits = store.splits
-        train, test = choose_splits(splits, train_split, test_split)
-        labels = store.labels
-        train_mask, test_mask = splits == train, splits == test
-        taps = store.taps if layers is None else [t for t in store.taps if t in set(layers)]
-        if layers is not None and not taps:
-            raise ValueError(f"{path}: none of the layers {list(layers)} are in the store ({store.taps})")
-        fingerprint_id = store_fingerprint_id(store.fingerprint)
-        jobs = [(tap, clf) for tap in taps for clf in classifiers]
-        for tap, classifier in tqdm(jobs, desc=f"probe {store.extractor}", disable=not progress):
-            probe = LinearProbe(classifier, Cs=Cs, cv=cv, normalization=normalization, seed=seed)
-            probe.fit(store.features(tap, train_mask), labels[train_mask])
-            X_test = store.features(tap, test_mask)
-            predicted = probe.predict(X_test)
-            if fitted is not None:
-                fitted[(tap, classifier)] = probe
-            if not probe.converged_:
-                log.warning("%s/%s %s: the solver did not converge at C=%g", store.extractor, tap, classifier, probe.best_C_)
+
+def _fit(settings: ProbeSettings, classifier: str, store, tap, rows, labels, seed):
+    if classifier == "sgd":
+        return StreamingSGDProbe(Cs=settings.Cs, seed=seed).fit_store(store, tap, rows, labels)
+    probe = LinearProbe(classifier, Cs=settings.Cs, search=settings.search, cv=settings.cv,
+                        normalization=settings.normalization, seed=seed, n_jobs=settings.n_jobs)
+    return probe.fit(store.features(tap, rows), labels[rows])
+
+
+def _predict(probe, store, tap, rows) -> np.ndarray:
+    return np.concatenate([probe.predict(X) for _, X in store.iter_chunks(tap, rows)]) if len(rows) else np.zeros(0, int)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+class Evaluation:
+    """Runs one protocol on one store; rows go to ``rows``, predictions and probes under ``out_dir``."""
+
+    def __init__(self, path, protocol: Protocol, settings: ProbeSettings, *, out_dir: Path | None = None,
+                 features_dir: Path | None = None, save_probes: bool = False, fitted: dict | None = None):
+        self.path, self.protocol, self.settings = Path(path), protocol, settings
+        self.out_dir, self.features_dir = out_dir, features_dir
+        self.save_probes, self.fitted = save_probes, fitted
+
+    def run(self, layers=None, progress: bool = True) -> list[dict]:
+        with FeatureStore(self.path) as store:
+            taps = store.taps if layers is None else [t for t in store.taps if t in set(layers)]
+            jobs = [(tap, clf) for tap in taps for clf in self.settings.classifiers]
+            rows = []
+            for tap, classifier in tqdm(jobs, desc=f"{self.protocol.name} {store.extractor}", disable=not progress):
+                if self.protocol.name == "fewshot":
+                    rows += self._few_shot(store, tap, classifier)
+                else:
+                    rows.append(self._single(store, tap, classifier))
+        return rows
+
+    def _base_row(self, store, tap, classifier) -> dict:
+        return {
+            "dataset": store.dataset, "features": store.extractor, "layer": tap, "layer_depth": store.taps.index(tap),
+            "classifier": classifier, "normalization": self.settings.normalization if classifier != "sgd" else "standard",
+            "search": self.settings.search if classifier != "sgd" else "val", "seed": self.settings.seed,
+            "n_features": store.dim(tap), "store_fingerprint": store_fingerprint_id(store.fingerprint),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def _single(self, store, tap, classifier) -> dict:
+        labels, splits = store.labels, store.splits
+        if self.protocol.other_dataset:
+            train, _ = choose_splits(splits, self.protocol.train_split)
+            train_rows = np.flatnonzero(splits == train)
+            probe = _fit(self.settings, classifier, store, tap, train_rows, labels, self.settings.seed)
+            test_store, test_rows, test_names, test_split = self._cross_target(store, tap)
+            with test_store:
+                predicted = _predict(probe, test_store, tap, test_rows)
+                paths = test_store.paths[test_rows]
+            class_names = store.classes
+            predicted_names = np.asarray([class_names[int(p)] for p in predicted])
+            true_names = np.asarray(test_names)
+            y_true, y_pred = true_names, predicted_names
+        else:
+            train, test_split = choose_splits(splits, self.protocol.train_split, self.protocol.test_split)
+            train_rows, test_rows = np.flatnonzero(splits == train), np.flatnonzero(splits == test_split)
+            probe = _fit(self.settings, classifier, store, tap, train_rows, labels, self.settings.seed)
+            y_true, y_pred = labels[test_rows], _predict(probe, store, tap, test_rows)
+            paths = store.paths[test_rows]
+            true_names = np.asarray([store.classes[i] for i in y_true])
+            predicted_names = np.asarray([store.classes[i] for i in y_pred])
+        if not probe.converged_:
+            log.warning("%s/%s %s: the solver did not converge at C=%g", store.extractor, tap, classifier, probe.best_C_)
+        if self.fitted is not None:
+            self.fitted[(tap, classifier)] = probe
+        if self.out_dir is not None:
+            name = f"{tap}__{classifier}__{_slug(self.protocol.name)}"
+            predictions = self.out_dir / "predictions" / store.extractor / f"{name}.csv"
+            predictions.parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame({"path": paths, "label": true_names, "predicted": predicted_names}).to_csv(predictions, index=False)
+            if self.save_probes:
+                save_probe(self.out_dir / "probes" / store.extractor / f"{tap}__{classifier}.npz", probe,
+                           class_names=store.classes, layer=tap, features=store.extractor, fingerprint=store.fingerprint)
+        return {
+            **self._base_row(store, tap, classifier), "protocol": self.protocol.name, "train_split": train,
+            "test_split": test_split, "C": probe.best_C_, "converged": bool(probe.converged_), "cv_splits": probe.n_splits_,
+            "repeats": 1, "n_train": len(train_rows), "n_test": len(y_true),
+            "top1": top1(y_true, y_pred), "top1_std": 0.0,
+            "mean_per_class_acc": mean_per_class_accuracy(y_true, y_pred), "mean_per_class_acc_std": 0.0,
+            "fit_seconds": round(probe.fit_seconds_, 3),
+        }
+
+    def _cross_target(self, store, tap):
+        other = Path(self.features_dir or store.path.parent.parent) / self.protocol.other_dataset / store.path.name
+        target = FeatureStore(other)
+        try:
+            differences = fingerprint_differences(store.fingerprint, target.fingerprint)
+            if differences:
+                raise StoreMismatchError(f"{other} was made with other settings than {store.path}:\n  " + "\n  ".join(differences))
+            unknown = sorted(set(target.classes) - set(store.classes))
+            if unknown:
+                raise ValueError(f"{other} has classes the probe never saw: {unknown[:10]}")
+            splits = target.splits
+            test_split = "test" if "test" in set(splits) else "all"
+            rows = np.flatnonzero(splits == "test") if test_split == "test" else np.arange(len(target))
+            names = [target.classes[i] for i in target.labels[rows]]
+        except Exception:
+            target.close()
+            raise
+        return target, rows, names, f"{self.protocol.other_dataset}:{test_split}"
+
+    def _few_shot(self, store, tap, classifier) -> list[dict]:
+        labels, splits = store.labels, store.splits
+        train, test_split = choose_splits(splits)
+        candidates, test_rows = np.flatnonzero(splits == train), np.flatnonzero(splits == test_split)
+        rows = []
+        for shots in self.protocol.shots:
+            scores, balanced, seconds, chosen_C, converged = [], [], [], [], []
+            for repeat in range(self.settings.repeats):
+                seed = self.settings.seed + repeat
+                train_rows = few_shot_rows(labels, candidates, shots, seed)
+                probe = _fit(self.settings, classifier, store, tap, train_rows, labels, seed)
+                predicted = _predict(probe, store, tap, test_rows)
+                scores.append(top1(labels[test_rows], predicted))
+                balanced.append(mean_per_class_accuracy(labels[test_rows], predicted))
+                seconds.append(probe.fit_seconds_)
+                chosen_C.append(probe.best_C_)
+                converged.append(probe.converged_)
             rows.append({
-                "dataset": store.dataset,
-                "features": store.extractor,
-                "layer": tap,
-                "layer_depth": store.taps.index(tap),
-                "classifier": classifier,
-                "protocol": "given",
-                "train_split": train,
-                "test_split": test,
-                "normalization": normalization,
-                "C": probe.best_C_,
-                "converged": bool(probe.converged_),
-                "cv_folds": probe.cv_folds_,
-                "seed": seed,
-                "n_train": int(train_mask.sum()),
-                "n_test": int(test_mask.sum()),
-                "n_features": X_test.shape[1],
-                "top1": top1(labels[test_mask], predicted),
-                "mean_per_class_acc": mean_per_class_accuracy(labels[test_mask], predicted),
-                "fit_seconds": round(probe.fit_seconds_, 3),
-                "store_fingerprint": fingerprint_id,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **self._base_row(store, tap, classifier), "protocol": f"{shots}-shot", "train_split": train,
+                "test_split": test_split, "C": float(np.median(chosen_C)), "converged": all(converged),
+                "cv_splits": probe.n_splits_, "repeats": self.settings.repeats, "n_train": len(train_rows),
+                "n_test": len(test_rows), "top1": float(np.mean(scores)), "top1_std": float(np.std(scores)),
+                "mean_per_class_acc": float(np.mean(balanced)), "mean_per_class_acc_std": float(np.std(balanced)),
+                "fit_seconds": round(float(np.mean(seconds)), 3),
             })
-    return rows
+        return rows
 
 
 def update_results(csv_path: str | Path, rows: list[dict]) -> pd.DataFrame:
@@ -115,6 +252,7 @@ def update_results(csv_path: str | Path, rows: list[dict]) -> pd.DataFrame:
         old = pd.read_csv(csv_path)
         keys = set(map(tuple, new[RESULT_KEY].astype(str).to_numpy()))
         old = old[[tuple(k) not in keys for k in old[RESULT_KEY].astype(str).to_numpy()]]
+        old = old.reindex(columns=RESULT_COLUMNS)
         new = pd.concat([old, new], ignore_index=True) if len(old) else new
     new = new.sort_values(["features", "layer_depth", "classifier", "protocol"], kind="stable")
     csv_path.parent.mkdir(parents=True, exist_ok=True)

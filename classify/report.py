@@ -8,7 +8,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from classify.metrics import confusion, per_class_accuracy  # noqa: E402
 
 METRIC_LABELS = {"top1": "top-1 accuracy", "mean_per_class_acc": "mean per-class accuracy"}
 
@@ -49,6 +52,60 @@ def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "to
     return path
 
 
+def plot_confusion(predictions: pd.DataFrame, classes: list[str], path: Path, *, title: str) -> Path:
+    matrix = confusion(predictions["label"], predictions["predicted"], classes)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.45 * len(classes) + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size), constrained_layout=True)
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    if len(classes) <= 20:
+        for (i, j), count in np.ndenumerate(matrix):
+            if count:
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="fraction of the true class", shrink=0.8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_few_shot(table: pd.DataFrame, path: Path, *, metric: str, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    table = table.assign(shots=table["protocol"].str.removesuffix("-shot").astype(int))
+    for (features, layer, classifier), rows in table.groupby(["features", "layer", "classifier"]):
+        rows = rows.sort_values("shots")
+        ax.errorbar(rows["shots"], 100 * rows[metric], yerr=100 * rows[f"{metric}_std"], marker="o", capsize=3,
+                    label=f"{features} / {layer} ({classifier})")
+    ax.set_xscale("log")
+    shots = sorted(table["shots"].unique())
+    ax.set_xticks(shots, [str(k) for k in shots])
+    ax.set_xlabel("training images per class (log scale)")
+    ax.set_ylabel(f"{METRIC_LABELS[metric]} (%), mean ± std over draws")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_best_per_method(table: pd.DataFrame, path: Path, *, metric: str, title: str) -> Path:
+    best = table.loc[table.groupby("features")[metric].idxmax()].sort_values(metric)
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(best) + 1.8), constrained_layout=True)
+    bars = ax.barh([f"{r.features} / {r.layer} ({r.classifier})" for r in best.itertuples()], 100 * best[metric], color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f", padding=3, fontsize=8)
+    ax.set_xlabel(f"{METRIC_LABELS[metric]} (%)")
+    ax.set_xlim(0, 105)
+    ax.set_title(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _markdown_table(frame: pd.DataFrame) -> str:
     header = "| " + " | ".join(frame.columns) + " |"
     rule = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---" for c in frame.columns) + "|"
@@ -56,16 +113,25 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
+def _predictions_path(results_dir: Path, record) -> Path:
+    name = f"{record['layer']}__{record['classifier']}__{record['protocol']}"
+    return results_dir / "predictions" / str(record["features"]) / f"{name}.csv"
+
+
 def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str = "top1") -> Path:
     """Write report.md and its PNGs; the best (features, layer, classifier) is in bold."""
+    results_csv = Path(results_csv)
     results = pd.read_csv(results_csv)
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     dataset = ", ".join(sorted(results["dataset"].astype(str).unique()))
     given = results[results["protocol"] == "given"]
+    if given.empty:
+        raise ValueError(f"{results_csv} has no results of the given split; run `make classify` first")
     best = given.loc[given[metric].idxmax()]
     plot = plot_accuracy_by_layer(given, report_dir / "accuracy_by_layer.png", metric=metric,
                                   title=f"{dataset}: linear-probe {METRIC_LABELS[metric]} by layer")
+    bars = plot_best_per_method(given, report_dir / "best_per_method.png", metric=metric, title=f"{dataset}: best layer of each feature set")
 
     table = given.sort_values(["features", "layer_depth", "classifier"]).copy()
     rows = []
@@ -90,21 +156,45 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
     if len(best_baseline):
         top_baseline = best_baseline.loc[best_baseline[metric].idxmax()]
         lines.append(
-            f"Best hand-crafted baseline: {top_baseline['features']} / {top_baseline['classifier']}, "
+            f"Best hand-crafted baseline: {top_baseline['features']} / {top_baseline['layer']} / {top_baseline['classifier']}, "
             f"top-1 {100 * top_baseline['top1']:.2f}% ({100 * (best['top1'] - top_baseline['top1']):+.2f} points for the best)."
         )
+    lines += ["", f"![accuracy by layer]({plot.name})", "", f"![best of each feature set]({bars.name})", ""]
+
+    predictions = _predictions_path(results_csv.parent, best)
+    if predictions.is_file():
+        frame = pd.read_csv(predictions, dtype=str, keep_default_na=False)
+        classes = sorted(set(frame["label"]) | set(frame["predicted"]))
+        matrix = plot_confusion(frame, classes, report_dir / "confusion_best.png",
+                                title=f"{best['features']} / {best['layer']} / {best['classifier']}")
+        accuracy = per_class_accuracy(frame["label"], frame["predicted"], classes)
+        per_class = pd.DataFrame({"class": classes, "test images": [int((frame["label"] == c).sum()) for c in classes],
+                                  "accuracy %": [f"{100 * a:.1f}" for a in accuracy]}).sort_values("accuracy %", key=lambda s: s.astype(float))
+        per_class.to_csv(report_dir / "per_class_accuracy_best.csv", index=False)
+        lines += ["## The best probe, class by class", "", f"![confusion matrix]({matrix.name})", "",
+                  _markdown_table(per_class), ""]
+
+    few_shot = results[results["protocol"].str.endswith("-shot")]
+    if len(few_shot):
+        curve = plot_few_shot(few_shot, report_dir / "few_shot.png", metric=metric, title=f"{dataset}: few-shot linear probes")
+        lines += ["## Few-shot", "", f"Each point: mean ± std over {int(few_shot['repeats'].max())} seeded draws of k training "
+                  "images per class; same test split.", "", f"![few-shot curves]({curve.name})", ""]
+
+    others = results[~results["protocol"].isin(["given"]) & ~results["protocol"].str.endswith("-shot")]
+    if len(others):
+        lines += ["## Transfer across splits and datasets", "", _markdown_table(others[
+            ["features", "layer", "classifier", "protocol", "train_split", "test_split", "n_train", "n_test", "top1", "mean_per_class_acc"]
+        ].round(4)), ""]
+
     lines += [
-        "",
-        f"![accuracy by layer]({plot.name})",
-        "",
         "## Every probe",
         "",
-        "C was chosen by stratified cross-validation on the training split only, then refitted on all of it; "
-        "features were standardised with statistics of the training rows.",
+        "C was chosen on the training split only (stratified cross-validation), then the probe was refitted on all of it; "
+        "features were normalised with statistics of the training rows.",
         "",
         _markdown_table(pd.DataFrame(rows)),
         "",
-        f"Source: `{Path(results_csv).as_posix()}`.",
+        f"Source: `{results_csv.as_posix()}`.",
         "",
     ]
     path = report_dir / "report.md"
