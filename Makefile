@@ -10,7 +10,7 @@ DATASET  ?= fashion-mnist
 MODEL    ?= efficientnet_lite0
 SEED     ?= 0
 CLASSIFIER ?= logreg
-BASELINES ?= hog
+BASELINES ?= hog,surf_bow,sift_bow,vlad,fisher,color,raw
 
 DATA_ARGS = --dataset '$(DATASET)' --seed $(SEED) \
 	$(if $(DATA_DIR),--data-dir '$(DATA_DIR)') $(if $(LIMIT),--limit $(LIMIT)) $(if $(FULL),--full) \

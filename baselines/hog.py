@@ -68,5 +68,5 @@ class HOGFeaturizer:
             feature_vector=True,
         ).astype(np.float32)
 
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        return {"hog": np.asarray(batch, dtype=np.float32)}
+    def __call__(self, batch) -> dict[str, np.ndarray]:
+        return {"hog": np.stack(batch).astype(np.float32)}

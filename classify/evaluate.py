@@ -34,7 +34,8 @@ ALL_CLASSIFIERS = (*CLASSIFIERS, "sgd")
 RESULT_COLUMNS = [
     "dataset", "features", "layer", "layer_depth", "classifier", "protocol", "train_split", "test_split",
     "normalization", "search", "C", "converged", "cv_splits", "seed", "repeats", "n_train", "n_test", "n_features",
-    "top1", "top1_std", "mean_per_class_acc", "mean_per_class_acc_std", "fit_seconds", "store_fingerprint", "created",
+    "top1", "top1_std", "mean_per_class_acc", "mean_per_class_acc_std", "images_without_features", "fit_seconds",
+    "store_fingerprint", "created",
 ]
 RESULT_KEY = ["dataset", "features", "layer", "classifier", "protocol", "normalization"]
 DEFAULT_SHOTS = (1, 2, 5, 10, 20)
@@ -151,6 +152,8 @@ class Evaluation:
             "classifier": classifier, "normalization": self.settings.normalization if classifier != "sgd" else "standard",
             "search": self.settings.search if classifier != "sgd" else "val", "seed": self.settings.seed,
             "n_features": store.dim(tap), "store_fingerprint": store_fingerprint_id(store.fingerprint),
+            # images whose local descriptors came out empty (all-zero features), e.g. blank ones
+            "images_without_features": int(np.sum(store.stat("n_descriptors") == 0)) if "n_descriptors" in store.stats else 0,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 

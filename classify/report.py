@@ -143,6 +143,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
             "C": f"{record.C:g}", "converged": "yes" if record.converged else "no",
             "top-1 %": cell(record.top1), "mean per-class %": cell(record.mean_per_class_acc),
             "n train / test": f"{record.n_train} / {record.n_test}", "dim": record.n_features,
+            "no features": int(getattr(record, "images_without_features", 0) or 0),
             "fit s": f"{record.fit_seconds:.1f}",
         })
     best_baseline = given[~given["features"].map(lambda f: _is_cnn(given, f))]

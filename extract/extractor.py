@@ -198,7 +198,8 @@ class CNNFeaturizer:
     def prepare(self, image: np.ndarray) -> np.ndarray:
         return fit_to_input(image, self.input_size, crop_pct=self.crop_pct, interpolation=self.spec.interpolation)
 
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, batch) -> dict[str, np.ndarray]:
+        batch = np.stack(batch) if isinstance(batch, list) else batch
         if self._forward is None:
             self._forward = compile_forward(self.model)
         n = len(batch)

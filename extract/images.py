@@ -38,6 +38,9 @@ class ImageDecodeError(ValueError):
         self.reason = reason
         super().__init__(f"cannot decode image {self.path}: {reason}")
 
+    def __reduce__(self):  # crosses process boundaries intact
+        return type(self), (self.path, self.reason)
+
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):

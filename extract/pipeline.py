@@ -2,8 +2,12 @@
 
 Any featurizer works: CNN taps (``extract.extractor.CNNFeaturizer``) or hand-crafted
 baselines. A featurizer provides ``name``, ``taps`` (layer names, low to high),
-``min_side`` (decode hint, or None), ``batch_size``, ``fingerprint()``, a thread-safe
-per-image ``prepare(rgb)`` and a batched ``__call__(prepared) -> {tap: (n, D)}``.
+``min_side`` (decode hint, or None), ``batch_size``, ``fingerprint()``, a per-image
+``prepare(rgb)`` and a batched ``__call__(list of prepared) -> {tap: (n, D)}``.
+Optionally ``stats``: names of per-image numbers it also returns, stored under /stats.
+``prepare`` runs in a thread pool: decoding, OpenCV, NumPy and scikit-image release the
+GIL. (Forked worker processes were tried for the baselines and hung: a child forked
+after the parent used OpenMP, as scikit-learn's k-means does, can wait forever.)
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ def _load_one(dataset: ImageDataset, featurizer, row: int):
         return error
 
 
+def _pool(workers: int | None):
+    return ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 2) + 2), thread_name_prefix="decode")
+
+
 def extract_to_store(
     dataset: ImageDataset,
     featurizer,
@@ -59,15 +67,16 @@ def extract_to_store(
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r} is not one of {ON_ERROR}")
-    workers = workers or min(8, (os.cpu_count() or 2) + 2)
-    with StoreWriter(path, dataset=dataset, extractor=featurizer.name, fingerprint=featurizer.fingerprint(), taps=featurizer.taps, overwrite=overwrite) as writer:
+    stats = list(getattr(featurizer, "stats", []))
+    with StoreWriter(path, dataset=dataset, extractor=featurizer.name, fingerprint=featurizer.fingerprint(),
+                     taps=featurizer.taps, stats=stats, overwrite=overwrite) as writer:
         if writer.up_to_date:
             log.info("%s is up to date", path)
             return writer.path
         pending = writer.pending_rows()
         batches = [pending[i : i + featurizer.batch_size] for i in range(0, len(pending), featurizer.batch_size)]
         buffer_rows: list[np.ndarray] = []
-        buffer_features: dict[str, list[np.ndarray]] = {tap: [] for tap in featurizer.taps}
+        buffer_features: dict[str, list[np.ndarray]] = {name: [] for name in (*featurizer.taps, *stats)}
         buffer_skipped: list[tuple[int, str]] = []
         last_flush = time.monotonic()
 
@@ -76,8 +85,8 @@ def extract_to_store(
             if buffer_rows or buffer_skipped:
                 rows = np.concatenate(buffer_rows) if buffer_rows else np.zeros(0, np.int64)
                 features = {
-                    tap: np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-                    for tap, parts in buffer_features.items()
+                    name: np.concatenate(parts) if parts else np.zeros((0, 0) if name in featurizer.taps else 0, np.float32)
+                    for name, parts in buffer_features.items()
                 }
                 writer.write_shard(rows, features, buffer_skipped)
             buffer_rows.clear()
@@ -88,7 +97,7 @@ def extract_to_store(
 
         bar = tqdm(total=len(dataset), initial=writer.rows_done, desc=f"{dataset.name}/{featurizer.name}", unit="img", disable=not progress)
         try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+            with _pool(workers) as pool:
                 queue: deque = deque()
                 batch_iter = iter(batches)
 
@@ -114,10 +123,10 @@ def extract_to_store(
                             good_rows.append(row)
                             images.append(result)
                     if images:
-                        features = featurizer(np.stack(images))
+                        features = featurizer(images)
                         buffer_rows.append(np.asarray(good_rows, dtype=np.int64))
-                        for tap in featurizer.taps:
-                            buffer_features[tap].append(features[tap])
+                        for name, parts in buffer_features.items():
+                            parts.append(features[name])
                     bar.update(len(rows))
                     if time.monotonic() - last_flush >= checkpoint_seconds:
                         flush()

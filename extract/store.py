@@ -12,6 +12,8 @@ path                shape/type  meaning
 /classes            (C,) utf-8  class names in label order
 /layers/<tap>       (N, D) f32  one feature matrix per tapped layer (or baseline variant),
                                 chunked by rows, gzip-compressed with byte shuffle
+/stats/<name>       (N,) f32    optional per-image diagnostics of an extractor, e.g.
+                                ``n_descriptors`` of a bag of words (0: all-zero features)
 /skipped/path       (K,) utf-8  images left out under ``--on-error skip`` (K may be 0)
 /skipped/reason     (K,) utf-8  why each one was left out
 ==================  ==========  =============================================================
@@ -185,6 +187,15 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self._file["index/label"])
 
+    @property
+    def stats(self) -> list[str]:
+        return sorted(self._file["stats"]) if "stats" in self._file else []
+
+    def stat(self, name: str) -> np.ndarray:
+        if name not in self.stats:
+            raise KeyError(f"{self.path} has no per-image stat {name!r}; it has {self.stats}")
+        return self._file["stats"][name][()]
+
     def dim(self, layer: str) -> int:
         return int(self._dataset(layer).shape[1])
 
@@ -221,13 +232,14 @@ class StoreWriter:
     ...     writer.finalize()
     """
 
-    def __init__(self, path: str | Path, *, dataset, extractor: str, fingerprint: dict, taps: list[str], overwrite: bool = False):
+    def __init__(self, path: str | Path, *, dataset, extractor: str, fingerprint: dict, taps: list[str], stats=(), overwrite: bool = False):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.dataset = dataset
         self.extractor = extractor
         self.fingerprint = fingerprint
         self.taps = list(taps)
+        self.stats = list(stats)
         self.overwrite = overwrite
         self.digest = dataset.digest()
         self._done = np.zeros(len(dataset), dtype=bool)
@@ -254,6 +266,7 @@ class StoreWriter:
             "extractor": self.extractor,
             "fingerprint": self.fingerprint,
             "taps": self.taps,
+            "stats": self.stats,
             "dataset_digest": self.digest,
             "rows": len(self.dataset),
         }
@@ -322,8 +335,8 @@ class StoreWriter:
     def write_shard(self, rows, features: dict[str, np.ndarray], skipped: list[tuple[int, str]] = ()) -> None:
         """Persist the features of ``rows`` (dataset indices) and the rows skipped with reasons."""
         rows = np.asarray(rows, dtype=np.int64)
-        if set(features) != set(self.taps):
-            raise ValueError(f"shard has layers {sorted(features)}, the store expects {self.taps}")
+        if set(features) != set(self.taps) | set(self.stats):
+            raise ValueError(f"shard has {sorted(features)}, the store expects layers {self.taps} and stats {self.stats}")
         for name, array in features.items():
             if len(array) != len(rows):
                 raise ValueError(f"layer {name!r}: {len(array)} feature rows for {len(rows)} images")
@@ -333,7 +346,7 @@ class StoreWriter:
         if self._done[rows].any() or self._done[skipped_rows].any():
             raise ValueError("a shard would write rows that are already stored")
         first = int(min(rows.min(initial=len(self._done)), skipped_rows.min(initial=len(self._done))))
-        payload = {f"layer/{name}": np.asarray(array, dtype=np.float32) for name, array in features.items()}
+        payload = {f"{'stat' if name in self.stats else 'layer'}/{name}": np.asarray(array, dtype=np.float32) for name, array in features.items()}
         payload.update(rows=rows, skipped_rows=skipped_rows, skipped_reasons=np.asarray([r for _, r in skipped], dtype=str))
         target = self.partial / f"shard-{first:09d}-{uuid.uuid4().hex[:6]}.npz"
 
@@ -396,6 +409,12 @@ class StoreWriter:
                 for name in self.taps:  # every row may have been skipped
                     if name not in layers:
                         layers.create_dataset(name, shape=(0, 0), dtype=np.float32)
+                for name in self.stats:
+                    values = np.zeros(n_ok, np.float32)
+                    for shard in shards:
+                        with np.load(shard["path"]) as data:
+                            values[position[data["rows"]]] = data[f"stat/{name}"]
+                    f.create_dataset(f"stats/{name}", data=values)
                 order = np.argsort(skipped_rows)
                 f.create_dataset("skipped/path", data=np.asarray([ds.paths[skipped_rows[i]] for i in order], dtype=object), dtype=STRING)
                 f.create_dataset("skipped/reason", data=np.asarray([skipped_reasons[i] for i in order], dtype=object), dtype=STRING)

@@ -20,10 +20,10 @@ def _cli(*args, cwd=ROOT):
     return result.stdout
 
 
-def _run_all(dataset: str, out: Path, *extract_args) -> pd.DataFrame:
+def _run_all(dataset: str, out: Path, *extract_args, baseline_args=()) -> pd.DataFrame:
     dirs = ["--features-dir", str(out / "features")]
     _cli("extract", "features", "--dataset", dataset, *dirs, "--no-progress", *extract_args)
-    _cli("baselines", "--dataset", dataset, *dirs, "--no-progress")
+    _cli("baselines", "--dataset", dataset, *dirs, "--no-progress", *baseline_args)
     outs = [*dirs, "--results-dir", str(out / "results"), "--reports-dir", str(out / "reports")]
     _cli("classify", "probe", "--dataset", dataset, *outs, "--no-progress", "--cs", "0.01,1")
     printed = _cli("classify", "report", "--dataset", dataset, *outs)
@@ -35,7 +35,7 @@ def _run_all(dataset: str, out: Path, *extract_args) -> pd.DataFrame:
 def test_end_to_end_on_generated_images(tmp_path):
     tree = make_image_tree(tmp_path / "shapes", per_class={"train": 12, "test": 6})
     results = _run_all(f"folder:{tree}", tmp_path, "--layers", "stem,stage4,pre_logits")
-    assert set(results["features"]) == {"efficientnet_lite0", "hog"}
+    assert set(results["features"]) == {"efficientnet_lite0", "hog", "surf_bow", "sift_bow", "sift_vlad", "sift_fisher", "color", "raw"}
     assert list(results.loc[results["features"] == "efficientnet_lite0", "layer"]) == ["stem", "stage4", "pre_logits"]
     assert (results["n_train"] == 24).all() and (results["n_test"] == 12).all()
     assert results.set_index("layer").loc["pre_logits", "top1"] >= 0.9  # circles vs squares are easy for ImageNet features
@@ -54,7 +54,7 @@ def test_errors_are_one_clear_line(tmp_path):
 @pytest.mark.shared_data
 @pytest.mark.slow
 def test_hymenoptera_lite0_beats_hog(tmp_path):
-    results = _run_all(f"folder:{shared_data('hymenoptera')}", tmp_path, "--layers", "stage2,pre_logits")
+    results = _run_all(f"folder:{shared_data('hymenoptera')}", tmp_path, "--layers", "stage2,pre_logits", baseline_args=("--baselines", "hog,color"))
     best = results.groupby("features")["top1"].max()
     assert best["efficientnet_lite0"] > best["hog"] + 0.1
     assert best["efficientnet_lite0"] > 0.85
