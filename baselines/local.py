@@ -31,7 +31,10 @@ from extract.images import fit_to_input
 
 log = logging.getLogger(__name__)
 
-WORK_SIDE = 256  # descriptors are computed on the image scaled so its shorter side is this
+# Descriptors are computed on the image scaled so its shorter side is in [MIN, MAX]:
+# photos come down to 256 px; tiny images (28 px Fashion-MNIST) go up to 112 px only.
+WORK_SIDE = 256
+MIN_WORK_SIDE = 112
 DENSE_STEP = 8
 DENSE_SIZE = 16
 MAX_KEYPOINTS = 1000
@@ -40,9 +43,9 @@ CODEBOOK_DESCRIPTORS = 100_000
 
 
 def _gray_work_image(image: np.ndarray) -> np.ndarray:
-    """Grayscale, shorter side WORK_SIDE (aspect kept), uint8."""
+    """Grayscale, shorter side clamped to [MIN_WORK_SIDE, WORK_SIDE] (aspect kept), uint8."""
     height, width = image.shape[:2]
-    scale = WORK_SIDE / min(height, width)
+    scale = min(WORK_SIDE, max(MIN_WORK_SIDE, min(height, width))) / min(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
     return cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY)
@@ -233,7 +236,7 @@ class LocalFeaturizer:
 
     def settings(self) -> dict:
         return {"baseline": self.name, "descriptor": self.descriptor, "dense": self.dense, "encoding": self.encoding,
-                "words": self.words, "work_side": WORK_SIDE, "seed": self.seed,
+                "words": self.words, "work_side": [MIN_WORK_SIDE, WORK_SIDE], "seed": self.seed,
                 "dense_grid": {"step": DENSE_STEP, "size": DENSE_SIZE} if self.dense else None,
                 "codebook_sample": {"images": CODEBOOK_IMAGES, "descriptors": CODEBOOK_DESCRIPTORS, "split": TRAIN_SPLIT}}
 
