@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 ALL_CLASSIFIERS = (*CLASSIFIERS, "sgd")
 RESULT_COLUMNS = [
-    "dataset", "features", "layer", "layer_depth", "classifier", "protocol", "train_split", "test_split",
+    "dataset", "features", "kind", "layer", "layer_depth", "classifier", "protocol", "train_split", "test_split",
     "normalization", "search", "C", "converged", "cv_splits", "seed", "repeats", "n_train", "n_test", "n_features",
     "top1", "top1_std", "mean_per_class_acc", "mean_per_class_acc_std", "images_without_features", "fit_seconds",
     "store_fingerprint", "created",
@@ -149,6 +149,7 @@ class Evaluation:
     def _base_row(self, store, tap, classifier) -> dict:
         return {
             "dataset": store.dataset, "features": store.extractor, "layer": tap, "layer_depth": store.taps.index(tap),
+            "kind": "baseline" if "baseline" in store.fingerprint else "cnn",
             "classifier": classifier, "normalization": self.settings.normalization if classifier != "sgd" else "standard",
             "search": self.settings.search if classifier != "sgd" else "val", "seed": self.settings.seed,
             "n_features": store.dim(tap), "store_fingerprint": store_fingerprint_id(store.fingerprint),

@@ -17,12 +17,12 @@ METRIC_LABELS = {"top1": "top-1 accuracy", "mean_per_class_acc": "mean per-class
 
 
 def _is_cnn(table: pd.DataFrame, features: str) -> bool:
-    """CNN stores have several layers; a baseline's variants are drawn as horizontal lines."""
-    return table.loc[table["features"] == features, "layer"].nunique() > 1
+    """CNN layers are drawn as curves; baselines (their variants) as horizontal lines."""
+    return bool((table.loc[table["features"] == features, "kind"] == "cnn").any())
 
 
 def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "top1", title: str = "") -> Path:
-    fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(12, 5.5), constrained_layout=True)
     styles = {"logreg": "-", "svm": "--"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     cnn = [f for f in table["features"].unique() if _is_cnn(table, f)]
@@ -34,18 +34,20 @@ def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "to
             xticks = xticks if len(xticks) >= len(rows) else list(rows["layer"])
             ax.plot(rows["layer_depth"], 100 * rows[metric], styles.get(classifier, ":"), marker="o",
                     color=colors[i % len(colors)], label=f"{features} ({classifier})")
-    for j, features in enumerate(baselines):
-        for (layer, classifier), rows in table[table["features"] == features].groupby(["layer", "classifier"]):
-            value = 100 * rows[metric].iloc[0]
-            ax.axhline(value, linestyle=styles.get(classifier, ":"), color=colors[(len(cnn) + j) % len(colors)], linewidth=1.5,
-                       label=f"{layer} baseline ({classifier}): {value:.1f}%")
+    variants = table[table["features"].isin(baselines)]
+    if len(variants):  # one line per baseline variant, at its better classifier
+        best_variants = variants.loc[variants.groupby(["features", "layer"])[metric].idxmax()].sort_values(metric, ascending=False)
+        for j, record in enumerate(best_variants.itertuples()):
+            value = 100 * getattr(record, metric)
+            ax.axhline(value, linestyle=":" if j % 2 else "--", color=colors[(len(cnn) + j) % len(colors)], linewidth=1.5,
+                       label=f"{record.features} / {record.layer} ({record.classifier}): {value:.1f}%")
     if xticks:
         ax.set_xticks(range(len(xticks)), xticks, rotation=30, ha="right")
     ax.set_xlabel("tapped layer (low to high)")
     ax.set_ylabel(f"{METRIC_LABELS[metric]} (%)")
     ax.set_title(title or f"Linear-probe {METRIC_LABELS[metric]} by layer")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="curves: CNN layers; lines: baselines", title_fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
