@@ -282,7 +282,7 @@ class LocalFeaturizer:
         else:
             kmeans = MiniBatchKMeans(len(saved["centers"]))
             kmeans.cluster_centers_ = saved["centers"]
-            kmeans._n_threads = 1
+            kmeans._n_threads = 1  # set by fit in scikit-learn; predict needs it on a restored model
             encoder.kmeans_ = kmeans
         return encoder
 

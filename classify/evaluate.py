@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,7 +65,6 @@ class Protocol:
     test_split: str | None = None
     shots: tuple[int, ...] = ()
     other_dataset: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def parse_protocol(text: str) -> Protocol:
