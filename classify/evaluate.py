@@ -12,6 +12,7 @@ Protocols (the ``protocol`` column):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -137,6 +138,7 @@ class Evaluation:
         with FeatureStore(self.path) as store:
             taps = store.taps if layers is None else [t for t in store.taps if t in set(layers)]
             jobs = [(tap, clf) for tap in taps for clf in self.settings.classifiers]
+            self._store_columns = self._columns_of(store)
             rows = []
             for tap, classifier in tqdm(jobs, desc=f"{self.protocol.name} {store.extractor}", disable=not progress):
                 if self.protocol.name == "fewshot":
@@ -145,40 +147,42 @@ class Evaluation:
                     rows.append(self._single(store, tap, classifier))
         return rows
 
-    def _base_row(self, store, tap, classifier) -> dict:
+    @staticmethod
+    def _columns_of(store) -> dict:
+        """The result columns that depend on the store only, read once per run."""
+        fingerprint = store.fingerprint
         return {
-            "dataset": store.dataset, "features": store.extractor, "layer": tap, "layer_depth": store.taps.index(tap),
-            "kind": "baseline" if "baseline" in store.fingerprint else "cnn",
-            "classifier": classifier, "normalization": self.settings.normalization if classifier != "sgd" else "standard",
-            "search": self.settings.search if classifier != "sgd" else "val", "seed": self.settings.seed,
-            "n_features": store.dim(tap), "store_fingerprint": store_fingerprint_id(store.fingerprint),
+            "dataset": store.dataset, "features": store.extractor,
+            "kind": "baseline" if "baseline" in fingerprint else "cnn",
+            "store_fingerprint": store_fingerprint_id(fingerprint),
             # images whose local descriptors came out empty (all-zero features), e.g. blank ones
             "images_without_features": int(np.sum(store.stat("n_descriptors") == 0)) if "n_descriptors" in store.stats else 0,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def _base_row(self, store, tap, classifier) -> dict:
+        return {
+            **self._store_columns, "layer": tap, "layer_depth": store.taps.index(tap),
+            "classifier": classifier, "normalization": self.settings.normalization if classifier != "sgd" else "standard",
+            "search": self.settings.search if classifier != "sgd" else "val", "seed": self.settings.seed,
+            "n_features": store.dim(tap), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
     def _single(self, store, tap, classifier) -> dict:
+        """Fit on the training split; test on this store's test split, or on another dataset's store.
+        Metrics compare class names, which is what matches across stores."""
         labels, splits = store.labels, store.splits
+        train, test_split = choose_splits(splits, self.protocol.train_split, None if self.protocol.other_dataset else self.protocol.test_split)
+        train_rows = np.flatnonzero(splits == train)
+        probe = _fit(self.settings, classifier, store, tap, train_rows, labels, self.settings.seed)
         if self.protocol.other_dataset:
-            train, _ = choose_splits(splits, self.protocol.train_split)
-            train_rows = np.flatnonzero(splits == train)
-            probe = _fit(self.settings, classifier, store, tap, train_rows, labels, self.settings.seed)
-            test_store, test_rows, test_names, test_split = self._cross_target(store, tap)
-            with test_store:
-                predicted = _predict(probe, test_store, tap, test_rows)
-                paths = test_store.paths[test_rows]
-            class_names = store.classes
-            predicted_names = np.asarray([class_names[int(p)] for p in predicted])
-            true_names = np.asarray(test_names)
-            y_true, y_pred = true_names, predicted_names
-        else:
-            train, test_split = choose_splits(splits, self.protocol.train_split, self.protocol.test_split)
-            train_rows, test_rows = np.flatnonzero(splits == train), np.flatnonzero(splits == test_split)
-            probe = _fit(self.settings, classifier, store, tap, train_rows, labels, self.settings.seed)
-            y_true, y_pred = labels[test_rows], _predict(probe, store, tap, test_rows)
-            paths = store.paths[test_rows]
-            true_names = np.asarray([store.classes[i] for i in y_true])
-            predicted_names = np.asarray([store.classes[i] for i in y_pred])
+            test_store, test_rows, test_split = self._cross_target(store)
+        else:  # this store stays open for the caller
+            test_store, test_rows = contextlib.nullcontext(store), np.flatnonzero(splits == test_split)
+        with test_store as target:
+            predicted = _predict(probe, target, tap, test_rows)
+            paths = target.paths[test_rows]
+            true_names = np.asarray([target.classes[i] for i in target.labels[test_rows]])
+        predicted_names = np.asarray([store.classes[i] for i in predicted])
         if not probe.converged_:
             log.warning("%s/%s %s: the solver did not converge at C=%g", store.extractor, tap, classifier, probe.best_C_)
         if self.fitted is not None:
@@ -194,13 +198,14 @@ class Evaluation:
         return {
             **self._base_row(store, tap, classifier), "protocol": self.protocol.name, "train_split": train,
             "test_split": test_split, "C": probe.best_C_, "converged": bool(probe.converged_), "cv_splits": probe.n_splits_,
-            "repeats": 1, "n_train": len(train_rows), "n_test": len(y_true),
-            "top1": top1(y_true, y_pred), "top1_std": 0.0,
-            "mean_per_class_acc": mean_per_class_accuracy(y_true, y_pred), "mean_per_class_acc_std": 0.0,
+            "repeats": 1, "n_train": len(train_rows), "n_test": len(test_rows),
+            "top1": top1(true_names, predicted_names), "top1_std": 0.0,
+            "mean_per_class_acc": mean_per_class_accuracy(true_names, predicted_names), "mean_per_class_acc_std": 0.0,
             "fit_seconds": round(probe.fit_seconds_, 3),
         }
 
-    def _cross_target(self, store, tap):
+    def _cross_target(self, store):
+        """The other dataset's store of the same extractor (open), its test rows, and the split's label."""
         other = Path(self.features_dir or store.path.parent.parent) / self.protocol.other_dataset / store.path.name
         target = FeatureStore(other)
         try:
@@ -213,11 +218,10 @@ class Evaluation:
             splits = target.splits
             test_split = "test" if "test" in set(splits) else "all"
             rows = np.flatnonzero(splits == "test") if test_split == "test" else np.arange(len(target))
-            names = [target.classes[i] for i in target.labels[rows]]
         except Exception:
             target.close()
             raise
-        return target, rows, names, f"{self.protocol.other_dataset}:{test_split}"
+        return target, rows, f"{self.protocol.other_dataset}:{test_split}"
 
     def _few_shot(self, store, tap, classifier) -> list[dict]:
         labels, splits = store.labels, store.splits

@@ -9,6 +9,7 @@ import sys
 
 from extract.datasets import load_dataset
 from extract.images import ImageDecodeError
+from extract.pipeline import CHECKPOINT_SECONDS
 from extract.store import StoreError
 
 
@@ -22,7 +23,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="on an unreadable image: stop, or record it as skipped")
     parser.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--checkpoint-seconds", type=float, default=20.0, help="save finished batches at least this often")
+    parser.add_argument("--checkpoint-seconds", type=float, default=CHECKPOINT_SECONDS, help="save finished batches at least this often")
 
 
 def dataset_from(args):
