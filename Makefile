@@ -12,7 +12,8 @@ SEED     ?= 0
 CLASSIFIER ?= logreg
 BASELINES ?= hog,surf_bow,sift_bow,vlad,fisher,color,raw
 
-DATA_ARGS = --dataset '$(DATASET)' --seed $(SEED) \
+DATASET_ARGS = --dataset '$(DATASET)' $(if $(CROP),--crop $(CROP))
+DATA_ARGS = $(DATASET_ARGS) --seed $(SEED) \
 	$(if $(DATA_DIR),--data-dir '$(DATA_DIR)') $(if $(LIMIT),--limit $(LIMIT)) $(if $(FULL),--full) \
 	$(if $(OVERWRITE),--overwrite) $(if $(ON_ERROR),--on-error $(ON_ERROR))
 
@@ -44,11 +45,11 @@ baselines: setup
 	$(PY) -m baselines $(DATA_ARGS) --baselines $(BASELINES)
 
 classify: setup
-	$(PY) -m classify probe --dataset '$(DATASET)' --classifier $(CLASSIFIER) --seed $(SEED) \
+	$(PY) -m classify probe $(DATASET_ARGS) --classifier $(CLASSIFIER) --seed $(SEED) \
 		$(if $(FEATURES),--features '$(FEATURES)') $(if $(LAYERS),--layers '$(LAYERS)') $(if $(PROTOCOL),--protocol '$(PROTOCOL)')
 
 report: setup
-	$(PY) -m classify report --dataset '$(DATASET)'
+	$(PY) -m classify report $(DATASET_ARGS)
 
 benchmark: extract baselines classify report
 

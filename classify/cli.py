@@ -12,7 +12,7 @@ from classify.persist import SavedProbe
 from classify.probe import CLASSIFIERS, DEFAULT_CS, NORMALIZATIONS, SEARCHES, parse_cs
 from classify.report import write_report
 from extract.cli import run_command
-from extract.datasets import dataset_slug
+from extract.datasets import CROPS, DATASETS, dataset_slug
 from extract.store import FeatureStore
 
 
@@ -21,7 +21,15 @@ def _split_list(text: str | None):
 
 
 def results_dir(args) -> Path:
-    return Path(args.results_dir) / dataset_slug(args.dataset)
+    return Path(args.results_dir) / dataset_slug(args.dataset, args.crop)
+
+
+def protocols_for(args) -> list:
+    """``--protocol``, else the dataset's standard ones (Office: every transfer between domains)."""
+    if args.protocol:
+        return [parse_protocol(args.protocol)]
+    spec = DATASETS.get(args.dataset)
+    return [parse_protocol(p) for p in (spec.protocols if spec else ("given",))]
 
 
 def cmd_probe(args) -> None:
@@ -30,19 +38,20 @@ def cmd_probe(args) -> None:
         classifiers=tuple(classifiers), Cs=args.cs, search=args.search, cv=args.cv, normalization=args.normalization,
         seed=args.seed, repeats=args.repeats, n_jobs=args.jobs,
     )
-    protocol = parse_protocol(args.protocol)
     out = results_dir(args)
     rows = []
-    for path in store_paths(args.features_dir, dataset_slug(args.dataset), _split_list(args.features)):
-        evaluation = Evaluation(path, protocol, settings, out_dir=out, features_dir=Path(args.features_dir), save_probes=args.save_probes)
-        rows += evaluation.run(layers=_split_list(args.layers), progress=not args.no_progress)
+    for path in store_paths(args.features_dir, dataset_slug(args.dataset, args.crop), _split_list(args.features)):
+        for protocol in protocols_for(args):
+            evaluation = Evaluation(path, protocol, settings, out_dir=out, features_dir=Path(args.features_dir), save_probes=args.save_probes)
+            rows += evaluation.run(layers=_split_list(args.layers), progress=not args.no_progress)
     if not rows:
         raise ValueError(f"no store of {args.dataset} has any of the layers {args.layers}")
     update_results(out / "results.csv", rows)
     for row in rows:
         spread = f" ± {100 * row['top1_std']:.2f}" if row["repeats"] > 1 else ""
-        print(f"{row['features']:>24} {row['layer']:<12} {row['classifier']:<7} {row['protocol']:<10} C={row['C']:<8.3g} "
-              f"top-1 {100 * row['top1']:6.2f}%{spread}  mean/class {100 * row['mean_per_class_acc']:6.2f}%")
+        score = (f"mAP {100 * row['mAP']:6.2f}%" if "mAP" in row else
+                 f"top-1 {100 * row['top1']:6.2f}%{spread}  mean/class {100 * row['mean_per_class_acc']:6.2f}%")
+        print(f"{row['features']:>24} {row['layer']:<12} {row['classifier']:<7} {row['protocol']:<10} C={row['C']:<8.3g} {score}")
     print(f"results: {out / 'results.csv'}")
 
 
@@ -58,7 +67,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_report(args) -> None:
-    report = write_report(results_dir(args) / "results.csv", Path(args.reports_dir) / dataset_slug(args.dataset))
+    report = write_report(results_dir(args) / "results.csv", Path(args.reports_dir) / dataset_slug(args.dataset, args.crop))
     print(f"report: {report}")
 
 
@@ -67,6 +76,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dataset", default="fashion-mnist")
+    common.add_argument("--crop", default=None, choices=CROPS, help="birds: the bounding-box-cropped stores")
     common.add_argument("--features-dir", default="features")
     common.add_argument("--results-dir", default="results")
     common.add_argument("--reports-dir", default="reports")
@@ -75,7 +85,8 @@ def main(argv=None) -> int:
     probe.add_argument("--features", default=None, help="comma-separated store names (default: every store of the dataset)")
     probe.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
     probe.add_argument("--classifier", default="logreg", choices=(*ALL_CLASSIFIERS, "both", "all"), help="both: logreg and svm")
-    probe.add_argument("--protocol", default="given", help="given | fewshot[:1,2,5,10,20] | transfer:SOURCE->TARGET | cross:DATASET")
+    probe.add_argument("--protocol", default=None,
+                       help="given | fewshot[:1,2,5,10,20] | transfer:SOURCE->TARGET | cross:DATASET (default: the dataset's standard protocol)")
     probe.add_argument("--normalization", default="standard", choices=NORMALIZATIONS)
     probe.add_argument("--search", default="cv", choices=SEARCHES, help="C chosen by k-fold CV or on a held-out validation split")
     probe.add_argument("--cs", type=parse_cs, default=DEFAULT_CS, help="C grid: LOW:HIGH:COUNT (log-spaced) or a,b,c")

@@ -8,6 +8,11 @@ Protocols (the ``protocol`` column):
 * ``transfer:SOURCE->TARGET``: train on one split or domain, test on another;
 * ``cross:DATASET``: train on this store, test on the store of the same extractor for
   another dataset (its test split, else all of it); classes are matched by name.
+
+Multi-label stores (``/index/multilabel``, VOC 2007) get one binary probe per class, each
+with its own C, and are scored by mean average precision (``mAP``: area under the
+precision-recall envelope; ``mAP_voc07``: the 11-point VOC 2007 measure); difficult
+labels take no part in training or scoring.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from classify.metrics import mean_per_class_accuracy, top1
+from classify.metrics import mean_average_precision, mean_per_class_accuracy, top1
 from classify.persist import save_probe
 from classify.probe import CLASSIFIERS, DEFAULT_CS, LinearProbe, StreamingSGDProbe
 from extract.store import FeatureStore, StoreMismatchError, canonical_json, fingerprint_differences
@@ -35,7 +40,7 @@ ALL_CLASSIFIERS = (*CLASSIFIERS, "sgd")
 RESULT_COLUMNS = [
     "dataset", "features", "kind", "layer", "layer_depth", "classifier", "protocol", "train_split", "test_split",
     "normalization", "search", "C", "converged", "cv_splits", "seed", "repeats", "n_train", "n_test", "n_features",
-    "top1", "top1_std", "mean_per_class_acc", "mean_per_class_acc_std", "images_without_features", "fit_seconds",
+    "top1", "top1_std", "mean_per_class_acc", "mean_per_class_acc_std", "mAP", "mAP_voc07", "images_without_features", "fit_seconds",
     "store_fingerprint", "created",
 ]
 RESULT_KEY = ["dataset", "features", "layer", "classifier", "protocol", "normalization"]
@@ -141,7 +146,9 @@ class Evaluation:
             self._store_columns = self._columns_of(store)
             rows = []
             for tap, classifier in tqdm(jobs, desc=f"{self.protocol.name} {store.extractor}", disable=not progress):
-                if self.protocol.name == "fewshot":
+                if store.multilabel is not None:
+                    rows.append(self._multilabel(store, tap, classifier))
+                elif self.protocol.name == "fewshot":
                     rows += self._few_shot(store, tap, classifier)
                 else:
                     rows.append(self._single(store, tap, classifier))
@@ -202,6 +209,39 @@ class Evaluation:
             "top1": top1(true_names, predicted_names), "top1_std": 0.0,
             "mean_per_class_acc": mean_per_class_accuracy(true_names, predicted_names), "mean_per_class_acc_std": 0.0,
             "fit_seconds": round(probe.fit_seconds_, 3),
+        }
+
+    def _multilabel(self, store, tap, classifier) -> dict:
+        if self.protocol.name == "fewshot" or self.protocol.other_dataset:
+            raise ValueError(f"{store.path} is multi-label: use protocol given or transfer:A->B, not {self.protocol.name}")
+        targets, splits = store.multilabel, store.splits
+        train, test_split = choose_splits(splits, self.protocol.train_split, self.protocol.test_split)
+        train_rows, test_rows = np.flatnonzero(splits == train), np.flatnonzero(splits == test_split)
+        X_test = store.features(tap, test_rows)
+        scores = np.zeros((len(test_rows), targets.shape[1]))
+        chosen_C, converged, seconds = [], [], 0.0
+        for c in range(targets.shape[1]):
+            rows = train_rows[targets[train_rows, c] >= 0]
+            if len(np.unique(targets[rows, c])) < 2:
+                raise ValueError(f"{store.path}: class {store.classes[c]!r} has no positive or no negative training image in {train!r}")
+            probe = _fit(self.settings, classifier, store, tap, rows, targets[:, c], self.settings.seed)
+            scores[:, c] = probe.decision_function(X_test).ravel()
+            chosen_C.append(probe.best_C_)
+            converged.append(probe.converged_)
+            seconds += probe.fit_seconds_
+        truth = targets[test_rows]
+        if self.out_dir is not None:
+            name = f"{tap}__{classifier}__{_slug(self.protocol.name)}"
+            scores_csv = self.out_dir / "predictions" / store.extractor / f"{name}.scores.csv"
+            scores_csv.parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(scores, columns=store.classes).assign(path=store.paths[test_rows]).to_csv(scores_csv, index=False)
+        return {
+            **self._base_row(store, tap, classifier), "protocol": self.protocol.name, "train_split": train,
+            "test_split": test_split, "C": float(np.median(chosen_C)), "converged": all(converged),
+            "cv_splits": probe.n_splits_, "repeats": 1, "n_train": len(train_rows), "n_test": len(test_rows),
+            "top1": np.nan, "top1_std": 0.0, "mean_per_class_acc": np.nan, "mean_per_class_acc_std": 0.0,
+            "mAP": mean_average_precision(truth, scores), "mAP_voc07": mean_average_precision(truth, scores, eleven_point=True),
+            "fit_seconds": round(seconds, 3),
         }
 
     def _cross_target(self, store):

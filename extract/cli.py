@@ -7,15 +7,16 @@ import argparse
 import logging
 import sys
 
-from extract.datasets import load_dataset
+from extract.datasets import CROPS, DATASETS, load_dataset
 from extract.images import ImageDecodeError
 from extract.pipeline import CHECKPOINT_SECONDS
 from extract.store import StoreError
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or folder:PATH")
+    parser.add_argument("--dataset", default="fashion-mnist", help=f"{', '.join(DATASETS)}, folder:PATH or csv:FILE")
     parser.add_argument("--data-dir", default=None, help="where an existing copy of the dataset lives")
+    parser.add_argument("--crop", default=None, choices=CROPS, help="birds: crop to the bounding box enlarged 1.5x")
     parser.add_argument("--limit", type=int, default=None, help="class-balanced subset: N train and N//2 per other split")
     parser.add_argument("--full", action="store_true", help="use every image (no default subset)")
     parser.add_argument("--seed", type=int, default=0, help="seed for subsets, splits and random weights")
@@ -27,7 +28,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def dataset_from(args):
-    return load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit, full=args.full, seed=args.seed)
+    return load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit, full=args.full, seed=args.seed, crop=args.crop)
 
 
 def cmd_features(args) -> None:
@@ -60,21 +61,47 @@ def cmd_layers(args) -> None:
 
 
 def cmd_fetch(args) -> None:
-    from extract.datasets import fashion_mnist
+    from extract.datasets import fetch_dataset
 
-    if args.dataset != "fashion-mnist":
-        raise SystemExit(f"fetch knows fashion-mnist only; for {args.dataset} see the README's dataset table")
-    print(f"Fashion-MNIST: {fashion_mnist.ensure_available()}")
+    print(f"{args.dataset}: {fetch_dataset(args.dataset, progress=not args.no_progress)}")
+
+
+def unreadable_images(dataset, *, workers: int | None = None, progress: bool = True) -> list[tuple[str, str]]:
+    """(path, reason) of every image that is missing or does not decode, in dataset order."""
+    from extract.pipeline import decode_pool
+    from tqdm.auto import tqdm
+
+    def check(i: int):
+        try:
+            dataset.read(i, min_side=64)
+        except ImageDecodeError as error:
+            return dataset.paths[i], error.reason
+        return None
+
+    with decode_pool(workers) as pool:
+        found = list(tqdm(pool.map(check, range(len(dataset))), total=len(dataset), desc="checking images", disable=not progress))
+    return [f for f in found if f is not None]
 
 
 def cmd_data_info(args) -> None:
     dataset = dataset_from(args)
     counts = dataset.counts()
+    width = max(28, *(len(c) + 2 for c in dataset.classes))
     print(f"{dataset.name}: {len(dataset)} images, {len(dataset.classes)} classes, source {dataset.info.get('source')}")
-    print(f"{'class':<28}" + "".join(f"{s:>10}" for s in counts))
+    print(f"{'class':<{width}}" + "".join(f"{s:>10}" for s in counts))
     for name in dataset.classes:
-        print(f"{name:<28}" + "".join(f"{counts[s][name]:>10}" for s in counts))
-    print(f"{'total':<28}" + "".join(f"{sum(counts[s].values()):>10}" for s in counts))
+        print(f"{name:<{width}}" + "".join(f"{counts[s][name]:>10}" for s in counts))
+    print(f"{'total':<{width}}" + "".join(f"{sum(counts[s].values()):>10}" for s in counts))
+    if dataset.targets is not None:
+        present = (dataset.targets == 1).sum(axis=1)
+        print(f"multi-label: {present.mean():.2f} classes per image on average, {int((dataset.targets == -1).sum())} difficult-only labels")
+    if args.no_check:
+        return
+    bad = unreadable_images(dataset, progress=not args.no_progress)
+    missing = [(p, r) for p, r in bad if r == "file not found"]
+    broken = [(p, r) for p, r in bad if r != "file not found"]
+    print(f"missing files: {len(missing)}" + "".join(f"\n  {p}" for p, _ in missing))
+    print(f"unreadable files: {len(broken)}" + "".join(f"\n  {p}: {r}" for p, r in broken))
 
 
 def main(argv=None) -> int:
@@ -97,12 +124,14 @@ def main(argv=None) -> int:
     layers.add_argument("--pooling", default="avg", choices=("avg", "max", "avgmax", "spp"))
     layers.set_defaults(func=cmd_layers)
 
-    fetch = sub.add_parser("fetch", help="make a dataset available offline (used by make setup)")
-    fetch.add_argument("--dataset", default="fashion-mnist")
+    fetch = sub.add_parser("fetch", help="download a dataset's official files (checksummed) into the cache")
+    fetch.add_argument("--dataset", default="fashion-mnist", choices=list(DATASETS))
+    fetch.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     fetch.set_defaults(func=cmd_fetch)
 
-    info = sub.add_parser("data-info", help="counts per split and class")
+    info = sub.add_parser("data-info", help="counts per split and class; missing and unreadable images")
     add_dataset_arguments(info)
+    info.add_argument("--no-check", action="store_true", help="skip decoding every image")
     info.set_defaults(func=cmd_data_info)
 
     args = parser.parse_args(argv)

@@ -44,7 +44,7 @@ def _load_one(dataset: ImageDataset, featurizer, row: int):
         return error
 
 
-def _pool(workers: int | None):
+def decode_pool(workers: int | None = None) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 2) + 2), thread_name_prefix="decode")
 
 
@@ -97,7 +97,7 @@ def extract_to_store(
 
         bar = tqdm(total=len(dataset), initial=writer.rows_done, desc=f"{dataset.name}/{featurizer.name}", unit="img", disable=not progress)
         try:
-            with _pool(workers) as pool:
+            with decode_pool(workers) as pool:
                 queue: deque = deque()
                 batch_iter = iter(batches)
 

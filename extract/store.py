@@ -9,6 +9,9 @@ path                shape/type  meaning
                                 dataset root, or ``file#row`` for array datasets
 /index/label        (N,) int64  class index into /classes
 /index/split        (N,) utf-8  split name: "train", "test", "val", a domain name...
+/index/multilabel   (N, C) i8   multi-label datasets only (VOC): 1 present, 0 absent,
+                                -1 difficult (ignored when scoring); /index/label then
+                                holds one present class per image
 /classes            (C,) utf-8  class names in label order
 /layers/<tap>       (N, D) f32  one feature matrix per tapped layer (or baseline variant),
                                 chunked by rows, gzip-compressed with byte shuffle
@@ -177,6 +180,11 @@ class FeatureStore:
     @property
     def splits(self) -> np.ndarray:
         return self._file["index/split"].asstr()[()]
+
+    @property
+    def multilabel(self) -> np.ndarray | None:
+        """(N, C) int8 targets of a multi-label store, else None."""
+        return self._file["index/multilabel"][()] if "index/multilabel" in self._file else None
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -383,6 +391,8 @@ class StoreWriter:
                 f.create_dataset("index/label", data=ds.labels[keep].astype(np.int64))
                 f.create_dataset("index/split", data=np.asarray([ds.splits[i] for i in keep], dtype=object), dtype=STRING)
                 f.create_dataset("classes", data=np.asarray(ds.classes, dtype=object), dtype=STRING)
+                if ds.targets is not None:
+                    f.create_dataset("index/multilabel", data=ds.targets[keep].astype(np.int8))
                 layers = f.create_group("layers")
                 for shard in shards:
                     with np.load(shard["path"]) as data:

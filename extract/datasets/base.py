@@ -7,8 +7,11 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
+
+from extract.images import read_image
 
 TRAIN_SPLIT = "train"
 
@@ -37,6 +40,9 @@ class ImageDataset:
     splits: tuple[str, ...]
     read: Callable[..., np.ndarray] = field(repr=False, compare=False)
     info: dict = field(default_factory=dict, compare=False)
+    # Multi-label datasets (VOC): (N, C) int8, 1 present, 0 absent, -1 "difficult" (ignored
+    # when scoring). ``labels`` then holds one present class per image, for counts and subsets.
+    targets: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if not (len(self.paths) == len(self.labels) == len(self.splits)):
@@ -44,6 +50,8 @@ class ImageDataset:
                 f"dataset {self.name!r}: paths ({len(self.paths)}), labels ({len(self.labels)}) "
                 f"and splits ({len(self.splits)}) differ in length"
             )
+        if self.targets is not None and self.targets.shape != (len(self.paths), len(self.classes)):
+            raise ValueError(f"dataset {self.name!r}: targets of shape {self.targets.shape}, expected {(len(self.paths), len(self.classes))}")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
             raise ValueError(f"dataset {self.name!r}: labels outside 0..{len(self.classes) - 1}")
 
@@ -66,6 +74,8 @@ class ImageDataset:
         digest = hashlib.sha256()
         for path, label, split in zip(self.paths, self.labels, self.splits):
             digest.update(f"{path}\t{label}\t{split}\n".encode())
+        if self.targets is not None:
+            digest.update(np.ascontiguousarray(self.targets, dtype=np.int8).tobytes())
         return digest.hexdigest()
 
     def subset(self, indices, **info) -> ImageDataset:
@@ -76,6 +86,7 @@ class ImageDataset:
             paths=tuple(self.paths[i] for i in indices),
             labels=self.labels[indices],
             splits=tuple(self.splits[i] for i in indices),
+            targets=None if self.targets is None else self.targets[indices],
             read=lambda i, min_side=None: read(int(indices[i]), min_side=min_side),
             info={**self.info, **info},
         )
@@ -121,3 +132,40 @@ def seeded_split(labels: np.ndarray, *, test_fraction: float, seed: int) -> list
         n_test = min(len(members) - 1, max(1, round(len(members) * test_fraction))) if len(members) > 1 else 0
         splits[members[:n_test]] = "test"
     return [str(s) for s in splits]
+
+
+def per_class_split(labels: np.ndarray, *, train: int, test: int | None, seed: int) -> list[str | None]:
+    """The "N training images per class" protocols (Caltech-101, 15-Scene): per class, a seeded
+    ``train`` images for training, then up to ``test`` (all the rest when None) for testing;
+    other images get None and are left out."""
+    rng = np.random.default_rng(seed)
+    splits: list[str | None] = [None] * len(labels)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        for i in members[:train]:
+            splits[i] = TRAIN_SPLIT
+        for i in members[train : None if test is None else train + test]:
+            splits[i] = "test"
+    return splits
+
+
+def file_dataset(name: str, root: Path, entries, *, classes=None, info=None, targets=None, read=None) -> ImageDataset:
+    """An ``ImageDataset`` of image files from ``(relative path, class name, split)`` entries;
+    entries with split None are left out. ``classes`` fixes the class order (default: sorted)."""
+    kept = [(i, e) for i, e in enumerate(entries) if e[2] is not None]
+    if not kept:
+        raise ValueError(f"{root}: no images found for dataset {name!r}")
+    classes = tuple(classes) if classes is not None else tuple(sorted({c for _, (_, c, _) in kept}))
+    index = {c: i for i, c in enumerate(classes)}
+    paths = tuple(str(rel) for _, (rel, _, _) in kept)
+    files = [root / p for p in paths]
+    return ImageDataset(
+        name=name,
+        classes=classes,
+        paths=paths,
+        labels=np.array([index[c] for _, (_, c, _) in kept], dtype=np.int64),
+        splits=tuple(s for _, (_, _, s) in kept),
+        read=read or (lambda i, min_side=None: read_image(files[i], min_side=min_side)),
+        info={"source": str(root), **(info or {})},
+        targets=None if targets is None else np.asarray(targets)[[i for i, _ in kept]],
+    )

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from extract.datasets.base import ImageDataset
+from extract.datasets.download import DOWNLOAD_TIMEOUT_S, DatasetNotFoundError, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ URL_BASES = (
     "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
 )
-DOWNLOAD_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,8 @@ FILES = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    pass
-
-
 def cache_dir() -> Path:
-    root = os.environ.get("OFFSHELF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "offshelf"
-    return Path(root) / "fashion-mnist"
+    return cache_root() / "fashion-mnist"
 
 
 def _md5(data: bytes) -> str:

@@ -1,12 +1,14 @@
-"""Image-folder trees: ``ROOT/<split>/<class>/*`` or ``ROOT/<class>/*``."""
+"""Your own images: folder trees (``ROOT/<split>/<class>/*`` or ``ROOT/<class>/*``) and CSV
+lists (columns ``path,label[,split]``, paths relative to the CSV file's folder)."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
 
-from extract.datasets.base import ImageDataset, seeded_split, slugify
+from extract.datasets.base import ImageDataset, file_dataset, seeded_split, slugify
 from extract.images import read_image
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
@@ -23,7 +25,7 @@ def _images_in(folder: Path) -> list[Path]:
     )
 
 
-def load_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> ImageDataset:
+def load_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION, name: str | None = None) -> ImageDataset:
     """Read a folder tree. Split folders are detected when every top-level folder holds only
     folders; otherwise the top level is the classes and a seeded per-class split is made."""
     root = Path(root)
@@ -52,7 +54,7 @@ def load_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAU
         info = {"source": str(root), "layout": "ROOT/<class>", "split_seed": seed, "test_fraction": test_fraction}
     files = [f for _, _, f in entries]
     return ImageDataset(
-        name=slugify(root.resolve().name),
+        name=name or slugify(root.resolve().name),
         classes=classes,
         paths=tuple(str(f.relative_to(root)) for f in files),
         labels=labels,
@@ -60,3 +62,31 @@ def load_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAU
         read=lambda i, min_side=None: read_image(files[i], min_side=min_side),
         info=info,
     )
+
+
+def load_csv(csv_file: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> ImageDataset:
+    """Read a CSV of ``path,label[,split]``; without a split column a seeded per-class split is made."""
+    csv_file = Path(csv_file)
+    if not csv_file.is_file():
+        raise FileNotFoundError(f"dataset CSV not found: {csv_file}")
+    with open(csv_file, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if columns[:2] != ["path", "label"] or not set(columns) <= {"path", "label", "split"}:
+            raise ValueError(f"{csv_file}: header must be path,label[,split]. Received: {','.join(columns)}")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    if not rows:
+        raise ValueError(f"{csv_file} lists no images")
+    for number, row in enumerate(rows, 2):
+        if not row["path"] or not row["label"] or ("split" in columns and not row["split"]):
+            raise ValueError(f"{csv_file}:{number}: empty path, label or split")
+    info = {"layout": "csv: path,label[,split]"}
+    if "split" in columns:
+        splits = [row["split"] for row in rows]
+    else:
+        classes = sorted({row["label"] for row in rows})
+        labels = np.array([classes.index(row["label"]) for row in rows])
+        splits = seeded_split(labels, test_fraction=test_fraction, seed=seed)
+        info.update(split_seed=seed, test_fraction=test_fraction)
+    entries = [(row["path"], row["label"], split) for row, split in zip(rows, splits)]
+    return file_dataset(slugify(csv_file.stem), csv_file.parent, entries, info=info)
