@@ -17,7 +17,7 @@ DATA_ARGS = $(DATASET_ARGS) --seed $(SEED) \
 	$(if $(DATA_DIR),--data-dir '$(DATA_DIR)') $(if $(LIMIT),--limit $(LIMIT)) $(if $(FULL),--full) \
 	$(if $(OVERWRITE),--overwrite) $(if $(ON_ERROR),--on-error $(ON_ERROR))
 
-.PHONY: setup data extract layers baselines classify report benchmark data-info test
+.PHONY: setup data extract layers baselines classify report benchmark data-info finetune pretrain recipe test
 
 setup: $(STAMP) data
 
@@ -52,6 +52,17 @@ report: setup
 	$(PY) -m classify report $(DATASET_ARGS)
 
 benchmark: extract baselines classify report
+
+# Transfer mechanics: TRAIN=head|top1|top2|all; the autoencoder recipe; rows land in results.csv.
+finetune: setup
+	$(PY) -m transfer finetune $(DATA_ARGS) --model $(MODEL) --train $(or $(TRAIN),head) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(WEIGHTS),--weights '$(WEIGHTS)')
+
+pretrain: setup
+	$(PY) -m transfer pretrain-cae $(DATA_ARGS) $(if $(EPOCHS),--pretrain-epochs $(EPOCHS))
+
+recipe: setup
+	$(PY) -m transfer recipe $(DATA_ARGS) $(if $(EPOCHS),--epochs $(EPOCHS))
 
 test: setup
 	$(PY) -m pytest

@@ -7,6 +7,10 @@ For each backbone it prints images/s of
 and the ratio (c)/(a): the share of model throughput the pipeline keeps.
 
     .venv/bin/python benchmarks/extract_throughput.py [--images 256] [--models efficientnet_lite0,...]
+
+By default every registered backbone runs. Throughput does not depend on the weights'
+values, so backbones whose ImageNet weights are not offline (keras.applications) run with
+random weights; the ``weights`` column says which.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from extract.backbones import get_backbone, list_backbones  # noqa: E402
 from extract.datasets import load_dataset  # noqa: E402
 from extract.extractor import CNNFeaturizer  # noqa: E402
 from extract.pipeline import extract_to_store  # noqa: E402
@@ -49,17 +54,20 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
+    parser.add_argument("--models", default=None, help="comma-separated backbones (default: all registered)")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
-    print(f"{'backbone':<20} {'(a) model img/s':>16} {'(b) predict img/s':>18} {'(c) files->store img/s':>23} {'(c)/(a)':>8} {'(a)/(b)':>8}")
+    models = args.models.split(",") if args.models else list_backbones()
+    print(f"{'backbone':<20} {'weights':>8} {'(a) model img/s':>16} {'(b) predict img/s':>18} {'(c) files->store img/s':>23} {'(c)/(a)':>8} {'(a)/(b)':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         tree = write_jpegs(Path(tmp) / "photos", args.images)
         dataset = load_dataset(f"folder:{tree}")
-        for name in args.models.split(","):
-            featurizer = CNNFeaturizer(name, batch_size=args.batch_size)
+        for name in models:
+            spec = get_backbone(name)
+            weights = "imagenet" if spec.offline_weights else "random"
+            featurizer = CNNFeaturizer(name, weights=weights, batch_size=args.batch_size)
             size = featurizer.input_size
             batch = np.random.default_rng(0).integers(0, 256, (args.batch_size, size, size, 3), dtype=np.uint8)
             repeats = max(2, args.images // args.batch_size)
@@ -70,7 +78,7 @@ def main() -> None:
             start = time.perf_counter()
             extract_to_store(dataset, featurizer, Path(tmp) / f"{name}.h5", progress=False)
             pipeline_rate = len(dataset) / (time.perf_counter() - start)
-            print(f"{name:<20} {model_rate:>16.1f} {predict_rate:>18.1f} {pipeline_rate:>23.1f} {pipeline_rate / model_rate:>8.2f} {model_rate / predict_rate:>8.2f}")
+            print(f"{name:<20} {weights:>8} {model_rate:>16.1f} {predict_rate:>18.1f} {pipeline_rate:>23.1f} {pipeline_rate / model_rate:>8.2f} {model_rate / predict_rate:>8.2f}")
 
 
 if __name__ == "__main__":

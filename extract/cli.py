@@ -49,6 +49,7 @@ def cmd_features(args) -> None:
 
 
 def cmd_layers(args) -> None:
+    from extract.backbones import layer_paths, tap_tensor
     from extract.extractor import CNNFeaturizer
 
     featurizer = CNNFeaturizer(args.model, weights=None, pooling=args.pooling)
@@ -56,8 +57,12 @@ def cmd_layers(args) -> None:
     print(f"{args.model}: input {size}x{size}x3 RGB in [0, 255]; preprocessing {featurizer.spec.preprocessing}")
     print(f"{'index':>5}  {'tap':<12} {'layer':<24} {'output shape':<16} {'stride':>6} {'pooled dim':>10}")
     for index, info in enumerate(featurizer.feature_info):
-        shape = tuple(featurizer.backbone.get_layer(info.layer).output.shape[1:])
+        shape = tuple(tap_tensor(featurizer.backbone, info.layer).shape[1:])
         print(f"{index:>5}  {info.name:<12} {info.layer:<24} {str(shape):<16} {info.stride:>6} {featurizer.dims[info.name]:>10}")
+    if args.all:
+        print("\nevery layer (any of these names, or a glob of them, works in LAYERS=):")
+        for path in layer_paths(featurizer.backbone):
+            print(f"  {path:<48} {tuple(tap_tensor(featurizer.backbone, path).shape[1:])}")
 
 
 def cmd_fetch(args) -> None:
@@ -122,6 +127,7 @@ def main(argv=None) -> int:
     layers = sub.add_parser("layers", help="list a backbone's taps and their output shapes")
     layers.add_argument("--model", default="efficientnet_lite0")
     layers.add_argument("--pooling", default="avg", choices=("avg", "max", "avgmax", "spp"))
+    layers.add_argument("--all", action="store_true", help="also list every Keras layer that can be tapped by name")
     layers.set_defaults(func=cmd_layers)
 
     fetch = sub.add_parser("fetch", help="download a dataset's official files (checksummed) into the cache")

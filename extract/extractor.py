@@ -10,19 +10,22 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from extract.backbones import FeatureInfo, get_backbone
+from extract.backbones import FeatureInfo, get_backbone, layer_paths, tap_tensor
 from extract.images import fit_to_input
 
 POOLINGS = ("avg", "max", "avgmax", "spp")
 WHOLE_IMAGE = 1.0
 
 
-def select_taps(feature_info: Sequence[FeatureInfo], layers=None) -> list[FeatureInfo]:
+def select_taps(feature_info: Sequence[FeatureInfo], layers=None, layer_names: Sequence[str] = ()) -> list[FeatureInfo]:
     """One rule for choosing taps.
 
     ``None`` (or "all") means all; an int ``n`` means the last ``n``; a string is a
     comma-separated list; list items may be tap names, glob patterns (``stage*``) or
-    integer indices (negative counts from the top). The result keeps low-to-high order.
+    integer indices (negative counts from the top). An item that names no declared tap
+    may name any Keras layer in ``layer_names`` (globs too, ``outer/inner`` inside nested
+    models); such taps get their channels and stride from the layer's output later
+    (-1 until then). The result keeps low-to-high order.
     """
     names = [info.name for info in feature_info]
     if layers is None or layers == "all":
@@ -36,6 +39,7 @@ def select_taps(feature_info: Sequence[FeatureInfo], layers=None) -> list[Featur
             raise ValueError(f"layers={layers} must be between 1 and {len(names)} (the number of taps)")
         return list(feature_info[-layers:])
     chosen: set[int] = set()
+    extra: dict[str, FeatureInfo] = {}
     for item in layers:
         if isinstance(item, int) or (isinstance(item, str) and item.lstrip("-").isdigit()):
             index = int(item)
@@ -44,10 +48,19 @@ def select_taps(feature_info: Sequence[FeatureInfo], layers=None) -> list[Featur
             chosen.add(index % len(names))
             continue
         matches = [i for i, name in enumerate(names) if fnmatch.fnmatchcase(name, item)]
-        if not matches:
-            raise ValueError(f"no tap matches {item!r}; valid taps: {names}")
-        chosen.update(matches)
-    return [feature_info[i] for i in sorted(chosen)]
+        if matches:
+            chosen.update(matches)
+            continue
+        layer_matches = [path for path in layer_names if fnmatch.fnmatchcase(path, item)]
+        if not layer_matches:
+            raise ValueError(f"no tap or layer matches {item!r}; taps: {names}; any Keras layer name also works (see `make layers`)")
+        extra.update({path: FeatureInfo(path, path, -1, -1) for path in layer_matches})
+    declared = [feature_info[i] for i in sorted(chosen)]
+    if not extra:
+        return declared
+    depth = {path: i for i, path in enumerate(layer_names)}
+    merged = {info.layer: info for info in [*declared, *extra.values()]}
+    return sorted(merged.values(), key=lambda info: depth.get(info.layer, len(depth)))
 
 
 class SpatialPyramidPooling(keras.layers.Layer):
@@ -151,7 +164,7 @@ class CNNFeaturizer:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
         self.spec = get_backbone(backbone)
-        self.name = backbone if pooling == "avg" else f"{backbone}-{pooling}"
+        self.name = self.spec.name if pooling == "avg" else f"{self.spec.name}-{pooling}"
         self.pooling = pooling
         self.batch_size = batch_size
         self.input_size = self.spec.input_size
@@ -159,23 +172,28 @@ class CNNFeaturizer:
         # backbone's ImageNet evaluation crop (spec.crop_pct) cost 1-2 points on Fashion-MNIST.
         self.crop_pct = WHOLE_IMAGE if crop_pct is None else crop_pct
         self.min_side = self.input_size
-        self.feature_info = select_taps(self.spec.feature_info, layers)
-        self.taps = [info.name for info in self.feature_info]
         keras.utils.set_random_seed(seed)
         self.backbone, self.weights = self.spec.build(self.spec.default_weights if weights == "default" else weights)
         if self.weights.get("weights") == "random":
             self.weights["seed"] = seed
-        outputs = {}
-        for info in self.feature_info:
-            tensor = self.backbone.get_layer(info.layer).output
-            if tensor.shape[-1] != info.channels:
+        selected = select_taps(self.spec.feature_info, layers, layer_paths(self.backbone))
+        outputs, self.feature_info, self.dims = {}, [], {}
+        for info in selected:
+            tensor = tap_tensor(self.backbone, info.layer)
+            if info.channels == -1:  # a layer named directly: shape facts from its output
+                stride = self.input_size // tensor.shape[1] if len(tensor.shape) == 4 and tensor.shape[1] else 0
+                info = FeatureInfo(info.name, info.layer, int(tensor.shape[-1]), stride)
+            elif tensor.shape[-1] != info.channels:
                 raise ValueError(
                     f"{backbone}: tap {info.name} declares {info.channels} channels but layer "
                     f"{info.layer!r} gives {tensor.shape[-1]}"
                 )
-            outputs[info.name] = pooling_layer(pooling, f"pool_{info.name}")(tensor)
-        self.model = keras.Model(self.backbone.inputs, outputs, name=f"{backbone}_features")
-        self.dims = {info.name: info.channels * POOLED_WIDTH[pooling] for info in self.feature_info}
+            spatial = len(tensor.shape) == 4
+            outputs[info.name] = pooling_layer(pooling, f"pool_{info.name.replace('/', '_')}")(tensor) if spatial else tensor
+            self.feature_info.append(info)
+            self.dims[info.name] = info.channels * (POOLED_WIDTH[pooling] if spatial else 1)
+        self.taps = [info.name for info in self.feature_info]
+        self.model = keras.Model(self.backbone.inputs, outputs, name=f"{self.spec.name}_features")
         self._forward = None
 
     def fingerprint(self) -> dict:

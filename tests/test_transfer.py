@@ -1,0 +1,209 @@
+"""Backbone families, taps inside nested models, selective restore, freezing, fine-tuning and
+the original autoencoder recipe, all with real Keras models on small data."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_image_tree
+from extract.backbones import get_backbone, tap_tensor
+from extract.backbones.keras_apps import WeightsUnavailableError
+from extract.datasets import load_dataset
+from extract.extractor import CNNFeaturizer
+from transfer.layers import LayerwiseAdam, restore_layers, set_trainable
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("name, last_dim", [
+    ("resnet50", 2048), ("vgg16", 4096), ("mobilenetv2", 1280), ("efficientnetb0", 1280), ("convnext_tiny", 768),
+])
+def test_every_keras_application_family_extracts_through_the_same_featurizer(name, last_dim):
+    featurizer = CNNFeaturizer(name, weights="random", layers="0,-1", batch_size=2)
+    images = [featurizer.prepare(RNG.integers(0, 256, (60, 80, 3), dtype=np.uint8)) for _ in range(2)]
+    out = featurizer(images)
+    first, last = featurizer.taps
+    assert out[last].shape == (2, last_dim) and np.isfinite(out[last]).all()
+    assert out[first].shape == (2, featurizer.dims[first])
+    assert not np.allclose(out[last][0], out[last][1], rtol=1e-3, atol=0)  # the images are seen (random nets: tiny values)
+
+
+def test_offline_without_cached_weights_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    from keras.src.utils import file_utils
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in the tests")
+
+    monkeypatch.setattr(file_utils, "urlretrieve", offline)
+    with pytest.raises(WeightsUnavailableError) as error:
+        get_backbone("mobilenetv2").build("imagenet")
+    message = str(error.value)
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5" in message
+    assert str(tmp_path / "keras" / "models") in message and "WEIGHTS=" in message
+
+
+def _nested_model(path):
+    """A user's model with a whole keras.applications network nested inside it as one layer."""
+    inner = keras.applications.MobileNetV2(input_shape=(96, 96, 3), include_top=False, weights=None)
+    inputs = keras.Input((96, 96, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1, name="to_unit")(inputs)
+    x = inner(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(5, name="logits")(x)
+    model = keras.Model(inputs, outputs, name="user_model")
+    model.save(path)
+    return model, inner
+
+
+def test_taps_inside_a_nested_model_without_graph_disconnected(tmp_path):
+    path = tmp_path / "user_model.keras"
+    model, inner = _nested_model(path)
+    with pytest.raises(ValueError, match="Graph disconnected|not connected"):  # the trap users fall into
+        keras.Model(model.inputs, inner.get_layer("block_5_add").output)
+    tensor = tap_tensor(model, f"{inner.name}/block_5_add")
+    assert tuple(tensor.shape) == (None, 12, 12, 32)
+
+    featurizer = CNNFeaturizer(f"keras:{path}", layers="mobilenet*/block_5_add,logits", batch_size=2)
+    assert featurizer.taps == [f"{inner.name}/block_5_add", "logits"]
+    images = RNG.integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+    out = featurizer(list(images))
+    reference = keras.Model(inner.inputs, inner.get_layer("block_5_add").output)
+    expected = np.asarray(reference(images.astype(np.float32) / 127.5 - 1)).mean(axis=(1, 2))
+    np.testing.assert_allclose(out[featurizer.taps[0]], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["logits"], np.asarray(model(images.astype(np.float32))), rtol=1e-4, atol=1e-5)
+
+
+def _small_cnn(name, conv2_filters=8):
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.Conv2D(conv2_filters, 3, name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="fc")(x), name=name)
+
+
+def test_selective_restore_reports_restored_and_skipped_layers(tmp_path):
+    keras.utils.set_random_seed(1)
+    source = _small_cnn("source")
+    source.save(tmp_path / "source.keras")
+    keras.utils.set_random_seed(2)
+    related = _small_cnn("related", conv2_filters=6)  # conv2 differs in shape
+    before_fc = related.get_layer("fc").get_weights()
+
+    with pytest.raises(ValueError, match=r"cannot restore conv2: shape mismatch.*\(3, 3, 4, 6\).*\(3, 3, 4, 8\)"):
+        restore_layers(related, tmp_path / "source.keras", ["conv*"])
+    report = restore_layers(related, tmp_path / "source.keras", ["conv*", "bn*"], skip_mismatch=True)
+    assert [t for t, _ in report.restored] == ["conv1", "bn1"]
+    assert report.skipped[0][0] == "conv2" and "shape mismatch" in report.skipped[0][1]
+    for name in ("conv1", "bn1"):
+        for a, b in zip(related.get_layer(name).get_weights(), source.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(related.get_layer("fc").get_weights(), before_fc):  # not asked for: untouched
+        np.testing.assert_array_equal(a, b)
+    assert "restored conv1" in str(report) and "skipped  conv2" in str(report)
+
+    # A weights-only file restores into the same architecture; another one is refused clearly.
+    source.save_weights(tmp_path / "source.weights.h5")
+    keras.utils.set_random_seed(3)
+    same = _small_cnn("same")
+    restore_layers(same, tmp_path / "source.weights.h5", ["conv1"])
+    np.testing.assert_array_equal(same.get_layer("conv1").get_weights()[0], source.get_layer("conv1").get_weights()[0])
+    assert not np.array_equal(same.get_layer("conv2").get_weights()[0], source.get_layer("conv2").get_weights()[0])
+    with pytest.raises(ValueError, match="not saved from this architecture"):
+        restore_layers(related, tmp_path / "source.weights.h5", ["conv1"])
+    with pytest.raises(ValueError, match="no layer matching"):
+        restore_layers(same, tmp_path / "source.keras", ["nothing*"])
+
+
+def test_freeze_and_unfreeze_by_pattern_with_counts():
+    model = _small_cnn("m")
+    report = set_trainable(model, ["conv*", "bn1"], False)
+    assert sorted(report.changed) == ["bn1", "conv1", "conv2"]
+    frozen = sum(w.size for n in ("conv1", "conv2", "bn1") for w in model.get_layer(n).get_weights())
+    assert report.frozen_parameters == frozen and report.trainable_parameters == model.count_params() - frozen
+    assert set_trainable(model, "conv2", True).changed == ["conv2"]
+    with pytest.raises(ValueError, match="no layer matches"):
+        set_trainable(model, "absent*", False)
+
+
+def test_layerwise_adam_scales_the_step_per_variable():
+    model = _small_cnn("m")
+    x, y = RNG.normal(size=(8, 16, 16, 3)).astype("float32"), RNG.integers(0, 3, 8)
+    still = {v.path: 0.0 for v in model.get_layer("conv1").trainable_weights}
+    model.compile(LayerwiseAdam(still, learning_rate=1e-2), "sparse_categorical_crossentropy", jit_compile=False)
+    before = [w.copy() for w in model.get_layer("conv1").get_weights()] + [model.get_layer("fc").get_weights()[0].copy()]
+    model.fit(x, y, epochs=2, verbose=0)
+    np.testing.assert_array_equal(model.get_layer("conv1").get_weights()[0], before[0])
+    assert not np.array_equal(model.get_layer("fc").get_weights()[0], before[2])
+
+
+def _variables_by_layer(model):
+    return {v.path: np.array(v.numpy()) for v in model.weights}
+
+
+def test_finetune_top1_keeps_frozen_weights_bit_identical(tmp_path):
+    from transfer.finetune import FinetuneSettings, build_finetune_model, make_optimizer, run_finetune, trainable_block_patterns
+
+    tree = make_image_tree(tmp_path / "shapes", per_class={"train": 6, "test": 3})
+    dataset = load_dataset(f"folder:{tree}")
+    settings = FinetuneSettings(train="top1", epochs=1, batch_size=4, weights="imagenet")
+    model, backbone, spec, notes, dim = build_finetune_model("efficientnet_lite0", 2, settings)
+    unfrozen = set(trainable_block_patterns(spec, backbone, "top1"))
+    assert unfrozen == {"top_conv", "top_bn", "top_activation"} and dim == 1280
+    before = _variables_by_layer(model)
+    from transfer.training import compile_and_fit, image_arrays
+
+    x = image_arrays(dataset, np.arange(len(dataset)), spec.input_size, progress=False)
+    compile_and_fit(model, x, dataset.labels, optimizer=make_optimizer(model, backbone, settings), epochs=1, batch_size=4, seed=0, progress=False)
+    after = _variables_by_layer(model)
+    changed = {path for path in before if not np.array_equal(before[path], after[path])}
+    frozen_paths = {v.path for v in model.weights if v.path.split("/")[0] not in unfrozen | {"head_classifier"}}
+    assert frozen_paths and not (changed & frozen_paths)  # BatchNorm statistics of frozen blocks included
+    assert any(p.startswith("top_conv") for p in changed) and any(p.startswith("head_classifier") for p in changed)
+
+    row = run_finetune(dataset, "efficientnet_lite0", FinetuneSettings(train="head", epochs=1, batch_size=4),
+                       results_dir=tmp_path / "results", progress=False)
+    table = pd.read_csv(tmp_path / "results" / "results.csv")
+    assert list(table["layer"]) == ["finetune:head"] and table["kind"][0] == "finetune"
+    assert 0.0 <= row["top1"] <= 1.0 and row["n_test"] == 6
+    assert (tmp_path / "results" / "predictions" / "efficientnet_lite0" / "finetune:head__softmax__given.csv").is_file()
+
+
+def test_original_recipe_autoencoder_restore_freeze_train(tmp_path):
+    """Pretrain the CAE without labels, restore conv1/conv2 into the classifier, freeze them,
+    train the dense layers; then its encoder extracts as ``cae:PATH``."""
+    from transfer.recipe import RecipeSettings, pretrain_cae, train_classifier
+    from transfer.training import image_arrays
+
+    tree = make_image_tree(tmp_path / "shapes", per_class={"train": 12, "test": 4}, size=28)
+    dataset = load_dataset(f"folder:{tree}")
+    settings = RecipeSettings(input_size=28, pretrain_epochs=3, train_epochs=2, batch_size=8)
+    images = image_arrays(dataset, np.arange(len(dataset)), 28, progress=False)
+    checkpoint, losses = pretrain_cae(images, tmp_path / "models" / "cae-shapes.keras", settings, progress=False)
+    assert checkpoint.is_file() and losses[-1] < losses[0]  # it learns to reconstruct
+
+    autoencoder = keras.saving.load_model(checkpoint)
+    row, classifier = train_classifier(dataset, checkpoint, settings, results_dir=tmp_path / "results", progress=False)
+    for name in ("conv1", "conv2"):  # restored, then frozen through training: bit-identical
+        assert not classifier.get_layer(name).trainable
+        for a, b in zip(classifier.get_layer(name).get_weights(), autoencoder.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    scratch_row, scratch = train_classifier(dataset, None, settings, results_dir=tmp_path / "results", progress=False)
+    assert not np.array_equal(scratch.get_layer("conv1").get_weights()[0], autoencoder.get_layer("conv1").get_weights()[0])
+    table = pd.read_csv(tmp_path / "results" / "results.csv")
+    assert set(table["features"]) == {"cae-recipe", "scratch-cnn"}
+
+    featurizer = CNNFeaturizer(f"cae:{checkpoint}", batch_size=4)
+    assert featurizer.name == "cae-cae-shapes" and featurizer.taps == ["conv1", "conv2", "code"]
+    out = featurizer([featurizer.prepare(image) for image in images[:3]])
+    encoder = keras.Model(autoencoder.inputs, autoencoder.get_layer("code").output)
+    np.testing.assert_allclose(out["code"], np.asarray(encoder(images[:3].astype("float32"))), rtol=1e-5, atol=1e-6)
+    random = CNNFeaturizer(f"cae:{checkpoint}", weights="random", batch_size=4)
+    assert random.weights["weights"] == "random"
+    assert not np.allclose(random([featurizer.prepare(images[0])])["code"], out["code"][:1])

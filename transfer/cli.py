@@ -1,0 +1,118 @@
+"""Command line: ``python -m transfer {pretrain-cae,finetune,recipe}``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from extract.cli import add_dataset_arguments, dataset_from, run_command
+from extract.datasets import dataset_slug
+from transfer.finetune import TRAIN_MODES, FinetuneSettings, run_finetune
+from transfer.recipe import RecipeSettings, pretrain_cae, train_classifier
+from transfer.training import image_arrays, split_rows
+
+
+def _full_training_images(args, size: int):
+    """The dataset's training images, unlabelled: all of them (not the --limit subset),
+    or --pretrain-limit of them."""
+    full = argparse.Namespace(**{**vars(args), "limit": args.pretrain_limit, "full": args.pretrain_limit is None})
+    dataset = dataset_from(full)
+    return image_arrays(dataset, split_rows(dataset, "train"), size, progress=not args.no_progress)
+
+
+def _recipe_settings(args) -> RecipeSettings:
+    return RecipeSettings(input_size=args.input_size, pretrain_epochs=args.pretrain_epochs, train_epochs=args.epochs,
+                          batch_size=args.batch_size, seed=args.seed)
+
+
+def _checkpoint(args) -> Path:
+    return Path(args.out or Path(args.models_dir) / f"cae-{dataset_slug(args.dataset, args.crop)}.keras")
+
+
+def cmd_pretrain(args) -> None:
+    settings = _recipe_settings(args)
+    path, losses = pretrain_cae(_full_training_images(args, settings.input_size), _checkpoint(args), settings,
+                                progress=not args.no_progress)
+    print(f"autoencoder: {path}; reconstruction loss by epoch: {', '.join(f'{v:.4f}' for v in losses)}")
+    print(f"use its encoder as a backbone: make extract MODEL=cae:{path}")
+
+
+def cmd_finetune(args) -> None:
+    settings = FinetuneSettings(train=args.train, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                                backbone_lr_scale=args.backbone_lr_scale, weights=args.weights, seed=args.seed,
+                                init_from=args.init_from, restore=tuple(args.restore.split(",")))
+    dataset = dataset_from(args)
+    row = run_finetune(dataset, args.model, settings, results_dir=Path(args.results_dir) / dataset.name, progress=not args.no_progress)
+    print(f"{row['features']} {row['layer']}: top-1 {100 * row['top1']:.2f}%, mean per-class {100 * row['mean_per_class_acc']:.2f}% "
+          f"({row['fit_seconds']:.0f} s); results: {Path(args.results_dir) / dataset.name / 'results.csv'}")
+
+
+def cmd_recipe(args) -> None:
+    from classify.evaluate import Evaluation, ProbeSettings, parse_protocol, update_results
+    from extract.extractor import CNNFeaturizer
+    from extract.pipeline import extract_to_store, store_path
+
+    settings = _recipe_settings(args)
+    path, losses = pretrain_cae(_full_training_images(args, settings.input_size), _checkpoint(args), settings,
+                                progress=not args.no_progress)
+    print(f"1. pretrained without labels: {path}; reconstruction loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    dataset = dataset_from(args)
+    results_dir = Path(args.results_dir) / dataset.name
+    rows = {"restored": train_classifier(dataset, path, settings, results_dir=results_dir, progress=not args.no_progress)[0],
+            "scratch": train_classifier(dataset, None, settings, results_dir=results_dir, progress=not args.no_progress)[0]}
+    featurizer = CNNFeaturizer(f"cae:{path}", batch_size=256)
+    store = extract_to_store(dataset, featurizer, store_path(args.features_dir, dataset, featurizer), overwrite=True,
+                             progress=not args.no_progress)
+    probes = Evaluation(store, parse_protocol("given"), ProbeSettings(seed=args.seed), out_dir=results_dir).run(progress=not args.no_progress)
+    update_results(results_dir / "results.csv", probes)
+    print(f"2. on {rows['restored']['n_train']} labelled images, tested on {rows['restored']['n_test']}:")
+    print(f"   conv restored from the autoencoder, frozen; dense trained: top-1 {100 * rows['restored']['top1']:.2f}%")
+    print(f"   same classifier from scratch:                            top-1 {100 * rows['scratch']['top1']:.2f}%")
+    for probe in probes:
+        print(f"   linear probe on the encoder's {probe['layer']:<6} ({probe['n_features']:>4} features):    top-1 {100 * probe['top1']:.2f}%")
+    print(f"results: {results_dir / 'results.csv'}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m transfer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        add_dataset_arguments(p)
+        p.add_argument("--results-dir", default="results")
+        p.add_argument("--batch-size", type=int, default=None)
+        p.add_argument("--epochs", type=int, default=None, help="training epochs")
+
+    def cae_options(p):
+        p.add_argument("--input-size", type=int, default=28, help="autoencoder input side (a multiple of 4)")
+        p.add_argument("--pretrain-epochs", type=int, default=5)
+        p.add_argument("--pretrain-limit", type=int, default=None, help="pretrain on this many training images (default: all)")
+        p.add_argument("--models-dir", default="models")
+        p.add_argument("--out", default=None, help="checkpoint path (default: models/cae-<dataset>.keras)")
+
+    pretrain = sub.add_parser("pretrain-cae", help="train a convolutional autoencoder on a dataset's training images, no labels")
+    common(pretrain)
+    cae_options(pretrain)
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    recipe = sub.add_parser("recipe", help="the original recipe: CAE pretraining, restore conv, freeze, train dense; vs probe and scratch")
+    common(recipe)
+    cae_options(recipe)
+    recipe.set_defaults(func=cmd_recipe)
+
+    finetune = sub.add_parser("finetune", help="train a new head and optionally the top blocks of a backbone")
+    common(finetune)
+    finetune.add_argument("--model", default="efficientnet_lite0")
+    finetune.add_argument("--train", default="head", choices=TRAIN_MODES)
+    finetune.add_argument("--lr", type=float, default=1e-3, help="the head's learning rate (Adam)")
+    finetune.add_argument("--backbone-lr-scale", type=float, default=0.1, help="unfrozen pretrained layers learn this much slower")
+    finetune.add_argument("--weights", default="imagenet")
+    finetune.add_argument("--init-from", default=None, help="restore layers from this .keras / .weights.h5 first")
+    finetune.add_argument("--restore", default="*", help="comma-separated layer patterns to restore from --init-from")
+    finetune.set_defaults(func=cmd_finetune)
+
+    args = parser.parse_args(argv)
+    defaults = {"pretrain-cae": (128, 5), "recipe": (128, 10), "finetune": (32, 3)}[args.command]
+    args.batch_size = args.batch_size or defaults[0]
+    args.epochs = args.epochs or defaults[1]
+    return run_command(args.func, args)

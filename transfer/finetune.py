@@ -1,0 +1,109 @@
+"""Fine-tuning a registered backbone with a new softmax head, training only the chosen part.
+
+``train``:
+
+* ``head``: the backbone is frozen; only the new classifier learns (a linear probe
+  trained by SGD, with dropout);
+* ``top1`` / ``top2``: also the last one or two blocks, where a block is everything after
+  one declared tap up to the next (Lite0 ``top2``: ``block7a_*`` and the head conv);
+* ``all``: everything.
+
+Unfrozen pretrained layers learn at ``backbone_lr_scale`` times the head's rate
+(``LayerwiseAdam``). Frozen layers, BatchNorm statistics included, are not touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+from extract.backbones import get_backbone, layer_paths, tap_tensor
+from transfer.layers import LayerwiseAdam, restore_layers, set_trainable
+
+TRAIN_MODES = ("head", "top1", "top2", "all")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    train: str = "head"
+    epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    backbone_lr_scale: float = 0.1
+    dropout: float = 0.2
+    weights: str = "imagenet"
+    seed: int = 0
+    init_from: str | None = None  # restore layers from another model's weights file first
+    restore: tuple[str, ...] = ("*",)
+
+    def __post_init__(self):
+        if self.train not in TRAIN_MODES:
+            raise ValueError(f"train={self.train!r} is not one of {TRAIN_MODES}")
+
+
+def trainable_block_patterns(spec, backbone: keras.Model, train: str) -> list[str]:
+    """Layer paths of the backbone that ``train`` unfreezes."""
+    if train == "head":
+        return []
+    taps = [info.layer for info in spec.feature_info if "/" not in info.layer]
+    paths = layer_paths(backbone)
+    paths = paths[: paths.index(taps[-1]) + 1]  # the layers the features come from; not the ImageNet head
+    blocks = int(train.removeprefix("top")) if train != "all" else len(taps)
+    if len(taps) <= blocks:
+        return paths
+    boundary = paths.index(taps[-blocks - 1])  # the tap that ends the last frozen block
+    return paths[boundary + 1 :]
+
+
+def build_finetune_model(model_name: str, n_classes: int, settings: FinetuneSettings):
+    """(model, backbone, report lines): backbone + global pooling + dropout + softmax, parts frozen."""
+    spec = get_backbone(model_name)
+    keras.utils.set_random_seed(settings.seed)
+    backbone, weights = spec.build(spec.default_weights if settings.weights == "default" else settings.weights)
+    notes = [f"weights: {weights.get('weights')}"]
+    if settings.init_from:
+        notes.append(str(restore_layers(backbone, settings.init_from, settings.restore)))
+    features = tap_tensor(backbone, spec.feature_info[-1].layer)
+    if len(features.shape) == 4:
+        features = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
+    x = keras.layers.Dropout(settings.dropout, name="head_dropout")(features)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="head_classifier")(x)
+    model = keras.Model(backbone.inputs, outputs, name=f"{spec.name}_finetune")
+    set_trainable(backbone, ["*"], False)
+    unfrozen = trainable_block_patterns(spec, backbone, settings.train)
+    if unfrozen:
+        report = set_trainable(backbone, unfrozen, True)
+        notes.append(f"unfrozen for {settings.train}: {report}")
+    trainable, frozen = sum(int(np.prod(v.shape)) for v in model.trainable_weights), sum(int(np.prod(v.shape)) for v in model.non_trainable_weights)
+    notes.append(f"{trainable:,} trainable parameters, {frozen:,} frozen")
+    return model, backbone, spec, notes, int(features.shape[-1])
+
+
+def make_optimizer(model: keras.Model, backbone: keras.Model, settings: FinetuneSettings) -> LayerwiseAdam:
+    pretrained = {v.path for v in backbone.trainable_weights}
+    return LayerwiseAdam({path: settings.backbone_lr_scale for path in pretrained}, learning_rate=settings.learning_rate)
+
+
+def run_finetune(dataset, model_name: str, settings: FinetuneSettings, *, results_dir, progress: bool = True) -> dict:
+    """Fine-tune on the training split, score on the test split, add the row to results.csv."""
+    from transfer.training import compile_and_fit, image_arrays, record, score_row, split_rows, test_split
+
+    model, backbone, spec, notes, dim = build_finetune_model(model_name, len(dataset.classes), settings)
+    for line in notes:
+        print(line)
+    train_rows, held_out = split_rows(dataset, "train"), test_split(dataset)
+    test_rows = split_rows(dataset, held_out)
+    x_train = image_arrays(dataset, train_rows, spec.input_size, progress=progress)
+    x_test = image_arrays(dataset, test_rows, spec.input_size, progress=progress)
+    seconds, _ = compile_and_fit(model, x_train, dataset.labels[train_rows], optimizer=make_optimizer(model, backbone, settings),
+                              epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed, progress=progress)
+    row = score_row(
+        model, x_test, dataset.labels[test_rows], dataset.classes, dataset=dataset.name, features=spec.name, kind="finetune",
+        layer=f"finetune:{settings.train}", classifier="softmax", seed=settings.seed, n_train=len(train_rows),
+        train_split="train", test_split=held_out, seconds=seconds, n_features=dim,
+        paths=np.asarray(dataset.paths)[test_rows], predictions_dir=results_dir / "predictions",
+    )
+    record(results_dir, [row])
+    return row
