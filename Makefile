@@ -17,7 +17,7 @@ DATA_ARGS = $(DATASET_ARGS) --seed $(SEED) \
 	$(if $(DATA_DIR),--data-dir '$(DATA_DIR)') $(if $(LIMIT),--limit $(LIMIT)) $(if $(FULL),--full) \
 	$(if $(OVERWRITE),--overwrite) $(if $(ON_ERROR),--on-error $(ON_ERROR))
 
-.PHONY: setup data extract layers baselines classify report benchmark data-info finetune pretrain recipe test
+.PHONY: setup data extract layers baselines classify tsne report benchmark data-info finetune pretrain recipe test
 
 setup: $(STAMP) data
 
@@ -48,10 +48,20 @@ classify: setup
 	$(PY) -m classify probe $(DATASET_ARGS) --classifier $(CLASSIFIER) --seed $(SEED) \
 		$(if $(FEATURES),--features '$(FEATURES)') $(if $(LAYERS),--layers '$(LAYERS)') $(if $(PROTOCOL),--protocol '$(PROTOCOL)')
 
+tsne: setup
+	$(PY) -m classify tsne $(DATASET_ARGS) --seed $(SEED) --model $(MODEL) $(if $(N),--n $(N))
+
 report: setup
 	$(PY) -m classify report $(DATASET_ARGS)
 
-benchmark: extract baselines classify report
+# DATASETS="a b c": the whole benchmark for each, then reports/summary.md across them.
+ifdef DATASETS
+benchmark:
+	for d in $(DATASETS); do $(MAKE) --no-print-directory benchmark DATASET=$$d DATASETS= || exit 1; done
+	$(PY) -m classify summary --datasets '$(DATASETS)'
+else
+benchmark: extract baselines classify tsne report
+endif
 
 # Transfer mechanics: TRAIN=head|top1|top2|all; the autoencoder recipe; rows land in results.csv.
 finetune: setup

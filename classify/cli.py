@@ -66,8 +66,34 @@ def cmd_predict(args) -> None:
     print(f"predictions: {out}")
 
 
+def cmd_tsne(args) -> None:
+    from classify.embed import embed_stores
+
+    slug = dataset_slug(args.dataset, args.crop)
+    paths = store_paths(args.features_dir, slug, _split_list(args.features))
+    if args.model:  # that backbone's stores and every baseline
+        paths = [p for p in paths if p.stem.split("-")[0] == args.model or _is_baseline(p)]
+    table = embed_stores(paths, out_dir=results_dir(args), report_dir=Path(args.reports_dir) / slug, n=args.n, seed=args.seed,
+                         layers=_split_list(args.layers), progress=not args.no_progress)
+    print(table[["features", "layer", "knn_acc_features", "knn_acc_tsne", "silhouette", "probe_top1"]].to_string(index=False))
+    print(f"layers: {results_dir(args) / 'layers.csv'}; pictures: {Path(args.reports_dir) / slug / 'tsne_grid.png'}")
+
+
+def _is_baseline(path: Path) -> bool:
+    with FeatureStore(path) as store:
+        return "baseline" in store.fingerprint
+
+
+def cmd_summary(args) -> None:
+    from classify.report import write_summary
+
+    slugs = [dataset_slug(d) for d in args.datasets.split()]
+    print(f"summary: {write_summary(args.results_dir, args.reports_dir, slugs)}")
+
+
 def cmd_report(args) -> None:
-    report = write_report(results_dir(args) / "results.csv", Path(args.reports_dir) / dataset_slug(args.dataset, args.crop))
+    report = write_report(results_dir(args) / "results.csv", Path(args.reports_dir) / dataset_slug(args.dataset, args.crop),
+                          features_dir=Path(args.features_dir))
     print(f"report: {report}")
 
 
@@ -103,6 +129,21 @@ def main(argv=None) -> int:
     predict.add_argument("--store", required=True, help="a feature store made with the same settings")
     predict.add_argument("--out", default=None, help="CSV to write (default: beside the store)")
     predict.set_defaults(func=cmd_predict)
+
+    tsne = sub.add_parser("tsne", parents=[common], help="t-SNE of every layer and baseline; results/<dataset>/layers.csv")
+    tsne.add_argument("--features", default=None, help="comma-separated store names (default: every store)")
+    tsne.add_argument("--model", default=None, help="only this backbone's stores (and the baselines)")
+    tsne.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
+    tsne.add_argument("--n", type=int, default=1000, help="images per embedding: a seeded, class-balanced sample")
+    tsne.add_argument("--seed", type=int, default=0)
+    tsne.add_argument("--no-progress", action="store_true")
+    tsne.set_defaults(func=cmd_tsne)
+
+    summary = sub.add_parser("summary", help="reports/summary.md: the best CNN layer and baseline of several datasets")
+    summary.add_argument("--datasets", required=True, help="space-separated dataset specs, as in DATASETS=")
+    summary.add_argument("--results-dir", default="results")
+    summary.add_argument("--reports-dir", default="reports")
+    summary.set_defaults(func=cmd_summary)
 
     report = sub.add_parser("report", parents=[common], help="write reports/<dataset>/report.md from results.csv")
     report.set_defaults(func=cmd_report)

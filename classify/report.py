@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+import subprocess
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from classify.metrics import confusion, per_class_accuracy
+from extract.store import FeatureStore, StoreError
 
-from classify.metrics import confusion, per_class_accuracy  # noqa: E402
+log = logging.getLogger(__name__)
+PUBLISHED = Path(__file__).with_name("published.csv")
+REPORT_PACKAGES = ("scikit-learn", "opentsne", "mahotas", "scikit-image", "opencv-python-headless", "matplotlib")
 
 METRIC_LABELS = {"top1": "top-1 accuracy", "mean_per_class_acc": "mean per-class accuracy", "mAP": "mean average precision"}
 
@@ -138,9 +147,89 @@ def _scores(record, metric: str) -> str:
     return f"top-1 {100 * record['top1']:.2f}%, mean per-class {100 * record['mean_per_class_acc']:.2f}%"
 
 
-def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str | None = None) -> Path:
+def layers_section(results_dir: Path, report_dir: Path) -> list[str]:
+    """The t-SNE grid and layers.csv, when `make tsne` has run."""
+    table_path, grid = results_dir / "layers.csv", report_dir / "tsne_grid.png"
+    if not table_path.is_file():
+        return ["## Seeing the layers", "", "Run `make tsne` to add t-SNE pictures and layer-wise cluster numbers here.", ""]
+    table = pd.read_csv(table_path)
+    table = table.assign(baseline=table["kind"] != "cnn").sort_values(["baseline", "features", "layer_depth"])
+    shown = pd.DataFrame({
+        "features": table["features"], "layer": table["layer"],
+        "k-NN % (features)": (100 * table["knn_acc_features"]).round(1), "k-NN % (t-SNE 2-D)": (100 * table["knn_acc_tsne"]).round(1),
+        "silhouette": table["silhouette"].round(3), "linear probe %": (100 * table["probe_top1"]).round(1),
+    })
+    lines = ["## Seeing the layers", "",
+             f"t-SNE of {int(table['n_samples'].max())} class-balanced images per layer (seed {int(table['seed'].iloc[0])}; "
+             f"standardised, PCA to 50 dimensions, then {table['tsne'].iloc[0]}). Numbers: leave-one-out {int(table['knn_k'].max())}-NN "
+             "accuracy on the standardised features and in the 2-D picture, the classes' silhouette score, and the layer's best "
+             f"linear probe (`{table_path.as_posix()}`).", ""]
+    if grid.is_file():
+        lines += [f"![t-SNE of each layer]({grid.name})", ""]
+    return lines + [_markdown_table(shown), ""]
+
+
+def published_section(dataset: str) -> list[str]:
+    """Published numbers on file for this dataset, labelled as other protocols."""
+    table = pd.read_csv(PUBLISHED)
+    rows = table[table["dataset"] == dataset]
+    lines = ["## Published numbers (other networks and protocols: context, not our results)", ""]
+    if rows.empty:
+        return lines + [f"No published reference for `{dataset}` is on file (`classify/{PUBLISHED.name}`).", ""]
+    return lines + [_markdown_table(rows.drop(columns="dataset")), ""]
+
+
+def run_section(results: pd.DataFrame, features_dir: Path | None, dataset: str) -> list[str]:
+    """Extraction time and throughput per store, and the probes' fitting time."""
+    lines = ["## Run time and throughput", ""]
+    rows = []
+    for path in sorted((features_dir / dataset).glob("*.h5")) if features_dir else []:
+        try:
+            with FeatureStore(path) as store:
+                run = store.run
+                rows.append({"features": store.extractor, "images": len(store), "extraction s": run.get("seconds", ""),
+                             "images/s": run.get("images_per_second", ""), "resumed from": run.get("resumed_from", ""),
+                             "made": store.fingerprint.get("keras_backend", "cpu features")})
+        except (StoreError, OSError) as error:
+            log.warning("skipping %s in the run-time table: %s", path, error)
+    if rows:
+        lines += [_markdown_table(pd.DataFrame(rows)), ""]
+    fit = results.groupby("features")["fit_seconds"].sum().round(1)
+    lines += ["Probe and training time (s, summed over layers and protocols): " + ", ".join(f"{k} {v:g}" for k, v in fit.items()), ""]
+    return lines
+
+
+def environment_section(features_dir: Path | None, dataset: str) -> list[str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown") if Path("/proc/cpuinfo").exists() else platform.processor()
+    gpu = "none"
+    if shutil.which("nvidia-smi"):
+        found = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout.strip()
+        gpu = found.replace("\n", "; ") or "none"
+    versions: dict = {}
+    for path in sorted((features_dir / dataset).glob("*.h5")) if features_dir else []:
+        with contextlib.suppress(StoreError, OSError), FeatureStore(path) as store:
+            versions.update(store.fingerprint.get("versions", {}))
+    versions.update({name: importlib.metadata.version(name) for name in REPORT_PACKAGES if _installed(name)})
+    return ["## Environment", "",
+            f"- Python {platform.python_version()} on {platform.platform()}",
+            f"- CPU: {cpu}, {os.cpu_count()} cores; GPU: {gpu}",
+            "- Packages: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())), ""]
+
+
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str | None = None,
+                 features_dir: str | Path | None = None) -> Path:
     """Write report.md and its PNGs; the best (features, layer, classifier) is in bold.
-    The metric is top-1 accuracy, or mAP for multi-label datasets."""
+    The metric is top-1 accuracy, or mAP for multi-label datasets. ``features_dir`` adds
+    the stores' extraction times and package versions."""
     results_csv = Path(results_csv)
     results = pd.read_csv(results_csv)
     if metric is None:
@@ -215,6 +304,12 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
              *(["mAP"] if metric == "mAP" else ["top1", "mean_per_class_acc"])]
         ].round(4)), ""]
 
+    slug = report_dir.name
+    features_dir = Path(features_dir) if features_dir is not None else None
+    lines += layers_section(results_csv.parent, report_dir)
+    lines += published_section(slug)
+    lines += run_section(results, features_dir, slug)
+    lines += environment_section(features_dir, slug)
     lines += [
         "## Every probe",
         "",
@@ -227,5 +322,49 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
         "",
     ]
     path = report_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_summary(results_root: str | Path, reports_root: str | Path, datasets: list[str]) -> Path:
+    """reports/summary.md (+ .csv, .png): per dataset, the best CNN layer and the best baseline."""
+    rows = []
+    for slug in datasets:
+        results_csv = Path(results_root) / slug / "results.csv"
+        if not results_csv.is_file():
+            raise FileNotFoundError(f"{results_csv} is missing; run `make benchmark DATASET=...` for {slug} first")
+        results = pd.read_csv(results_csv)
+        metric = "mAP" if "mAP" in results and results["mAP"].notna().any() else "top1"
+        main = results[results["protocol"] == "given"]
+        if main.empty:
+            main = _mean_over_protocols(results[results["protocol"].str.startswith("transfer:")])
+        for kind, label in (("cnn", "best CNN layer"), ("baseline", "best baseline")):
+            part = main[main["kind"] == kind].dropna(subset=[metric])
+            if part.empty:
+                continue
+            best = part.loc[part[metric].idxmax()]
+            rows.append({"dataset": slug, "method": label, "features": best["features"], "layer": best["layer"],
+                         "classifier": best["classifier"], "metric": METRIC_LABELS[metric], "score %": round(100 * best[metric], 2),
+                         "n train / test": f"{int(best['n_train'])} / {int(best['n_test'])}"})
+    table = pd.DataFrame(rows)
+    out = Path(reports_root)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "summary.csv", index=False)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(datasets) + 2), 4.5), constrained_layout=True)
+    width = 0.38
+    for offset, (label, colour) in zip((-width / 2, width / 2), (("best CNN layer", "tab:blue"), ("best baseline", "tab:gray"))):
+        values = [table[(table["dataset"] == d) & (table["method"] == label)]["score %"].max() for d in datasets]
+        bars = ax.bar(np.arange(len(datasets)) + offset, np.nan_to_num(values), width, label=label, color=colour)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+    ax.set_xticks(range(len(datasets)), datasets, rotation=20, ha="right")
+    ax.set_ylabel("score (%): top-1, or mAP for multi-label")
+    ax.set_ylim(0, 105)
+    ax.set_title("Off-the-shelf CNN features vs hand-crafted baselines, per dataset")
+    ax.legend(loc="lower right")
+    fig.savefig(out / "summary.png", dpi=110)
+    plt.close(fig)
+    lines = ["# Cross-dataset summary", "", "![best CNN vs best baseline per dataset](summary.png)", "", _markdown_table(table), "",
+             "Per-dataset reports: " + ", ".join(f"[{d}]({d}/report.md)" for d in datasets), ""]
+    path = out / "summary.md"
     path.write_text("\n".join(lines))
     return path

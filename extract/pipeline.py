@@ -95,6 +95,7 @@ def extract_to_store(
                 parts.clear()
             last_flush = time.monotonic()
 
+        started, resumed_from = time.monotonic(), writer.rows_done
         bar = tqdm(total=len(dataset), initial=writer.rows_done, desc=f"{dataset.name}/{featurizer.name}", unit="img", disable=not progress)
         try:
             with decode_pool(workers) as pool:
@@ -137,4 +138,6 @@ def extract_to_store(
             raise
         flush()
         bar.close()
-        return writer.finalize()
+        seconds = time.monotonic() - started
+        return writer.finalize(run={"seconds": round(seconds, 2), "images": len(pending), "resumed_from": resumed_from,
+                                    "images_per_second": round(len(pending) / seconds, 2) if seconds > 0 else None})

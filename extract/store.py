@@ -32,6 +32,8 @@ Root attributes:
 * ``dataset_info``: JSON: where the images came from, subset size and seed
 * ``complete``: true; a store is only ever published complete (see below)
 * ``created``: ISO-8601 UTC time of publication
+* ``run`` (optional): JSON of the run that finished the store: ``seconds`` of wall time,
+  ``images`` computed in it, ``resumed_from`` (rows already done), ``images_per_second``
 
 Crash safety. HDF5 files can be left unreadable when a writer dies mid-write, so no
 HDF5 file is ever written in place. Rows are computed into shards in
@@ -156,6 +158,11 @@ class FeatureStore:
     @property
     def dataset_info(self) -> dict:
         return json.loads(self._file.attrs.get("dataset_info", "{}"))
+
+    @property
+    def run(self) -> dict:
+        """The extraction run that finished the store (seconds, images, images_per_second); {} if unknown."""
+        return json.loads(self._file.attrs.get("run", "{}"))
 
     @property
     def dataset_digest(self) -> str:
@@ -367,8 +374,9 @@ class StoreWriter:
         self._done[skipped_rows] = True
 
     # -- publishing ----------------------------------------------------------------------
-    def finalize(self) -> Path:
-        """Assemble the shards into the store (atomically). All rows must be done."""
+    def finalize(self, run: dict | None = None) -> Path:
+        """Assemble the shards into the store (atomically). All rows must be done.
+        ``run`` describes the extraction run (time, throughput) for the report."""
         if self.up_to_date:
             return self.path
         if not self._done.all():
@@ -438,6 +446,7 @@ class StoreWriter:
                     dataset_info=canonical_json(ds.info),
                     complete=True,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    run=canonical_json(run or {}),
                 )
 
         _atomic_write(self.path, write)

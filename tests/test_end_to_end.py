@@ -26,6 +26,7 @@ def _run_all(dataset: str, out: Path, *extract_args, baseline_args=()) -> pd.Dat
     _cli("baselines", "--dataset", dataset, *dirs, "--no-progress", *baseline_args)
     outs = [*dirs, "--results-dir", str(out / "results"), "--reports-dir", str(out / "reports")]
     _cli("classify", "probe", "--dataset", dataset, *outs, "--no-progress", "--cs", "0.01,1")
+    _cli("classify", "tsne", "--dataset", dataset, *outs, "--no-progress", "--n", "60")
     printed = _cli("classify", "report", "--dataset", dataset, *outs)
     assert "report:" in printed
     return pd.read_csv(out / "results" / Path(dataset.split(":")[-1]).name / "results.csv")
@@ -43,6 +44,19 @@ def test_end_to_end_on_generated_images(tmp_path):
     assert "**" in report and "![accuracy by layer](accuracy_by_layer.png)" in report
     assert (tmp_path / "reports" / "shapes" / "accuracy_by_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    layers = pd.read_csv(tmp_path / "results" / "shapes" / "layers.csv")
+    assert len(layers) == len(results)  # one row per stored layer: CNN taps and baseline variants
+    assert layers[["knn_acc_features", "knn_acc_tsne"]].stack().between(0, 1).all()
+    assert layers.set_index("layer").loc["pre_logits", "knn_acc_features"] >= 0.9
+    assert (tmp_path / "reports" / "shapes" / "tsne" / "efficientnet_lite0__stem.png").is_file()
+    for section in ("![t-SNE of each layer](tsne_grid.png)", "## Published numbers", "## Run time and throughput",
+                    "## Environment", "| efficientnet_lite0 | 36 |"):
+        assert section in report, section
+    printed = _cli("classify", "summary", "--datasets", f"folder:{tree}", "--results-dir", str(tmp_path / "results"),
+                   "--reports-dir", str(tmp_path / "reports"))
+    summary = (tmp_path / "reports" / "summary.md").read_text()
+    assert "| shapes | best CNN layer | efficientnet_lite0 |" in summary and "| shapes | best baseline |" in summary
+
 
 def test_errors_are_one_clear_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "extract", "features", "--dataset", f"folder:{tmp_path / 'none'}"],
@@ -58,3 +72,7 @@ def test_hymenoptera_lite0_beats_hog(tmp_path):
     best = results.groupby("features")["top1"].max()
     assert best["efficientnet_lite0"] > best["hog"] + 0.1
     assert best["efficientnet_lite0"] > 0.85
+    # the picture's claim in numbers: the top layer clusters the classes better than a low one
+    layers = pd.read_csv(tmp_path / "results" / "hymenoptera" / "layers.csv").set_index("layer")
+    assert layers.loc["pre_logits", "knn_acc_features"] > layers.loc["stage2", "knn_acc_features"] + 0.1
+    assert layers.loc["pre_logits", "silhouette"] > layers.loc["stage2", "silhouette"]

@@ -1,0 +1,77 @@
+"""Layer-wise cluster numbers, the t-SNE sample, and report sections for other protocols."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from classify.embed import balanced_sample, embed_layer, knn_accuracy
+from classify.evaluate import RESULT_COLUMNS
+from classify.report import write_report, write_summary
+
+
+def test_knn_accuracy_separates_structure_from_noise():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 50)
+    clustered = rng.normal(0, 0.3, (200, 10)) + 5 * np.eye(10)[y]
+    assert knn_accuracy(clustered, y) == 1.0
+    noise = rng.normal(0, 1, (200, 10))
+    assert knn_accuracy(noise, y) < 0.45  # chance is 0.25
+    far = embed_layer(clustered, y, seed=0)
+    mixed = embed_layer(noise, y, seed=0)
+    assert far["embedding"].shape == (200, 2) and far["tsne"] == "openTSNE"
+    assert far["silhouette"] > 0.2 and mixed["silhouette"] < 0.05
+    assert far["knn_acc_tsne"] > 0.95 and mixed["knn_acc_tsne"] < 0.5
+    again = embed_layer(clustered, y, seed=0)
+    np.testing.assert_allclose(again["embedding"], far["embedding"])  # seeded
+
+
+def test_balanced_sample_is_seeded_and_balanced():
+    labels = np.array([0] * 100 + [1] * 10 + [2] * 40)
+    rows = balanced_sample(labels, 60, seed=3)
+    assert len(rows) == 60 and np.all(np.diff(rows) > 0)
+    assert sorted(np.bincount(labels[rows])) == [10, 25, 25]
+    np.testing.assert_array_equal(rows, balanced_sample(labels, 60, seed=3))
+    assert len(balanced_sample(labels, 1000, seed=0)) == 150
+
+
+def _rows(dataset, records):
+    base = {column: 0 for column in RESULT_COLUMNS}
+    return pd.DataFrame([{**base, "dataset": dataset, "converged": True, "normalization": "standard", "mAP": np.nan,
+                          "mAP_voc07": np.nan, **r} for r in records], columns=RESULT_COLUMNS)
+
+
+def test_domain_report_ranks_by_the_mean_over_transfers(tmp_path):
+    records = []
+    for protocol, scores in (("transfer:amazon->webcam", (0.6, 0.2)), ("transfer:dslr->webcam", (0.9, 0.4))):
+        records += [
+            {"features": "efficientnet_lite0", "kind": "cnn", "layer": "pre_logits", "layer_depth": 8, "classifier": "logreg",
+             "protocol": protocol, "top1": scores[0], "mean_per_class_acc": scores[0], "n_train": 100, "n_test": 50},
+            {"features": "surf_bow", "kind": "baseline", "layer": "bow", "layer_depth": 0, "classifier": "logreg",
+             "protocol": protocol, "top1": scores[1], "mean_per_class_acc": scores[1], "n_train": 100, "n_test": 50},
+        ]
+    results = tmp_path / "results" / "office31"
+    results.mkdir(parents=True)
+    _rows("office31", records).to_csv(results / "results.csv", index=False)
+    report = write_report(results / "results.csv", tmp_path / "reports" / "office31").read_text()
+    assert "top-1 75.00%" in report  # (0.6 + 0.9) / 2
+    assert "(+45.00 points for the best)" in report
+    assert "DeCAF6 LogReg / SVM" in report and "other networks and protocols" in report
+    assert "## Transfer across splits and datasets" in report
+    summary = write_summary(tmp_path / "results", tmp_path / "reports", ["office31"]).read_text()
+    assert "| office31 | best CNN layer | efficientnet_lite0 | pre_logits | logreg | top-1 accuracy | 75.0 |" in summary
+
+
+def test_multilabel_report_uses_map(tmp_path):
+    records = [{"features": "efficientnet_lite0", "kind": "cnn", "layer": name, "layer_depth": depth, "classifier": "logreg",
+                "protocol": "given", "top1": np.nan, "mean_per_class_acc": np.nan, "mAP": score, "mAP_voc07": score - 0.01,
+                "n_train": 5011, "n_test": 4952} for depth, (name, score) in enumerate((("stem", 0.3), ("pre_logits", 0.8)))]
+    results = tmp_path / "results" / "voc2007"
+    results.mkdir(parents=True)
+    _rows("voc2007", records).to_csv(results / "results.csv", index=False)
+    report = write_report(results / "results.csv", tmp_path / "reports" / "voc2007").read_text()
+    assert "mAP 80.00% (VOC07 11-point 79.00%)" in report and "| mAP % |" in report
+    assert "OverFeat CNN-SVM / CNNaug-SVM" in report
+    with pytest.raises(FileNotFoundError, match="absent"):
+        write_summary(tmp_path / "results", tmp_path / "reports", ["absent"])
