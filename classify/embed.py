@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from extract.store import FeatureStore
 
 log = logging.getLogger(__name__)
+logging.getLogger("openTSNE").setLevel(logging.WARNING)  # it logs every optimisation phase at INFO
 
 DEFAULT_SAMPLES = 1000
 PCA_DIMENSIONS = 50

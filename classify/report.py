@@ -56,7 +56,7 @@ def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "to
     ax.set_ylabel(f"{METRIC_LABELS[metric]} (%)")
     ax.set_title(title or f"Linear-probe {METRIC_LABELS[metric]} by layer")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="curves: CNN layers; lines: baselines", title_fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="curves: CNN layers; lines: baselines\nand trained models (fine-tuned, recipe)", title_fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -189,7 +189,7 @@ def run_section(results: pd.DataFrame, features_dir: Path | None, dataset: str) 
                 run = store.run
                 rows.append({"features": store.extractor, "images": len(store), "extraction s": run.get("seconds", ""),
                              "images/s": run.get("images_per_second", ""), "resumed from": run.get("resumed_from", ""),
-                             "made": store.fingerprint.get("keras_backend", "cpu features")})
+                             "Keras backend": store.fingerprint.get("keras_backend", "-")})
         except (StoreError, OSError) as error:
             log.warning("skipping %s in the run-time table: %s", path, error)
     if rows:
@@ -262,7 +262,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
             "no features": int(getattr(record, "images_without_features", 0) or 0),
             "fit s": f"{record.fit_seconds:.1f}",
         })
-    best_baseline = given[~given["features"].map(lambda f: _is_cnn(given, f))]
+    best_baseline = given[given["kind"] == "baseline"]
     lines = [
         f"# {dataset}: off-the-shelf features vs hand-crafted baselines",
         "",
