@@ -25,38 +25,47 @@ REPORT_PACKAGES = ("scikit-learn", "opentsne", "mahotas", "scikit-image", "openc
 METRIC_LABELS = {"top1": "top-1 accuracy", "mean_per_class_acc": "mean per-class accuracy", "mAP": "mean average precision"}
 
 
-def _is_cnn(table: pd.DataFrame, features: str) -> bool:
-    """CNN layers are drawn as curves; baselines (their variants) as horizontal lines."""
-    return bool((table.loc[table["features"] == features, "kind"] == "cnn").any())
-
-
 def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "top1", title: str = "") -> Path:
+    """CNN layers as curves (``kind`` cnn); baseline variants, fine-tuned and trained models as
+    horizontal lines. Backbones with other taps share the axis by relative depth, each point
+    labelled with its tap."""
     fig, ax = plt.subplots(figsize=(12, 5.5), constrained_layout=True)
     styles = {"logreg": "-", "svm": "--"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    cnn = [f for f in table["features"].unique() if _is_cnn(table, f)]
-    baselines = [f for f in table["features"].unique() if f not in cnn]
-    xticks: list[str] = []
+    curves = table[table["kind"] == "cnn"]
+    cnn = list(curves["features"].unique())
+    tap_lists = {tuple(rows.sort_values("layer_depth")["layer"].unique()) for _, rows in curves.groupby("features")}
+    shared_taps = len(tap_lists) == 1
     for i, features in enumerate(cnn):
-        for classifier, rows in table[table["features"] == features].groupby("classifier"):
+        for classifier, rows in curves[curves["features"] == features].groupby("classifier"):
             rows = rows.sort_values("layer_depth")
-            xticks = xticks if len(xticks) >= len(rows) else list(rows["layer"])
-            ax.plot(rows["layer_depth"], 100 * rows[metric], styles.get(classifier, ":"), marker="o",
-                    color=colors[i % len(colors)], label=f"{features} ({classifier})")
-    variants = table[table["features"].isin(baselines)]
-    if len(variants):  # one line per baseline variant, at its better classifier
-        best_variants = variants.loc[variants.groupby(["features", "layer"])[metric].idxmax()].sort_values(metric, ascending=False)
-        for j, record in enumerate(best_variants.itertuples()):
+            depth = rows["layer_depth"].rank(method="dense").to_numpy() - 1
+            x = depth if shared_taps else depth / max(depth.max(), 1)
+            ax.plot(x, 100 * rows[metric], styles.get(classifier, ":"), marker="o", color=colors[i % len(colors)],
+                    label=f"{features} ({classifier})")
+            if not shared_taps:
+                for xi, yi, name in zip(x, 100 * rows[metric], rows["layer"]):
+                    ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7,
+                                color=colors[i % len(colors)])
+    lines = table[table["kind"] != "cnn"]
+    if len(lines):  # one line per baseline variant or trained model, at its better classifier
+        best_lines = lines.loc[lines.groupby(["features", "layer"])[metric].idxmax()].sort_values(metric, ascending=False)
+        for j, record in enumerate(best_lines.itertuples()):
             value = 100 * getattr(record, metric)
             ax.axhline(value, linestyle=":" if j % 2 else "--", color=colors[(len(cnn) + j) % len(colors)], linewidth=1.5,
                        label=f"{record.features} / {record.layer} ({record.classifier}): {value:.1f}%")
-    if xticks:
-        ax.set_xticks(range(len(xticks)), xticks, rotation=30, ha="right")
-    ax.set_xlabel("tapped layer (low to high)")
+    if shared_taps and tap_lists:
+        ticks = next(iter(tap_lists))
+        ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right")
+        ax.set_xlabel("tapped layer (low to high)")
+    else:
+        ax.set_xticks([0, 0.5, 1], ["lowest tap", "middle", "highest tap"])
+        ax.set_xlabel("relative depth of the tap in its network")
     ax.set_ylabel(f"{METRIC_LABELS[metric]} (%)")
     ax.set_title(title or f"Linear-probe {METRIC_LABELS[metric]} by layer")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="curves: CNN layers; lines: baselines\nand trained models (fine-tuned, recipe)", title_fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              title="curves: CNN layers; lines: baselines\nand trained models (fine-tuned, recipe)", title_fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

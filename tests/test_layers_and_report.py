@@ -75,3 +75,14 @@ def test_multilabel_report_uses_map(tmp_path):
     assert "OverFeat CNN-SVM / CNNaug-SVM" in report
     with pytest.raises(FileNotFoundError, match="absent"):
         write_summary(tmp_path / "results", tmp_path / "reports", ["absent"])
+
+
+def test_tsne_falls_back_to_scikit_learn_without_opentsne(monkeypatch):
+    import sys
+
+    from classify.embed import tsne_2d
+
+    monkeypatch.setitem(sys.modules, "openTSNE", None)  # as if it were not installed
+    points = np.random.default_rng(0).normal(size=(40, 5))
+    embedding, library = tsne_2d(points, seed=0)
+    assert library == "scikit-learn" and embedding.shape == (40, 2)

@@ -78,6 +78,15 @@ def test_taps_inside_a_nested_model_without_graph_disconnected(tmp_path):
     np.testing.assert_allclose(out[featurizer.taps[0]], expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out["logits"], np.asarray(model(images.astype(np.float32))), rtol=1e-4, atol=1e-5)
 
+    # a nested tap's name holds a "/": it is stored and read back like any other
+    from extract.pipeline import extract_to_store
+    from extract.store import FeatureStore
+
+    tree = make_image_tree(tmp_path / "shapes", per_class={"train": 2, "test": 1}, size=96)
+    stored = extract_to_store(load_dataset(f"folder:{tree}"), featurizer, tmp_path / "user.h5", progress=False)
+    with FeatureStore(stored) as store:
+        assert store.taps == featurizer.taps and store.features(featurizer.taps[0]).shape == (6, 32)
+
 
 def _small_cnn(name, conv2_filters=8):
     inputs = keras.Input((16, 16, 3))
@@ -187,6 +196,8 @@ def test_original_recipe_autoencoder_restore_freeze_train(tmp_path):
     images = image_arrays(dataset, np.arange(len(dataset)), 28, progress=False)
     checkpoint, losses = pretrain_cae(images, tmp_path / "models" / "cae-shapes.keras", settings, progress=False)
     assert checkpoint.is_file() and losses[-1] < losses[0]  # it learns to reconstruct
+    _, again = pretrain_cae(images, tmp_path / "models" / "again.keras", settings, progress=False)
+    assert again == losses  # seeded: initial weights and shuffling
 
     autoencoder = keras.saving.load_model(checkpoint)
     row, classifier = train_classifier(dataset, checkpoint, settings, results_dir=tmp_path / "results", progress=False)
@@ -207,3 +218,27 @@ def test_original_recipe_autoencoder_restore_freeze_train(tmp_path):
     random = CNNFeaturizer(f"cae:{checkpoint}", weights="random", batch_size=4)
     assert random.weights["weights"] == "random"
     assert not np.allclose(random([featurizer.prepare(images[0])])["code"], out["code"][:1])
+
+
+@pytest.mark.slow
+def test_recipe_command_puts_all_three_side_by_side_in_results_csv(tmp_path):
+    """`make recipe` as a command: pretraining, restored + frozen, scratch and linear probes in one results.csv."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    tree = make_image_tree(tmp_path / "shapes", per_class={"train": 12, "test": 4}, size=28)
+    done = subprocess.run(
+        [sys.executable, "-m", "transfer", "recipe", "--dataset", f"folder:{tree}", "--pretrain-epochs", "1", "--epochs", "1",
+         "--batch-size", "8", "--models-dir", str(tmp_path / "models"), "--features-dir", str(tmp_path / "features"),
+         "--results-dir", str(tmp_path / "results"), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "conv restored from the autoencoder, frozen; dense trained" in done.stdout
+    table = pd.read_csv(tmp_path / "results" / "shapes" / "results.csv")
+    assert {"cae-recipe", "scratch-cnn", "cae-cae-shapes"} <= set(table["features"])
+    assert list(table.loc[table["features"] == "cae-cae-shapes", "layer"]) == ["conv1", "conv2", "code"]
+    assert (tmp_path / "models" / "cae-shapes.keras").is_file()
+    assert (tmp_path / "features" / "shapes" / "cae-cae-shapes.h5").is_file()

@@ -74,8 +74,8 @@ def build_finetune_model(model_name: str, n_classes: int, settings: FinetuneSett
     set_trainable(backbone, ["*"], False)
     unfrozen = trainable_block_patterns(spec, backbone, settings.train)
     if unfrozen:
-        report = set_trainable(backbone, unfrozen, True)
-        notes.append(f"unfrozen for {settings.train}: {report}")
+        changed = set_trainable(backbone, unfrozen, True).changed
+        notes.append(f"unfrozen for {settings.train}: {len(changed)} layers, {changed[0]} .. {changed[-1]}")
     trainable, frozen = sum(int(np.prod(v.shape)) for v in model.trainable_weights), sum(int(np.prod(v.shape)) for v in model.non_trainable_weights)
     notes.append(f"{trainable:,} trainable parameters, {frozen:,} frozen")
     return model, backbone, spec, notes, int(features.shape[-1])

@@ -31,6 +31,7 @@ class RecipeSettings:
 def pretrain_cae(images: np.ndarray, path: Path, settings: RecipeSettings, *, progress: bool = True) -> tuple[Path, list[float]]:
     """Train the autoencoder to reconstruct ``images`` (no labels) and save it as ``.keras``;
     returns the path and the reconstruction loss of each epoch."""
+    keras.utils.set_random_seed(settings.seed)  # the initial weights too
     model = build_autoencoder(settings.input_size)
     _, history = compile_and_fit(
         model, images, reconstruction_target(images), optimizer=keras.optimizers.Adam(settings.learning_rate),
