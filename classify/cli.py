@@ -71,8 +71,11 @@ def cmd_tsne(args) -> None:
 
     slug = dataset_slug(args.dataset, args.crop)
     paths = store_paths(args.features_dir, slug, _split_list(args.features))
-    if args.model:  # that backbone's stores and every baseline
-        paths = [p for p in paths if p.stem.split("-")[0] == args.model or _is_baseline(p)]
+    if args.model:  # that backbone's stores (any pooling) and every baseline
+        from extract.backbones import get_backbone
+
+        name = get_backbone(args.model).name
+        paths = [p for p in paths if p.stem == name or p.stem.startswith(f"{name}-") or _is_baseline(p)]
     table = embed_stores(paths, out_dir=results_dir(args), report_dir=Path(args.reports_dir) / slug, n=args.n, seed=args.seed,
                          layers=_split_list(args.layers), progress=not args.no_progress)
     print(table[["features", "layer", "knn_acc_features", "knn_acc_tsne", "silhouette", "probe_top1"]].to_string(index=False))
@@ -81,7 +84,7 @@ def cmd_tsne(args) -> None:
 
 def _is_baseline(path: Path) -> bool:
     with FeatureStore(path) as store:
-        return "baseline" in store.fingerprint
+        return store.kind == "baseline"
 
 
 def cmd_summary(args) -> None:

@@ -153,8 +153,7 @@ def embed_stores(store_paths, *, out_dir: Path, report_dir: Path, n: int = DEFAU
     jobs = []
     for path in store_paths:
         with FeatureStore(path) as store:
-            kind = "baseline" if "baseline" in store.fingerprint else "cnn"
-            jobs += [(path, tap, kind) for tap in store.taps if layers is None or tap in set(layers)]
+            jobs += [(path, tap, store.kind) for tap in store.taps if layers is None or tap in set(layers)]
     (report_dir / "tsne").mkdir(parents=True, exist_ok=True)
     for path, tap, kind in tqdm(jobs, desc="t-SNE", disable=not progress):
         with FeatureStore(path) as store:

@@ -160,7 +160,7 @@ class Evaluation:
         fingerprint = store.fingerprint
         return {
             "dataset": store.dataset, "features": store.extractor,
-            "kind": "baseline" if "baseline" in fingerprint else "cnn",
+            "kind": store.kind,
             "store_fingerprint": store_fingerprint_id(fingerprint),
             # images whose local descriptors came out empty (all-zero features), e.g. blank ones
             "images_without_features": int(np.sum(store.stat("n_descriptors") == 0)) if "n_descriptors" in store.stats else 0,

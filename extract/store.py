@@ -160,6 +160,11 @@ class FeatureStore:
         return json.loads(self._file.attrs.get("dataset_info", "{}"))
 
     @property
+    def kind(self) -> str:
+        """"baseline" for hand-crafted features (their fingerprint names the baseline), else "cnn"."""
+        return "baseline" if "baseline" in self.fingerprint else "cnn"
+
+    @property
     def run(self) -> dict:
         """The extraction run that finished the store (seconds, images, images_per_second); {} if unknown."""
         return json.loads(self._file.attrs.get("run", "{}"))
