@@ -140,6 +140,15 @@ def test_freeze_and_unfreeze_by_pattern_with_counts():
     with pytest.raises(ValueError, match="no layer matches"):
         set_trainable(model, "absent*", False)
 
+    # inside a nested model that is frozen as a whole, unfreezing one layer unfreezes only it
+    inputs = keras.Input((16, 16, 3))
+    inner = _small_cnn("inner")
+    outer = keras.Model(inputs, keras.layers.Dense(2, name="top")(inner(inputs)), name="outer")
+    set_trainable(outer, "inner/*", False)
+    assert {v.path.split("/")[0] for v in outer.trainable_weights} == {"top"}
+    assert set_trainable(outer, "inner/conv2", True).changed == ["inner/conv2"]
+    assert {v.path.split("/")[0] for v in outer.trainable_weights} == {"conv2", "top"}
+
 
 def test_layerwise_adam_scales_the_step_per_variable():
     model = _small_cnn("m")
@@ -169,7 +178,7 @@ def test_finetune_top1_keeps_frozen_weights_bit_identical(tmp_path):
     from transfer.training import compile_and_fit, image_arrays
 
     x = image_arrays(dataset, np.arange(len(dataset)), spec.input_size, progress=False)
-    compile_and_fit(model, x, dataset.labels, optimizer=make_optimizer(model, backbone, settings), epochs=1, batch_size=4, seed=0, progress=False)
+    compile_and_fit(model, x, dataset.labels, optimizer=make_optimizer(backbone, settings), epochs=1, batch_size=4, seed=0, progress=False)
     after = _variables_by_layer(model)
     changed = {path for path in before if not np.array_equal(before[path], after[path])}
     frozen_paths = {v.path for v in model.weights if v.path.split("/")[0] not in unfrozen | {"head_classifier"}}

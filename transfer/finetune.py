@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from extract.backbones import get_backbone, layer_paths, tap_tensor
-from transfer.layers import LayerwiseAdam, restore_layers, set_trainable
+from transfer.layers import LayerwiseAdam, count_parameters, restore_layers, set_trainable
 
 TRAIN_MODES = ("head", "top1", "top2", "all")
 
@@ -58,7 +58,8 @@ def trainable_block_patterns(spec, backbone: keras.Model, train: str) -> list[st
 
 
 def build_finetune_model(model_name: str, n_classes: int, settings: FinetuneSettings):
-    """(model, backbone, report lines): backbone + global pooling + dropout + softmax, parts frozen."""
+    """Backbone + global pooling + dropout + softmax, with the parts ``settings.train`` leaves
+    frozen frozen. Returns (model, backbone, spec, report lines, feature dimension)."""
     spec = get_backbone(model_name)
     keras.utils.set_random_seed(settings.seed)
     backbone, weights = spec.build(spec.default_weights if settings.weights == "default" else settings.weights)
@@ -76,12 +77,13 @@ def build_finetune_model(model_name: str, n_classes: int, settings: FinetuneSett
     if unfrozen:
         changed = set_trainable(backbone, unfrozen, True).changed
         notes.append(f"unfrozen for {settings.train}: {len(changed)} layers, {changed[0]} .. {changed[-1]}")
-    trainable, frozen = sum(int(np.prod(v.shape)) for v in model.trainable_weights), sum(int(np.prod(v.shape)) for v in model.non_trainable_weights)
+    trainable, frozen = count_parameters(model)
     notes.append(f"{trainable:,} trainable parameters, {frozen:,} frozen")
     return model, backbone, spec, notes, int(features.shape[-1])
 
 
-def make_optimizer(model: keras.Model, backbone: keras.Model, settings: FinetuneSettings) -> LayerwiseAdam:
+def make_optimizer(backbone: keras.Model, settings: FinetuneSettings) -> LayerwiseAdam:
+    """Adam at the head's rate, scaled by ``backbone_lr_scale`` for the unfrozen pretrained layers."""
     pretrained = {v.path for v in backbone.trainable_weights}
     return LayerwiseAdam({path: settings.backbone_lr_scale for path in pretrained}, learning_rate=settings.learning_rate)
 
@@ -97,7 +99,7 @@ def run_finetune(dataset, model_name: str, settings: FinetuneSettings, *, result
     test_rows = split_rows(dataset, held_out)
     x_train = image_arrays(dataset, train_rows, spec.input_size, progress=progress)
     x_test = image_arrays(dataset, test_rows, spec.input_size, progress=progress)
-    seconds, _ = compile_and_fit(model, x_train, dataset.labels[train_rows], optimizer=make_optimizer(model, backbone, settings),
+    seconds, _ = compile_and_fit(model, x_train, dataset.labels[train_rows], optimizer=make_optimizer(backbone, settings),
                               epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed, progress=progress)
     row = score_row(
         model, x_test, dataset.labels[test_rows], dataset.classes, dataset=dataset.name, features=spec.name, kind="finetune",

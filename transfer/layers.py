@@ -139,19 +139,24 @@ def set_trainable(model: keras.Model, patterns, trainable: bool) -> TrainableRep
     inference mode), so frozen layers come out of training bit-identical.
     """
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    changed = []
-    for path, layer in _layers_by_path(model).items():
-        if _matches(path, patterns):
-            if trainable:  # an unfrozen layer inside a frozen nested model would stay frozen
-                parent = model
-                for part in path.split("/")[:-1]:
-                    parent = parent.get_layer(part)
-                    parent.trainable = True
-            if layer.trainable != trainable:
-                layer.trainable = trainable
-                changed.append(path)
-    if not any(_matches(path, patterns) for path in _layers_by_path(model)):
-        raise ValueError(f"no layer matches {patterns}; layers: {list(_layers_by_path(model))[:12]}...")
+    layers = _layers_by_path(model)
+    matched = [path for path in layers if _matches(path, patterns)]
+    if not matched:
+        raise ValueError(f"no layer matches {patterns}; layers: {list(layers)[:12]}...")
+    before = {path: layer.trainable for path, layer in layers.items()}
+    if trainable:
+        # A layer inside a frozen nested model stays frozen until the nested model is trainable
+        # too; setting that flag makes all its layers trainable, so the others are put back.
+        for path in matched:
+            parent = model
+            for part in path.split("/")[:-1]:
+                parent = parent.get_layer(part)
+                parent.trainable = True
+        for path, layer in layers.items():
+            layer.trainable = before[path]
+    for path in matched:
+        layers[path].trainable = trainable
+    changed = [path for path in matched if before[path] != trainable]
     return TrainableReport(changed, *count_parameters(model))
 
 
