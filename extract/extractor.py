@@ -104,6 +104,9 @@ def pooling_layer(pooling: str, name: str) -> keras.layers.Layer:
 
 
 POOLED_WIDTH = {"avg": 1, "max": 1, "avgmax": 2, "spp": 5}
+# Only the active backend's packages compute the features: installing jax beside
+# TensorFlow must not change a TensorFlow store's fingerprint.
+BACKEND_PACKAGES = {"tensorflow": ("tensorflow-cpu", "tensorflow"), "jax": ("jax", "jaxlib"), "torch": ("torch",)}
 
 
 def package_versions(*names: str) -> dict[str, str]:
@@ -210,7 +213,7 @@ class CNNFeaturizer:
             "pooling": self.pooling,
             "taps": {info.name: info.layer for info in self.feature_info},
             "keras_backend": keras.backend.backend(),
-            "versions": package_versions("keras", "tensorflow-cpu", "tensorflow", "jax", "numpy", "pillow", "h5py"),
+            "versions": package_versions("keras", *BACKEND_PACKAGES.get(keras.backend.backend(), ()), "numpy", "pillow", "h5py"),
         }
 
     def prepare(self, image: np.ndarray) -> np.ndarray:

@@ -62,3 +62,9 @@ def test_lite0_features_agree_between_tensorflow_and_jax(tmp_path):
     tf_features = CNNFeaturizer("efficientnet_lite0", layers="stem,stage4,pre_logits", batch_size=4)(list(images))
     for tap, values in tf_features.items():
         np.testing.assert_allclose(jax_features[tap], values, rtol=1e-4, atol=1e-4)
+
+
+def test_fingerprint_names_only_the_active_backends_packages():
+    featurizer = CNNFeaturizer("efficientnet_lite0", layers="-1", weights="random")
+    versions = featurizer.fingerprint()["versions"]
+    assert "tensorflow-cpu" in versions and "jax" not in versions and "jaxlib" not in versions  # jax is installed here
