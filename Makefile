@@ -17,7 +17,7 @@ DATA_ARGS = $(DATASET_ARGS) --seed $(SEED) \
 	$(if $(DATA_DIR),--data-dir '$(DATA_DIR)') $(if $(LIMIT),--limit $(LIMIT)) $(if $(FULL),--full) \
 	$(if $(OVERWRITE),--overwrite) $(if $(ON_ERROR),--on-error $(ON_ERROR))
 
-.PHONY: setup data extract layers baselines classify tsne report benchmark data-info finetune pretrain recipe test
+.PHONY: setup data fetch extract layers baselines classify tsne report benchmark data-info finetune pretrain recipe test
 
 setup: $(STAMP) data
 
@@ -37,6 +37,10 @@ extract: setup
 
 layers: setup
 	$(PY) -m extract layers --model $(MODEL)
+
+# Download a dataset's official archives (checksummed) into ~/.cache/offshelf/<name>, when online.
+fetch: $(STAMP)
+	$(PY) -m extract fetch --dataset '$(DATASET)'
 
 data-info: setup
 	$(PY) -m extract data-info $(DATA_ARGS)
