@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from scipy.io import savemat
@@ -339,3 +340,27 @@ def test_make_extract_birds_and_data_info_on_the_official_layout(tmp_path):
         assert Counter(store.splits) == {"train": 3, "test": 1}  # 6 images, 2 skipped, flags alternate
         assert sorted(p for p, _ in store.skipped) == ["images/001.Bird_1/Bird_1_0002_3.jpg", "images/002.Bird_2/Bird_2_0001_5.jpg"]
         assert store.features("pre_logits").shape == (4, 1280)
+
+
+def test_office_domains_get_every_transfer_by_default_and_a_report(tmp_path):
+    """`make baselines` + `make classify` + `make report` on a fake Office-31: six source->target rows."""
+    office = tmp_path / "office31"
+    for d, domain in enumerate(("amazon", "dslr", "webcam")):
+        for c, (name, colour) in enumerate((("mug", (220, 40, 40)), ("bike", (40, 40, 220)))):
+            for n in range(4):
+                write_jpeg(office / domain / "images" / name / f"frame_{n:04d}.jpg", size=(24, 24), color=colour, seed=10 * d + 3 * c + n)
+    dirs = ["--features-dir", str(tmp_path / "features")]
+    outs = [*dirs, "--results-dir", str(tmp_path / "results"), "--reports-dir", str(tmp_path / "reports")]
+    for command in (["baselines", "--dataset", "office31", "--data-dir", str(office), "--baselines", "color", *dirs, "--no-progress"],
+                    ["classify", "probe", "--dataset", "office31", "--cs", "0.1,1", "--cv", "2", *outs, "--no-progress"],
+                    ["classify", "report", "--dataset", "office31", *outs]):
+        done = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "results" / "office31" / "results.csv")
+    assert sorted(table["protocol"]) == sorted(DATASETS["office31"].protocols) and len(table) == 6
+    assert set(zip(table["train_split"], table["test_split"])) == {(a, b) for a in ("amazon", "dslr", "webcam") for b in ("amazon", "dslr", "webcam") if a != b}
+    assert (table["top1"] == 1.0).all()  # red mugs and blue bikes in every domain
+    report = (tmp_path / "reports" / "office31" / "report.md").read_text()
+    assert "Best: **color / hsv256 / logreg**, top-1 100.00%" in report  # ranked by the mean over the six transfers
+    assert "## Transfer across splits and datasets" in report
+    assert "DeCAF6 LogReg / SVM" in report
