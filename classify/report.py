@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import os
 import platform
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from classify.metrics import confusion, per_class_accuracy
+from extract import package_versions
 from extract.store import FeatureStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -219,19 +219,11 @@ def environment_section(features_dir: Path | None, dataset: str) -> list[str]:
     for path in sorted((features_dir / dataset).glob("*.h5")) if features_dir else []:
         with contextlib.suppress(StoreError, OSError), FeatureStore(path) as store:
             versions.update(store.fingerprint.get("versions", {}))
-    versions.update({name: importlib.metadata.version(name) for name in REPORT_PACKAGES if _installed(name)})
+    versions.update(package_versions(*REPORT_PACKAGES))
     return ["## Environment", "",
             f"- Python {platform.python_version()} on {platform.platform()}",
             f"- CPU: {cpu}, {os.cpu_count()} cores; GPU: {gpu}",
             "- Packages: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())), ""]
-
-
-def _installed(name: str) -> bool:
-    try:
-        importlib.metadata.version(name)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
 
 
 def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str | None = None,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
-import importlib.metadata
 import math
 from collections.abc import Sequence
 
 import keras
 import numpy as np
 
+from extract import package_versions
 from extract.backbones import FeatureInfo, get_backbone, layer_paths, tap_tensor
 from extract.images import fit_to_input
 
@@ -107,16 +107,6 @@ POOLED_WIDTH = {"avg": 1, "max": 1, "avgmax": 2, "spp": 5}
 # Only the active backend's packages compute the features: installing jax beside
 # TensorFlow must not change a TensorFlow store's fingerprint.
 BACKEND_PACKAGES = {"tensorflow": ("tensorflow-cpu", "tensorflow"), "jax": ("jax", "jaxlib"), "torch": ("torch",)}
-
-
-def package_versions(*names: str) -> dict[str, str]:
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def compile_forward(model: keras.Model):
