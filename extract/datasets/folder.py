@@ -15,11 +15,13 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".t
 DEFAULT_TEST_FRACTION = 0.25
 
 
-def _visible_dirs(folder: Path) -> list[Path]:
+def visible_dirs(folder: Path) -> list[Path]:
+    """Sub-folders, sorted, without hidden ones."""
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (at any depth), sorted, without hidden ones."""
     return sorted(
         p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
@@ -31,17 +33,17 @@ def load_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAU
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
-    top = _visible_dirs(root)
+    top = visible_dirs(root)
     if not top:
         raise ValueError(f"{root} holds no class folders: expected ROOT/<class>/* or ROOT/<split>/<class>/*")
-    split_layout = all(_visible_dirs(d) and not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir()) for d in top)
+    split_layout = all(visible_dirs(d) and not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir()) for d in top)
     entries: list[tuple[str, str, Path]] = []  # (split, class, file)
     if split_layout:
         for split_dir in top:
-            for class_dir in _visible_dirs(split_dir):
-                entries.extend((split_dir.name, class_dir.name, f) for f in _images_in(class_dir))
+            for class_dir in visible_dirs(split_dir):
+                entries.extend((split_dir.name, class_dir.name, f) for f in images_in(class_dir))
     else:
-        entries.extend(("", class_dir.name, f) for class_dir in top for f in _images_in(class_dir))
+        entries.extend(("", class_dir.name, f) for class_dir in top for f in images_in(class_dir))
     if not entries:
         raise ValueError(f"{root} holds no image files with suffixes {sorted(IMAGE_SUFFIXES)}")
     classes = tuple(sorted({c for _, c, _ in entries}))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from extract.datasets.base import ImageDataset, file_dataset, per_class_split
-from extract.datasets.folder import IMAGE_SUFFIXES
+from extract.datasets.folder import images_in, visible_dirs
 
 CALTECH_BACKGROUND = "BACKGROUND_Google"
 CALTECH_TRAIN, CALTECH_TEST = 30, 50
@@ -30,10 +30,8 @@ def _class_images(root: Path, exclude=()) -> list[tuple[str, str]]:
     """(relative path, class) of every image in ``root/<class>/``, sorted."""
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
-    found = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in exclude):
-        found += [(str(f.relative_to(root)), class_dir.name) for f in sorted(class_dir.iterdir())
-                  if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+    found = [(str(f.relative_to(root)), class_dir.name)
+             for class_dir in visible_dirs(root) if class_dir.name not in exclude for f in images_in(class_dir)]
     if not found:
         raise ValueError(f"{root} holds no <class>/<image> files")
     return found
