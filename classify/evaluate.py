@@ -93,13 +93,13 @@ def choose_splits(splits, train_split: str = "train", test_split: str | None = N
     """The training split, and the test split: ``test`` if present, else ``val``."""
     present = sorted(set(splits))
     if train_split not in present:
-        raise ValueError(f"no {train_split!r} split in the store; its splits are {present}")
+        raise ValueError(f"no {train_split!r} split; the splits are {present}")
     if test_split is None:
         test_split = next((s for s in ("test", "val", "validation") if s in present), None)
         if test_split is None:
-            raise ValueError(f"no test split in the store (looked for test, val); its splits are {present}; pass --test-split")
+            raise ValueError(f"no test split (looked for test, val); the splits are {present}")
     elif test_split not in present:
-        raise ValueError(f"no {test_split!r} split in the store; its splits are {present}")
+        raise ValueError(f"no {test_split!r} split; the splits are {present}")
     return train_split, test_split
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import keras
-import numpy as np
 
 from extract.backbones import get_backbone, layer_paths, tap_tensor
 from transfer.layers import LayerwiseAdam, count_parameters, restore_layers, set_trainable
+from transfer.training import compile_and_fit, labelled_images, record, score_row
 
 TRAIN_MODES = ("head", "top1", "top2", "all")
 
@@ -90,22 +90,15 @@ def make_optimizer(backbone: keras.Model, settings: FinetuneSettings) -> Layerwi
 
 def run_finetune(dataset, model_name: str, settings: FinetuneSettings, *, results_dir, progress: bool = True) -> dict:
     """Fine-tune on the training split, score on the test split, add the row to results.csv."""
-    from transfer.training import compile_and_fit, image_arrays, record, score_row, split_rows, test_split
-
     model, backbone, spec, notes, dim = build_finetune_model(model_name, len(dataset.classes), settings)
     for line in notes:
         print(line)
-    train_rows, held_out = split_rows(dataset, "train"), test_split(dataset)
-    test_rows = split_rows(dataset, held_out)
-    x_train = image_arrays(dataset, train_rows, spec.input_size, progress=progress)
-    x_test = image_arrays(dataset, test_rows, spec.input_size, progress=progress)
-    seconds, _ = compile_and_fit(model, x_train, dataset.labels[train_rows], optimizer=make_optimizer(backbone, settings),
-                              epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed, progress=progress)
+    data = labelled_images(dataset, spec.input_size, progress=progress)
+    seconds, _ = compile_and_fit(model, data.x_train, data.y_train, optimizer=make_optimizer(backbone, settings),
+                                 epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed, progress=progress)
     row = score_row(
-        model, x_test, dataset.labels[test_rows], dataset.classes, dataset=dataset.name, features=spec.name, kind="finetune",
-        layer=f"finetune:{settings.train}", classifier="softmax", seed=settings.seed, n_train=len(train_rows),
-        train_split="train", test_split=held_out, seconds=seconds, n_features=dim,
-        paths=np.asarray(dataset.paths)[test_rows], predictions_dir=results_dir / "predictions",
+        model, data, dataset.classes, dataset=dataset.name, features=spec.name, kind="finetune", layer=f"finetune:{settings.train}",
+        classifier="softmax", seed=settings.seed, seconds=seconds, n_features=dim, predictions_dir=results_dir / "predictions",
     )
     record(results_dir, [row])
     return row

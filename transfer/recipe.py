@@ -15,7 +15,7 @@ import numpy as np
 
 from transfer.cae import ENCODER_PATTERNS, build_autoencoder, build_recipe_classifier, reconstruction_target
 from transfer.layers import restore_layers, set_trainable
-from transfer.training import compile_and_fit, image_arrays, record, score_row, split_rows, test_split
+from transfer.training import compile_and_fit, labelled_images, record, score_row
 
 
 @dataclass(frozen=True)
@@ -46,24 +46,19 @@ def pretrain_cae(images: np.ndarray, path: Path, settings: RecipeSettings, *, pr
 def train_classifier(dataset, checkpoint: Path | None, settings: RecipeSettings, *, results_dir: Path, progress: bool = True) -> tuple[dict, keras.Model]:
     """With a checkpoint: conv layers restored from it and frozen, dense layers trained.
     Without: the same classifier, every layer trained from a random start."""
-    train_rows, held_out = split_rows(dataset, "train"), test_split(dataset)
-    test_rows = split_rows(dataset, held_out)
     keras.utils.set_random_seed(settings.seed)
     model = build_recipe_classifier(settings.input_size, len(dataset.classes))
     if checkpoint is not None:
         print(restore_layers(model, checkpoint, ENCODER_PATTERNS))
         print(f"froze {ENCODER_PATTERNS}: {set_trainable(model, ENCODER_PATTERNS, False)}")
-    x_train = image_arrays(dataset, train_rows, settings.input_size, progress=progress)
-    x_test = image_arrays(dataset, test_rows, settings.input_size, progress=progress)
-    seconds, _ = compile_and_fit(model, x_train, dataset.labels[train_rows], optimizer=keras.optimizers.Adam(settings.learning_rate),
-                              epochs=settings.train_epochs, batch_size=settings.batch_size, seed=settings.seed, progress=progress)
+    data = labelled_images(dataset, settings.input_size, progress=progress)
+    seconds, _ = compile_and_fit(model, data.x_train, data.y_train, optimizer=keras.optimizers.Adam(settings.learning_rate),
+                                 epochs=settings.train_epochs, batch_size=settings.batch_size, seed=settings.seed, progress=progress)
     name = "restored conv (frozen) + dense" if checkpoint is not None else "from scratch"
     row = score_row(
-        model, x_test, dataset.labels[test_rows], dataset.classes, dataset=dataset.name,
-        features="cae-recipe" if checkpoint is not None else "scratch-cnn", kind="trained", layer=name, classifier="softmax",
-        seed=settings.seed, n_train=len(train_rows), train_split="train", test_split=held_out, seconds=seconds,
-        n_features=int(model.get_layer("fc1").input.shape[-1]), paths=np.asarray(dataset.paths)[test_rows],
-        predictions_dir=results_dir / "predictions",
+        model, data, dataset.classes, dataset=dataset.name, features="cae-recipe" if checkpoint is not None else "scratch-cnn",
+        kind="trained", layer=name, classifier="softmax", seed=settings.seed, seconds=seconds,
+        n_features=int(model.get_layer("fc1").input.shape[-1]), predictions_dir=results_dir / "predictions",
     )
     record(results_dir, [row])
     return row, model

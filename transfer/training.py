@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from classify.evaluate import update_results
+from classify.evaluate import choose_splits, update_results
 from classify.metrics import mean_per_class_accuracy, top1
 from extract.datasets import ImageDataset
 from extract.images import fit_to_input
@@ -37,11 +38,28 @@ def split_rows(dataset: ImageDataset, split: str) -> np.ndarray:
     return rows
 
 
-def test_split(dataset: ImageDataset) -> str:
-    for name in ("test", "val", "validation"):
-        if name in dataset.split_names:
-            return name
-    raise ValueError(f"{dataset.name} has no test split (looked for test, val); its splits are {dataset.split_names}")
+@dataclass(frozen=True)
+class LabelledImages:
+    """A dataset's training and test images as uint8 arrays, with their labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    test_paths: np.ndarray
+    train_split: str
+    test_split: str
+
+
+def labelled_images(dataset: ImageDataset, size: int, *, progress: bool = True) -> LabelledImages:
+    """The ``train`` split and the test split (``test``, else ``val``), fitted to ``size``."""
+    train, test = choose_splits(dataset.splits)
+    train_rows, test_rows = split_rows(dataset, train), split_rows(dataset, test)
+    return LabelledImages(
+        image_arrays(dataset, train_rows, size, progress=progress), dataset.labels[train_rows],
+        image_arrays(dataset, test_rows, size, progress=progress), dataset.labels[test_rows],
+        np.asarray(dataset.paths)[test_rows], train, test,
+    )
 
 
 def compile_and_fit(model: keras.Model, x, y, *, optimizer, epochs: int, batch_size: int, seed: int,
@@ -55,21 +73,20 @@ def compile_and_fit(model: keras.Model, x, y, *, optimizer, epochs: int, batch_s
     return time.perf_counter() - start, history.history
 
 
-def score_row(model: keras.Model, x_test, y_test, classes, *, dataset: str, features: str, kind: str, layer: str,
-              classifier: str, seed: int, n_train: int, train_split: str, test_split: str, seconds: float,
-              n_features: int, paths=None, predictions_dir: Path | None = None) -> dict:
+def score_row(model: keras.Model, data: LabelledImages, classes, *, dataset: str, features: str, kind: str, layer: str,
+              classifier: str, seed: int, seconds: float, n_features: int, predictions_dir: Path) -> dict:
     """A results.csv row (the probes' columns) for a trained softmax classifier; predictions CSV beside it."""
+    x_test, y_test = data.x_test, data.y_test
     predicted = np.argmax(model.predict(x_test, batch_size=64, verbose=0), axis=1) if len(x_test) else np.zeros(0, int)
     true_names = np.asarray([classes[i] for i in y_test])
     predicted_names = np.asarray([classes[i] for i in predicted])
-    if predictions_dir is not None and paths is not None:
-        out = predictions_dir / features / f"{layer}__{classifier}__given.csv"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"path": paths, "label": true_names, "predicted": predicted_names}).to_csv(out, index=False)
+    out = predictions_dir / features / f"{layer}__{classifier}__given.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"path": data.test_paths, "label": true_names, "predicted": predicted_names}).to_csv(out, index=False)
     return {
         "dataset": dataset, "features": features, "kind": kind, "layer": layer, "layer_depth": 0, "classifier": classifier,
-        "protocol": "given", "train_split": train_split, "test_split": test_split, "normalization": "none", "search": "none",
-        "C": float("nan"), "converged": True, "cv_splits": 0, "seed": seed, "repeats": 1, "n_train": n_train, "n_test": len(x_test),
+        "protocol": "given", "train_split": data.train_split, "test_split": data.test_split, "normalization": "none", "search": "none",
+        "C": float("nan"), "converged": True, "cv_splits": 0, "seed": seed, "repeats": 1, "n_train": len(data.x_train), "n_test": len(x_test),
         "n_features": n_features, "top1": top1(true_names, predicted_names), "top1_std": 0.0,
         "mean_per_class_acc": mean_per_class_accuracy(true_names, predicted_names), "mean_per_class_acc_std": 0.0,
         "mAP": np.nan, "mAP_voc07": np.nan, "images_without_features": 0, "fit_seconds": round(seconds, 3),
