@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import platform
@@ -188,19 +187,24 @@ def published_section(dataset: str) -> list[str]:
     return lines + [_markdown_table(rows.drop(columns="dataset")), ""]
 
 
-def run_section(results: pd.DataFrame, features_dir: Path | None, dataset: str) -> list[str]:
-    """Extraction time and throughput per store, and the probes' fitting time."""
-    lines = ["## Run time and throughput", ""]
-    rows = []
+def read_stores(features_dir: Path | None, dataset: str) -> list[dict]:
+    """Name, size, run record and fingerprint of each store of the dataset, read once for the report."""
+    stores = []
     for path in sorted((features_dir / dataset).glob("*.h5")) if features_dir else []:
         try:
             with FeatureStore(path) as store:
-                run = store.run
-                rows.append({"features": store.extractor, "images": len(store), "extraction s": run.get("seconds", ""),
-                             "images/s": run.get("images_per_second", ""), "resumed from": run.get("resumed_from", ""),
-                             "Keras backend": store.fingerprint.get("keras_backend", "-")})
+                stores.append({"extractor": store.extractor, "images": len(store), "run": store.run, "fingerprint": store.fingerprint})
         except (StoreError, OSError) as error:
-            log.warning("skipping %s in the run-time table: %s", path, error)
+            log.warning("leaving %s out of the report: %s", path, error)
+    return stores
+
+
+def run_section(results: pd.DataFrame, stores: list[dict]) -> list[str]:
+    """Extraction time and throughput per store, and the probes' fitting time."""
+    lines = ["## Run time and throughput", ""]
+    rows = [{"features": s["extractor"], "images": s["images"], "extraction s": s["run"].get("seconds", ""),
+             "images/s": s["run"].get("images_per_second", ""), "resumed from": s["run"].get("resumed_from", ""),
+             "Keras backend": s["fingerprint"].get("keras_backend", "-")} for s in stores]
     if rows:
         lines += [_markdown_table(pd.DataFrame(rows)), ""]
     fit = results.groupby("features")["fit_seconds"].sum().round(1)
@@ -208,7 +212,7 @@ def run_section(results: pd.DataFrame, features_dir: Path | None, dataset: str) 
     return lines
 
 
-def environment_section(features_dir: Path | None, dataset: str) -> list[str]:
+def environment_section(stores: list[dict]) -> list[str]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown") if Path("/proc/cpuinfo").exists() else platform.processor()
     gpu = "none"
@@ -216,9 +220,8 @@ def environment_section(features_dir: Path | None, dataset: str) -> list[str]:
         found = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout.strip()
         gpu = found.replace("\n", "; ") or "none"
     versions: dict = {}
-    for path in sorted((features_dir / dataset).glob("*.h5")) if features_dir else []:
-        with contextlib.suppress(StoreError, OSError), FeatureStore(path) as store:
-            versions.update(store.fingerprint.get("versions", {}))
+    for store in stores:
+        versions.update(store["fingerprint"].get("versions", {}))
     versions.update(package_versions(*REPORT_PACKAGES))
     return ["## Environment", "",
             f"- Python {platform.python_version()} on {platform.platform()}",
@@ -309,8 +312,9 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
     features_dir = Path(features_dir) if features_dir is not None else None
     lines += layers_section(results_csv.parent, report_dir)
     lines += published_section(slug)
-    lines += run_section(results, features_dir, slug)
-    lines += environment_section(features_dir, slug)
+    stores = read_stores(features_dir, slug)
+    lines += run_section(results, stores)
+    lines += environment_section(stores)
     lines += [
         "## Every probe",
         "",
