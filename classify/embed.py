@@ -153,9 +153,9 @@ def embed_stores(store_paths, *, out_dir: Path, report_dir: Path, n: int = DEFAU
     jobs = []
     for path in store_paths:
         with FeatureStore(path) as store:
-            jobs += [(path, tap, store.kind) for tap in store.taps if layers is None or tap in set(layers)]
+            jobs += [(path, tap) for tap in store.taps if layers is None or tap in set(layers)]
     (report_dir / "tsne").mkdir(parents=True, exist_ok=True)
-    for path, tap, kind in tqdm(jobs, desc="t-SNE", disable=not progress):
+    for path, tap in tqdm(jobs, desc="t-SNE", disable=not progress):
         with FeatureStore(path) as store:
             if store.dim(tap) == 0 or len(store) < 3:
                 continue
@@ -163,7 +163,7 @@ def embed_stores(store_paths, *, out_dir: Path, report_dir: Path, n: int = DEFAU
             labels, classes = store.labels[rows], store.classes
             result = embed_layer(store.features(tap, rows), labels, seed)
             record = {
-                "dataset": store.dataset, "features": store.extractor, "kind": kind, "layer": tap,
+                "dataset": store.dataset, "features": store.extractor, "kind": store.kind, "layer": tap,
                 "layer_depth": store.taps.index(tap), "n_samples": len(rows), "n_classes": len(np.unique(labels)), "seed": seed,
                 "knn_k": min(KNN_K, len(rows) - 1), **{k: v for k, v in result.items() if k != "embedding"},
                 "probe_top1": probe.get((store.extractor, tap), float("nan")),

@@ -9,6 +9,7 @@ offline without them the error names the file and where to put it.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -87,8 +88,6 @@ class WeightsUnavailableError(FileNotFoundError):
 
 
 def _keras_cache() -> str:
-    import os
-
     return os.path.join(os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras")), "models")
 
 
