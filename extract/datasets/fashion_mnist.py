@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import logging
 import os
 import shutil
 import struct
 import subprocess
 import sys
-import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from extract.datasets.base import ImageDataset
-from extract.datasets.download import DOWNLOAD_TIMEOUT_S, DatasetNotFoundError, cache_root
-
-log = logging.getLogger(__name__)
+from extract.datasets.download import DatasetNotFoundError, Download, cache_root, fetch
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -110,19 +105,10 @@ def _download_into(folder: Path) -> dict[str, bytes] | str:
         errors = []
         for base in URL_BASES:
             try:
-                with urllib.request.urlopen(base + official.name, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                    data = response.read()
-            except OSError as error:
+                fetch(Download(base + official.name, official.md5), folder, progress=False)
+                break
+            except (OSError, ValueError) as error:  # unreachable, or not the official bytes
                 errors.append(f"{base}{official.name}: {error}")
-                continue
-            if _md5(data) != official.md5:
-                errors.append(f"{base}{official.name}: MD5 mismatch")
-                continue
-            with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
-                tmp.write(data)
-            os.replace(tmp.name, target)
-            log.info("downloaded %s", target)
-            break
         else:
             return "download failed: " + "; ".join(errors)
     return _find_in(folder)
