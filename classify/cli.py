@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import pandas as pd
 
-from classify.evaluate import ALL_CLASSIFIERS, Evaluation, ProbeSettings, parse_protocol, store_paths, update_results
+from classify.evaluate import ALL_CLASSIFIERS, PROTOCOL_HELP, Evaluation, ProbeSettings, parse_protocol, store_paths
 from classify.persist import SavedProbe
 from classify.probe import CLASSIFIERS, DEFAULT_CS, NORMALIZATIONS, SEARCHES, parse_cs
+from classify.results import read_results, update_results
 from classify.report import write_report
 from extract.cli import run_command
 from extract.datasets import CROPS, DATASETS, dataset_slug
+from extract.errors import UserError
 from extract.store import FeatureStore
 
 
@@ -39,20 +42,25 @@ def cmd_probe(args) -> None:
         seed=args.seed, repeats=args.repeats, n_jobs=args.jobs,
     )
     out = results_dir(args)
-    rows = []
+    started = time.monotonic()
+    previous = None if args.refit else read_results(out / "results.csv")
+    rows, cached = [], 0
     for path in store_paths(args.features_dir, dataset_slug(args.dataset, args.crop), _split_list(args.features)):
         for protocol in protocols_for(args):
-            evaluation = Evaluation(path, protocol, settings, out_dir=out, features_dir=Path(args.features_dir), save_probes=args.save_probes)
+            evaluation = Evaluation(path, protocol, settings, out_dir=out, features_dir=Path(args.features_dir),
+                                    save_probes=args.save_probes, results=previous)
             rows += evaluation.run(layers=_split_list(args.layers), progress=not args.no_progress)
+            cached += evaluation.cached
     if not rows:
-        raise ValueError(f"no store of {args.dataset} has any of the layers {args.layers}")
+        raise UserError(f"no store of {args.dataset} has any of the layers {args.layers}")
     update_results(out / "results.csv", rows)
     for row in rows:
         spread = f" ± {100 * row['top1_std']:.2f}" if row["repeats"] > 1 else ""
-        score = (f"mAP {100 * row['mAP']:6.2f}%" if "mAP" in row else
+        score = (f"mAP {100 * row['mAP']:6.2f}%" if pd.notna(row.get("mAP")) else
                  f"top-1 {100 * row['top1']:6.2f}%{spread}  mean/class {100 * row['mean_per_class_acc']:6.2f}%")
-        print(f"{row['features']:>24} {row['layer']:<12} {row['classifier']:<7} {row['protocol']:<10} C={row['C']:<8.3g} {score}")
-    print(f"results: {out / 'results.csv'}")
+        cv = f"cv {100 * row['cv_score']:6.2f}%" if pd.notna(row["cv_score"]) else "cv    -   "
+        print(f"{row['features']:>24} {row['layer']:<12} {row['classifier']:<7} {row['protocol']:<22} C={row['C']:<8.3g} {cv}  {score}")
+    print(f"results: {out / 'results.csv'} ({len(rows)} rows, {cached} probe jobs cached; {time.monotonic() - started:.1f} s)")
 
 
 def cmd_predict(args) -> None:
@@ -115,7 +123,7 @@ def main(argv=None) -> int:
     probe.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
     probe.add_argument("--classifier", default="logreg", choices=(*ALL_CLASSIFIERS, "both", "all"), help="both: logreg and svm")
     probe.add_argument("--protocol", default=None,
-                       help="given | fewshot[:1,2,5,10,20] | transfer:SOURCE->TARGET | cross:DATASET (default: the dataset's standard protocol)")
+                       help=f"{PROTOCOL_HELP} (default: the dataset's standard protocols)")
     probe.add_argument("--normalization", default="standard", choices=NORMALIZATIONS)
     probe.add_argument("--search", default="cv", choices=SEARCHES, help="C chosen by k-fold CV or on a held-out validation split")
     probe.add_argument("--cs", type=parse_cs, default=DEFAULT_CS, help="C grid: LOW:HIGH:COUNT (log-spaced) or a,b,c")
@@ -124,6 +132,7 @@ def main(argv=None) -> int:
     probe.add_argument("--seed", type=int, default=0)
     probe.add_argument("--jobs", type=int, default=None, help="parallel processes for the C search (default: all cores)")
     probe.add_argument("--save-probes", action="store_true", help="save each probe to results/<dataset>/probes/ (npz)")
+    probe.add_argument("--refit", action="store_true", help="fit every probe again, even those whose rows results.csv already holds")
     probe.add_argument("--no-progress", action="store_true")
     probe.set_defaults(func=cmd_probe)
 

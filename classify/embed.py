@@ -8,7 +8,8 @@ TSNE when openTSNE is missing). ``results/<dataset>/layers.csv`` gets, per layer
 * ``knn_acc_tsne``: the same in the 2-D embedding (what the picture shows);
 * ``silhouette``: silhouette score of the classes on the standardised features
   (-1 .. 1; above 0, images sit nearer their own class than the next one);
-* ``probe_top1``: the best linear-probe accuracy of the layer from results.csv.
+* ``probe_top1``: the test accuracy of the layer's linear probe from results.csv (of the
+  classifier with the better cross-validation score, when there are several).
 
 Low layers of a CNN give generic features whose classes overlap; high layers cluster by
 meaning. These columns show that trend in numbers.
@@ -30,6 +31,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from classify.results import best_per, read_results, update_csv
 from extract.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -137,11 +139,15 @@ def _title(record: dict) -> str:
 
 
 def _probe_accuracy(results_csv: Path) -> dict:
-    if not results_csv.is_file():
+    """(features, layer) -> test top-1 of the probe chosen by cross-validation score."""
+    results = read_results(results_csv)
+    if results is None:
         return {}
-    results = pd.read_csv(results_csv)
     given = results[results["protocol"] == "given"]
-    return given.groupby(["features", "layer"])["top1"].max().to_dict()
+    if given.empty:
+        return {}
+    chosen = best_per(given, ["features", "layer"])
+    return {} if chosen.empty else chosen.set_index(["features", "layer"])["top1"].to_dict()
 
 
 def embed_stores(store_paths, *, out_dir: Path, report_dir: Path, n: int = DEFAULT_SAMPLES, seed: int = 0,
@@ -176,8 +182,14 @@ def embed_stores(store_paths, *, out_dir: Path, report_dir: Path, n: int = DEFAU
         fig.savefig(report_dir / "tsne" / f"{record['features']}__{tap}.png", dpi=110)
         plt.close(fig)
     table = pd.DataFrame(records, columns=LAYER_COLUMNS)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / "layers.csv", index=False, float_format="%.4f")
+    def merge(old: pd.DataFrame | None) -> pd.DataFrame:  # this run's stores replace their rows; others stay
+        if old is None:
+            return table
+        kept = old[~old["features"].isin(table["features"])].reindex(columns=LAYER_COLUMNS)
+        return pd.concat([kept, table], ignore_index=True) if len(kept) else table
+
+    # Under the file's lock and atomically: `make tsne` of another backbone may write beside this one.
+    update_csv(out_dir / "layers.csv", merge, float_format="%.4f")
     if panels:
         plot_grid(panels, report_dir / "tsne_grid.png")
     return table

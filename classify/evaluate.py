@@ -6,13 +6,20 @@ Protocols (the ``protocol`` column):
 * ``fewshot:1,2,5,10,20``: k training images per class, drawn with seeds ``seed .. seed+repeats-1``,
   reported as mean and std over the repeats (one row per k, protocol ``5-shot``);
 * ``transfer:SOURCE->TARGET``: train on one split or domain, test on another;
+* ``sampled:SOURCE->TARGET``: the Office protocol of Saenko et al. (2010) that DeCAF reports:
+  20 images per class of the source domain when it is amazon (or caltech), else 8, drawn with
+  seeds ``seed .. seed+repeats-1``; tested on the whole target domain; mean and std;
 * ``cross:DATASET``: train on this store, test on the store of the same extractor for
   another dataset (its test split, else all of it); classes are matched by name.
 
 Multi-label stores (``/index/multilabel``, VOC 2007) get one binary probe per class, each
 with its own C, and are scored by mean average precision (``mAP``: area under the
 precision-recall envelope; ``mAP_voc07``: the 11-point VOC 2007 measure); difficult
-labels take no part in training or scoring.
+labels take no part in training or scoring; C is chosen per class by cross-validated average precision.
+
+Every row records ``cv_score``, the mean validation score at the chosen C (training rows
+only), which is what the report ranks by; and ``selection``, what chose C. A row whose key
+(``classify.results.RESULT_KEY``) is already in ``results.csv`` is not fitted again.
 """
 
 from __future__ import annotations
@@ -27,24 +34,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import accuracy_score
 from tqdm.auto import tqdm
 
-from classify.metrics import mean_average_precision, mean_per_class_accuracy, top1
+from classify.metrics import mean_average_precision, mean_per_class_accuracy
 from classify.persist import save_probe
 from classify.probe import CLASSIFIERS, DEFAULT_CS, LinearProbe, StreamingSGDProbe
+from classify.results import cached_rows
+from extract.datasets.base import choose_splits
+from extract.errors import UserError
 from extract.store import FeatureStore, StoreMismatchError, canonical_json, fingerprint_differences
 
 log = logging.getLogger(__name__)
 
 ALL_CLASSIFIERS = (*CLASSIFIERS, "sgd")
-RESULT_COLUMNS = [
-    "dataset", "features", "kind", "layer", "layer_depth", "classifier", "protocol", "train_split", "test_split",
-    "normalization", "search", "C", "converged", "cv_splits", "seed", "repeats", "n_train", "n_test", "n_features",
-    "top1", "top1_std", "mean_per_class_acc", "mean_per_class_acc_std", "mAP", "mAP_voc07", "images_without_features", "fit_seconds",
-    "store_fingerprint", "created",
-]
-RESULT_KEY = ["dataset", "features", "layer", "classifier", "protocol", "normalization"]
 DEFAULT_SHOTS = (1, 2, 5, 10, 20)
+# Saenko et al. 2010: 20 source images per class from amazon (and, in Gong et al. 2012's
+# Office-Caltech-10, from caltech), 8 from the small dslr and webcam domains.
+SAMPLED_SOURCE_SHOTS = {"amazon": 20, "caltech": 20}
+SAMPLED_SMALL_DOMAIN_SHOTS = 8
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class ProbeSettings:
     def __post_init__(self):
         unknown = [c for c in self.classifiers if c not in ALL_CLASSIFIERS]
         if unknown:
-            raise ValueError(f"classifiers {unknown} are not among {ALL_CLASSIFIERS}")
+            raise UserError(f"classifiers {unknown} are not among {ALL_CLASSIFIERS}")
 
 
 @dataclass(frozen=True)
@@ -71,40 +79,43 @@ class Protocol:
     test_split: str | None = None
     shots: tuple[int, ...] = ()
     other_dataset: str | None = None
+    sampled: bool = False
+
+    @property
+    def repeated(self) -> bool:
+        """Drawn several times (few-shot, sampled): rows report mean and std over the draws."""
+        return bool(self.shots)
+
+
+PROTOCOL_HELP = "given, fewshot[:K,K,...], transfer:SOURCE->TARGET, sampled:SOURCE->TARGET, cross:DATASET"
 
 
 def parse_protocol(text: str) -> Protocol:
     if text == "given":
         return Protocol("given")
     if text.startswith("fewshot"):
-        shots = tuple(int(k) for k in text.partition(":")[2].split(",") if k) or DEFAULT_SHOTS
+        try:
+            shots = tuple(int(k) for k in text.partition(":")[2].split(",") if k) or DEFAULT_SHOTS
+        except ValueError:
+            raise UserError(f"protocol {text!r}: shots per class must be whole numbers, e.g. fewshot:1,5,10") from None
         if min(shots) < 1:
-            raise ValueError(f"shots per class must be positive. Received: {text!r}")
+            raise UserError(f"shots per class must be positive. Received: {text!r}")
         return Protocol("fewshot", shots=shots)
-    match = re.fullmatch(r"transfer:([^>]+)->(.+)", text)
+    match = re.fullmatch(r"(transfer|sampled):([^>]+)->(.+)", text)
     if match:
-        return Protocol(text, train_split=match.group(1), test_split=match.group(2))
+        kind, source, target = match.groups()
+        if kind == "transfer":
+            return Protocol(text, train_split=source, test_split=target)
+        shots = SAMPLED_SOURCE_SHOTS.get(source.lower(), SAMPLED_SMALL_DOMAIN_SHOTS)
+        return Protocol(text, train_split=source, test_split=target, shots=(shots,), sampled=True)
     if text.startswith("cross:") and len(text) > len("cross:"):
         return Protocol(text, other_dataset=text.removeprefix("cross:"))
-    raise ValueError(f"protocol {text!r} is not one of: given, fewshot[:K,K,...], transfer:SOURCE->TARGET, cross:DATASET")
+    raise UserError(f"protocol {text!r} is not one of: {PROTOCOL_HELP}")
 
 
-def choose_splits(splits, train_split: str = "train", test_split: str | None = None) -> tuple[str, str]:
-    """The training split, and the test split: ``test`` if present, else ``val``."""
-    present = sorted(set(splits))
-    if train_split not in present:
-        raise ValueError(f"no {train_split!r} split; the splits are {present}")
-    if test_split is None:
-        test_split = next((s for s in ("test", "val", "validation") if s in present), None)
-        if test_split is None:
-            raise ValueError(f"no test split (looked for test, val); the splits are {present}")
-    elif test_split not in present:
-        raise ValueError(f"no {test_split!r} split; the splits are {present}")
-    return train_split, test_split
-
-
-def store_fingerprint_id(fingerprint: dict) -> str:
-    return hashlib.sha256(canonical_json(fingerprint).encode()).hexdigest()[:12]
+def store_fingerprint_id(fingerprint: dict, dataset_digest: str = "") -> str:
+    """Short id of the settings and the image list that made a store's features."""
+    return hashlib.sha256(canonical_json({"fingerprint": fingerprint, "images": dataset_digest}).encode()).hexdigest()[:12]
 
 
 def few_shot_rows(labels: np.ndarray, candidates: np.ndarray, shots: int, seed: int) -> np.ndarray:
@@ -114,10 +125,10 @@ def few_shot_rows(labels: np.ndarray, candidates: np.ndarray, shots: int, seed: 
     return np.sort(np.concatenate(chosen))
 
 
-def _fit(settings: ProbeSettings, classifier: str, store, tap, rows, labels, seed):
+def _fit(settings: ProbeSettings, classifier: str, store, tap, rows, labels, seed, scoring: str = "accuracy"):
     if classifier == "sgd":
         return StreamingSGDProbe(Cs=settings.Cs, seed=seed).fit_store(store, tap, rows, labels)
-    probe = LinearProbe(classifier, Cs=settings.Cs, search=settings.search, cv=settings.cv,
+    probe = LinearProbe(classifier, Cs=settings.Cs, search=settings.search, cv=settings.cv, scoring=scoring,
                         normalization=settings.normalization, seed=seed, n_jobs=settings.n_jobs)
     return probe.fit(store.features(tap, rows), labels[rows])
 
@@ -130,14 +141,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
+def _unseen_classes(train_labels, test_labels) -> int:
+    """Test classes without a single training image: always wrong, whatever the probe."""
+    return len(set(np.asarray(test_labels).tolist()) - set(np.asarray(train_labels).tolist()))
+
+
 class Evaluation:
-    """Runs one protocol on one store; rows go to ``rows``, predictions and probes under ``out_dir``."""
+    """Runs one protocol on one store; rows go to ``rows``, predictions and probes under ``out_dir``.
+    Jobs whose rows are already in ``results`` (same key) are taken from there, not refitted."""
 
     def __init__(self, path, protocol: Protocol, settings: ProbeSettings, *, out_dir: Path | None = None,
-                 features_dir: Path | None = None, save_probes: bool = False, fitted: dict | None = None):
+                 features_dir: Path | None = None, save_probes: bool = False, fitted: dict | None = None,
+                 results: pd.DataFrame | None = None):
         self.path, self.protocol, self.settings = Path(path), protocol, settings
         self.out_dir, self.features_dir = out_dir, features_dir
-        self.save_probes, self.fitted = save_probes, fitted
+        self.save_probes, self.fitted, self.results = save_probes, fitted, results
+        self.cached = 0
 
     def run(self, layers=None, progress: bool = True) -> list[dict]:
         with FeatureStore(self.path) as store:
@@ -146,33 +165,55 @@ class Evaluation:
             self._store_columns = self._columns_of(store)
             rows = []
             for tap, classifier in tqdm(jobs, desc=f"{self.protocol.name} {store.extractor}", disable=not progress):
-                if store.multilabel is not None:
+                found = self._cached(store, tap, classifier)
+                if found is not None:
+                    self.cached += 1
+                    rows += found
+                elif store.multilabel is not None:
                     rows.append(self._multilabel(store, tap, classifier))
-                elif self.protocol.name == "fewshot":
-                    rows += self._few_shot(store, tap, classifier)
+                elif self.protocol.repeated:
+                    rows += self._repeated(store, tap, classifier)
                 else:
                     rows.append(self._single(store, tap, classifier))
+        if self.cached:
+            log.info("%s %s: %d of %d probes cached in results.csv (same store, settings and seed)",
+                     self.protocol.name, self.path.stem, self.cached, len(jobs))
         return rows
+
+    def _cached(self, store, tap, classifier) -> list[dict] | None:
+        if self.results is None or self.save_probes or self.fitted is not None or self.protocol.other_dataset:
+            return None  # probes to save or hand back must be fitted; a cross row depends on the other store too
+        names = [f"{k}-shot" for k in self.protocol.shots] if self.protocol.name == "fewshot" else [self.protocol.name]
+        base = self._base_row(store, tap, classifier)
+        return cached_rows(self.results, [{**base, "protocol": name} for name in names])
 
     @staticmethod
     def _columns_of(store) -> dict:
         """The result columns that depend on the store only, read once per run."""
-        fingerprint = store.fingerprint
         return {
             "dataset": store.dataset, "features": store.extractor,
             "kind": store.kind,
-            "store_fingerprint": store_fingerprint_id(fingerprint),
+            "store_fingerprint": store_fingerprint_id(store.fingerprint, store.dataset_digest),
             # images whose local descriptors came out empty (all-zero features), e.g. blank ones
             "images_without_features": int(np.sum(store.stat("n_descriptors") == 0)) if "n_descriptors" in store.stats else 0,
         }
 
     def _base_row(self, store, tap, classifier) -> dict:
+        """The columns known before fitting: the store's, and the settings that make up the key."""
+        settings = self.settings
+        sgd = classifier == "sgd"
         return {
             **self._store_columns, "layer": tap, "layer_depth": store.taps.index(tap),
-            "classifier": classifier, "normalization": self.settings.normalization if classifier != "sgd" else "standard",
-            "search": self.settings.search if classifier != "sgd" else "val", "seed": self.settings.seed,
+            "classifier": classifier, "normalization": "standard" if sgd else settings.normalization,
+            "search": "val" if sgd or settings.search == "val" else f"cv{settings.cv}",
+            "Cs": ",".join(f"{c:g}" for c in settings.Cs), "seed": settings.seed,
+            "repeats": settings.repeats if self.protocol.repeated else 1,
             "n_features": store.dim(tap), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+
+    def _probe_columns(self, probe) -> dict:
+        return {"C": probe.best_C_, "cv_score": probe.cv_score_, "selection": probe.selection_,
+                "converged": bool(probe.converged_), "cv_splits": probe.n_splits_}
 
     def _single(self, store, tap, classifier) -> dict:
         """Fit on the training split; test on this store's test split, or on another dataset's store.
@@ -190,8 +231,7 @@ class Evaluation:
             paths = target.paths[test_rows]
             true_names = np.asarray([target.classes[i] for i in target.labels[test_rows]])
         predicted_names = np.asarray([store.classes[i] for i in predicted])
-        if not probe.converged_:
-            log.warning("%s/%s %s: the solver did not converge at C=%g", store.extractor, tap, classifier, probe.best_C_)
+        unseen = self._check_fit(store, tap, classifier, probe, [store.classes[i] for i in labels[train_rows]], true_names)
         if self.fitted is not None:
             self.fitted[(tap, classifier)] = probe
         if self.out_dir is not None:
@@ -203,32 +243,42 @@ class Evaluation:
                 save_probe(self.out_dir / "probes" / store.extractor / f"{tap}__{classifier}.npz", probe,
                            class_names=store.classes, layer=tap, features=store.extractor, fingerprint=store.fingerprint)
         return {
-            **self._base_row(store, tap, classifier), "protocol": self.protocol.name, "train_split": train,
-            "test_split": test_split, "C": probe.best_C_, "converged": bool(probe.converged_), "cv_splits": probe.n_splits_,
-            "repeats": 1, "n_train": len(train_rows), "n_test": len(test_rows),
-            "top1": top1(true_names, predicted_names), "top1_std": 0.0,
+            **self._base_row(store, tap, classifier), **self._probe_columns(probe), "protocol": self.protocol.name,
+            "train_split": train, "test_split": test_split, "n_train": len(train_rows), "n_test": len(test_rows),
+            "classes_unseen_in_train": unseen,
+            "top1": float(accuracy_score(true_names, predicted_names)), "top1_std": 0.0,
             "mean_per_class_acc": mean_per_class_accuracy(true_names, predicted_names), "mean_per_class_acc_std": 0.0,
             "fit_seconds": round(probe.fit_seconds_, 3),
         }
 
+    def _check_fit(self, store, tap, classifier, probe, train_names, test_names) -> int:
+        """Warn about what makes a number weaker than it looks; returns the count of unseen test classes."""
+        where = f"{store.extractor}/{tap} {classifier} {self.protocol.name}"
+        if not probe.converged_:
+            log.warning("%s: the solver did not converge at C=%g", where, probe.best_C_)
+        if probe.n_splits_ == 0:
+            log.warning("%s: %s; the probe's C was not searched", where, probe.selection_)
+        unseen = _unseen_classes(train_names, test_names)
+        if unseen:
+            log.warning("%s: %d test classes have no training image, and every test image of them counts as wrong", where, unseen)
+        return unseen
+
     def _multilabel(self, store, tap, classifier) -> dict:
-        if self.protocol.name == "fewshot" or self.protocol.other_dataset:
-            raise ValueError(f"{store.path} is multi-label: use protocol given or transfer:A->B, not {self.protocol.name}")
+        if self.protocol.repeated or self.protocol.other_dataset:
+            raise UserError(f"{store.path} is multi-label: use protocol given or transfer:A->B, not {self.protocol.name}")
         targets, splits = store.multilabel, store.splits
         train, test_split = choose_splits(splits, self.protocol.train_split, self.protocol.test_split)
         train_rows, test_rows = np.flatnonzero(splits == train), np.flatnonzero(splits == test_split)
         X_test = store.features(tap, test_rows)
         scores = np.zeros((len(test_rows), targets.shape[1]))
-        chosen_C, converged, seconds = [], [], 0.0
+        probes = []
         for c in range(targets.shape[1]):
             rows = train_rows[targets[train_rows, c] >= 0]
             if len(np.unique(targets[rows, c])) < 2:
-                raise ValueError(f"{store.path}: class {store.classes[c]!r} has no positive or no negative training image in {train!r}")
-            probe = _fit(self.settings, classifier, store, tap, rows, targets[:, c], self.settings.seed)
+                raise UserError(f"{store.path}: class {store.classes[c]!r} has no positive or no negative training image in {train!r}")
+            probe = _fit(self.settings, classifier, store, tap, rows, targets[:, c], self.settings.seed, scoring="average_precision")
             scores[:, c] = probe.decision_function(X_test).ravel()
-            chosen_C.append(probe.best_C_)
-            converged.append(probe.converged_)
-            seconds += probe.fit_seconds_
+            probes.append(probe)
         truth = targets[test_rows]
         if self.out_dir is not None:
             name = f"{tap}__{classifier}__{_slug(self.protocol.name)}"
@@ -237,11 +287,14 @@ class Evaluation:
             pd.DataFrame(scores, columns=store.classes).assign(path=store.paths[test_rows]).to_csv(scores_csv, index=False)
         return {
             **self._base_row(store, tap, classifier), "protocol": self.protocol.name, "train_split": train,
-            "test_split": test_split, "C": float(np.median(chosen_C)), "converged": all(converged),
-            "cv_splits": probe.n_splits_, "repeats": 1, "n_train": len(train_rows), "n_test": len(test_rows),
+            "test_split": test_split, "C": float(np.median([p.best_C_ for p in probes])),
+            # the cross-validated mAP: each class's probe's mean validation AP at its chosen C
+            "cv_score": float(np.mean([p.cv_score_ for p in probes])), "selection": probes[0].selection_ + ", per class",
+            "converged": all(p.converged_ for p in probes), "cv_splits": probes[0].n_splits_,
+            "n_train": len(train_rows), "n_test": len(test_rows), "classes_unseen_in_train": 0,
             "top1": np.nan, "top1_std": 0.0, "mean_per_class_acc": np.nan, "mean_per_class_acc_std": 0.0,
             "mAP": mean_average_precision(truth, scores), "mAP_voc07": mean_average_precision(truth, scores, eleven_point=True),
-            "fit_seconds": round(seconds, 3),
+            "fit_seconds": round(sum(p.fit_seconds_ for p in probes), 3),
         }
 
     def _cross_target(self, store):
@@ -254,7 +307,7 @@ class Evaluation:
                 raise StoreMismatchError(f"{other} was made with other settings than {store.path}:\n  " + "\n  ".join(differences))
             unknown = sorted(set(target.classes) - set(store.classes))
             if unknown:
-                raise ValueError(f"{other} has classes the probe never saw: {unknown[:10]}")
+                raise UserError(f"{other} has classes the probe never saw: {unknown[:10]}")
             splits = target.splits
             test_split = "test" if "test" in set(splits) else "all"
             rows = np.flatnonzero(splits == "test") if test_split == "test" else np.arange(len(target))
@@ -263,50 +316,37 @@ class Evaluation:
             raise
         return target, rows, f"{self.protocol.other_dataset}:{test_split}"
 
-    def _few_shot(self, store, tap, classifier) -> list[dict]:
+    def _repeated(self, store, tap, classifier) -> list[dict]:
+        """Few-shot (k per class from the training split, for each k) and sampled (k per class from
+        the source domain): ``repeats`` seeded draws each, tested on the same test rows."""
         labels, splits = store.labels, store.splits
-        train, test_split = choose_splits(splits)
+        train, test_split = choose_splits(splits, self.protocol.train_split, self.protocol.test_split)
         candidates, test_rows = np.flatnonzero(splits == train), np.flatnonzero(splits == test_split)
         rows = []
         for shots in self.protocol.shots:
-            scores, balanced, seconds, chosen_C, converged = [], [], [], [], []
+            draws = []
             for repeat in range(self.settings.repeats):
                 seed = self.settings.seed + repeat
                 train_rows = few_shot_rows(labels, candidates, shots, seed)
                 probe = _fit(self.settings, classifier, store, tap, train_rows, labels, seed)
                 predicted = _predict(probe, store, tap, test_rows)
-                scores.append(top1(labels[test_rows], predicted))
-                balanced.append(mean_per_class_accuracy(labels[test_rows], predicted))
-                seconds.append(probe.fit_seconds_)
-                chosen_C.append(probe.best_C_)
-                converged.append(probe.converged_)
+                draws.append({"top1": accuracy_score(labels[test_rows], predicted),
+                              "balanced": mean_per_class_accuracy(labels[test_rows], predicted), "probe": probe})
+            unseen = self._check_fit(store, tap, classifier, probe, labels[train_rows], labels[test_rows])
+            probes = [d["probe"] for d in draws]
+            cv_scores = [p.cv_score_ for p in probes]
             rows.append({
-                **self._base_row(store, tap, classifier), "protocol": f"{shots}-shot", "train_split": train,
-                "test_split": test_split, "C": float(np.median(chosen_C)), "converged": all(converged),
-                "cv_splits": probe.n_splits_, "repeats": self.settings.repeats, "n_train": len(train_rows),
-                "n_test": len(test_rows), "top1": float(np.mean(scores)), "top1_std": float(np.std(scores)),
-                "mean_per_class_acc": float(np.mean(balanced)), "mean_per_class_acc_std": float(np.std(balanced)),
-                "fit_seconds": round(float(np.mean(seconds)), 3),
+                **self._base_row(store, tap, classifier), "protocol": self.protocol.name if self.protocol.sampled else f"{shots}-shot",
+                "train_split": train, "test_split": test_split, "C": float(np.median([p.best_C_ for p in probes])),
+                "cv_score": float(np.mean(cv_scores)) if np.all(np.isfinite(cv_scores)) else np.nan,
+                "selection": probe.selection_ + f", per draw ({shots} per class)", "converged": all(p.converged_ for p in probes),
+                "cv_splits": probe.n_splits_, "n_train": len(train_rows), "n_test": len(test_rows), "classes_unseen_in_train": unseen,
+                "top1": float(np.mean([d["top1"] for d in draws])), "top1_std": float(np.std([d["top1"] for d in draws])),
+                "mean_per_class_acc": float(np.mean([d["balanced"] for d in draws])),
+                "mean_per_class_acc_std": float(np.std([d["balanced"] for d in draws])),
+                "fit_seconds": round(float(np.mean([p.fit_seconds_ for p in probes])), 3),
             })
         return rows
-
-
-def update_results(csv_path: str | Path, rows: list[dict]) -> pd.DataFrame:
-    """Merge ``rows`` into ``results.csv``: a rerun replaces the rows with the same key."""
-    csv_path = Path(csv_path)
-    new = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    if csv_path.is_file():
-        old = pd.read_csv(csv_path)
-        keys = set(map(tuple, new[RESULT_KEY].astype(str).to_numpy()))
-        old = old[[tuple(k) not in keys for k in old[RESULT_KEY].astype(str).to_numpy()]]
-        old = old.reindex(columns=RESULT_COLUMNS)
-        new = pd.concat([old, new], ignore_index=True) if len(old) else new
-    new = new.sort_values(["features", "layer_depth", "classifier", "protocol"], kind="stable")
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_suffix(".csv.tmp")
-    new.to_csv(tmp, index=False)
-    tmp.replace(csv_path)
-    return new
 
 
 def store_paths(features_dir: str | Path, dataset: str, features=None) -> list[Path]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from classify.probe import signed_sqrt
 from extract.store import FeatureStore, StoreMismatchError, canonical_json, fingerprint_differences
+from extract.errors import UserError
 
 FORMAT_VERSION = 1
 
@@ -63,7 +64,7 @@ class SavedProbe:
     def load(cls, path: str | Path) -> SavedProbe:
         with np.load(path, allow_pickle=False) as data:
             if int(data["format_version"]) != FORMAT_VERSION:
-                raise ValueError(f"{path}: probe format {int(data['format_version'])}, this code reads {FORMAT_VERSION}")
+                raise UserError(f"{path}: probe format {int(data['format_version'])}, this code reads {FORMAT_VERSION}")
             return cls(
                 coef=data["coef"], intercept=data["intercept"], classes=data["classes"].tolist(),
                 normalization=str(data["normalization"]), C=float(data["C"]), layer=str(data["layer"]),
@@ -85,7 +86,7 @@ class SavedProbe:
     def normalize(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.dim:
-            raise ValueError(f"the probe expects (n, {self.dim}) features. Received: {X.shape}")
+            raise UserError(f"the probe expects (n, {self.dim}) features. Received: {X.shape}")
         if self.normalization == "standard":
             return (X - self.mean) / self.scale
         if self.normalization == "sqrt":

@@ -28,16 +28,19 @@ from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
+from extract.errors import UserError
 
 CLASSIFIERS = ("logreg", "svm")
 NORMALIZATIONS = ("standard", "l2", "sqrt", "none")
 SEARCHES = ("cv", "val")
+SCORINGS = ("accuracy", "average_precision")
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-5, 3, 9))
 DEFAULT_VAL_FRACTION = 0.2
 
@@ -65,7 +68,7 @@ def make_normalizer(normalization: str):
         return Pipeline([("sqrt", FunctionTransformer(signed_sqrt)), ("l2", Normalizer(norm="l2"))])
     if normalization == "none":
         return FunctionTransformer()
-    raise ValueError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}")
+    raise UserError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}")
 
 
 def make_classifier(classifier: str, *, C: float, max_iter: int, seed: int):
@@ -74,7 +77,7 @@ def make_classifier(classifier: str, *, C: float, max_iter: int, seed: int):
     if classifier == "svm":
         # The dual solver: with as many samples as dimensions the primal one was 20-30x slower here.
         return LinearSVC(C=C, max_iter=max_iter, random_state=seed, dual=True)
-    raise ValueError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
+    raise UserError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
 
 
 def _fit_quietly(model, X, y) -> bool:
@@ -85,15 +88,20 @@ def _fit_quietly(model, X, y) -> bool:
     return not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
 
-def _fit_split(classifier, normalization, max_iter, seed, X_train, y_train, X_val, y_val, C, state):
-    """Fit one split at one C, warm-started from ``state`` (the previous C's weights)."""
+def _fit_split(classifier, normalization, scoring, max_iter, seed, X_train, y_train, X_val, y_val, C, state):
+    """Fit one split at one C, warm-started from ``state`` (the previous C's weights); score it on
+    the held-out part: accuracy, or average precision of a binary probe (multi-label datasets)."""
     with threadpool_limits(1):
         normalizer = make_normalizer(normalization).fit(X_train)
         model = make_classifier(classifier, C=C, max_iter=max_iter, seed=seed)
         if state is not None and classifier == "logreg":
             model.coef_, model.intercept_ = state
         _fit_quietly(model, normalizer.transform(X_train), y_train)
-        score = float(np.mean(model.predict(normalizer.transform(X_val)) == y_val))
+        X_val = normalizer.transform(X_val)
+        if scoring == "average_precision":
+            score = float(average_precision_score(y_val, model.decision_function(X_val)))
+        else:
+            score = float(np.mean(model.predict(X_val) == y_val))
     return score, (model.coef_, model.intercept_)
 
 
@@ -104,8 +112,11 @@ def default_jobs() -> int:
 class LinearProbe(ClassifierMixin, BaseEstimator):
     """Normalise, then a linear classifier whose C is searched on the training rows.
 
-    After ``fit``: ``best_C_``, ``cv_scores_`` (n_Cs x n_splits validation accuracy),
-    ``n_splits_``, ``converged_`` (of the final refit), ``fit_seconds_``, ``pipeline_``.
+    After ``fit``: ``best_C_``, ``cv_scores_`` (n_Cs x n_splits validation scores), ``cv_score_``
+    (the mean validation score at ``best_C_``: the model-selection score, NaN when no rows could
+    be held out), ``n_splits_``, ``selection_`` (what chose C, in words), ``converged_`` (of the
+    final refit), ``fit_seconds_``, ``pipeline_``. ``scoring`` is ``accuracy``, or
+    ``average_precision`` for a binary probe of a multi-label dataset.
     """
 
     def __init__(
@@ -117,6 +128,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         cv: int = 3,
         val_fraction: float = DEFAULT_VAL_FRACTION,
         normalization: str = "standard",
+        scoring: str = "accuracy",
         max_iter: int = 1000,
         patience: int | None = 2,
         seed: int = 0,
@@ -128,6 +140,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.cv = cv
         self.val_fraction = val_fraction
         self.normalization = normalization
+        self.scoring = scoring
         self.max_iter = max_iter
         self.patience = patience
         self.seed = seed
@@ -142,7 +155,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             if smallest_class < 2 or len(y) - n_val < len(self.classes_):
                 return []
             return list(StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=self.seed).split(X, y))
-        raise ValueError(f"search={self.search!r} is not one of {SEARCHES}")
+        raise UserError(f"search={self.search!r} is not one of {SEARCHES}")
 
     def _search_path(self, X, y, splits, Cs) -> np.ndarray:
         """Validation accuracy (n_Cs x n_splits), walking C upwards; NaN where the walk stopped early."""
@@ -151,7 +164,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         with Parallel(n_jobs=min(len(splits), self.n_jobs or default_jobs())) as parallel:
             for i, C in enumerate(Cs):
                 results = parallel(
-                    delayed(_fit_split)(self.classifier, self.normalization, self.max_iter, self.seed, X[tr], y[tr], X[va], y[va], C, state)
+                    delayed(_fit_split)(self.classifier, self.normalization, self.scoring, self.max_iter, self.seed,
+                                        X[tr], y[tr], X[va], y[va], C, state)
                     for (tr, va), state in zip(splits, states)
                 )
                 scores[i] = [score for score, _ in results]
@@ -166,19 +180,26 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y)
         if X.ndim != 2 or len(X) != len(y):
-            raise ValueError(f"expected X of shape (n, d) and n labels; got X {X.shape} and {len(y)} labels")
+            raise UserError(f"expected X of shape (n, d) and n labels; got X {X.shape} and {len(y)} labels")
+        if self.scoring not in SCORINGS:
+            raise UserError(f"scoring={self.scoring!r} is not one of {SCORINGS}")
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ValueError(f"a probe needs at least two classes in the training rows; found {self.classes_.tolist()}")
+            raise UserError(f"a probe needs at least two classes in the training rows; found {self.classes_.tolist()}")
         Cs = np.sort(np.asarray(self.Cs, dtype=float))
         splits = self._splits(X, y, int(np.bincount(np.searchsorted(self.classes_, y)).min())) if len(Cs) > 1 else []
         if splits:
             self.cv_scores_ = self._search_path(X, y, splits, Cs)
             mean = self.cv_scores_.mean(axis=1)  # NaN past the end of the walk
-            self.best_C_ = float(Cs[int(np.flatnonzero(mean == np.nanmax(mean))[0])])  # ties: stronger regularisation
+            best = int(np.flatnonzero(mean == np.nanmax(mean))[0])  # ties: stronger regularisation
+            self.best_C_, self.cv_score_ = float(Cs[best]), float(mean[best])
+            self.selection_ = (f"C by {len(splits)}-fold CV" if self.search == "cv"
+                               else f"C by a {self.val_fraction:.0%} validation split") + f" ({self.scoring})"
         else:  # too few images per class to hold any out: the middle of the grid
             self.cv_scores_ = np.zeros((len(Cs), 0))
-            self.best_C_ = float(Cs[len(Cs) // 2])
+            self.best_C_, self.cv_score_ = float(Cs[len(Cs) // 2]), float("nan")
+            self.selection_ = ("C fixed at the grid's middle (too few images per class to hold any out)" if len(Cs) > 1
+                               else "C fixed (one value given)")
         self.n_splits_ = len(splits)
         self.pipeline_ = Pipeline([
             ("normalize", make_normalizer(self.normalization)),
@@ -204,23 +225,34 @@ class StreamingSGDProbe(ClassifierMixin, BaseEstimator):
     The scaler is fitted in one streaming pass over the training rows. ``alpha`` (the SGD
     form of 1 / (C n)) is chosen on a stratified validation part of the training rows,
     then the probe is refitted on all of them; every pass reads ``chunk_rows`` at a time.
+    ``converged_`` is true when the weights changed by less than ``tol`` (relative to
+    their norm) over the final refit's last epoch.
     """
 
     normalization = "standard"
 
-    def __init__(self, *, Cs=DEFAULT_CS, epochs: int = 5, chunk_rows: int = 4096, val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0):
+    def __init__(self, *, Cs=DEFAULT_CS, epochs: int = 5, tol: float = 1e-2, chunk_rows: int = 4096,
+                 val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0):
         self.Cs = Cs
         self.epochs = epochs
+        self.tol = tol
         self.chunk_rows = chunk_rows
         self.val_fraction = val_fraction
         self.seed = seed
 
     def _passes(self, store, layer, rows, labels, model, scaler):
+        """``epochs`` passes of ``partial_fit``; sets ``model.last_change_``, the relative change of the
+        weights over the last pass (the convergence test: below ``tol``)."""
         rng = np.random.default_rng(self.seed)
+        before = None
         for _ in range(self.epochs):
+            if hasattr(model, "coef_"):
+                before = model.coef_.copy()
             for positions, X in store.iter_chunks(layer, rows, self.chunk_rows):
                 order = rng.permutation(len(positions))
                 model.partial_fit(scaler.transform(X[order]), labels[positions[order]], classes=self.classes_)
+        model.last_change_ = (float(np.linalg.norm(model.coef_ - before) / max(np.linalg.norm(model.coef_), 1e-12))
+                              if before is not None else float("inf"))
         return model
 
     def _score(self, store, layer, rows, labels, model, scaler) -> float:
@@ -243,11 +275,14 @@ class StreamingSGDProbe(ClassifierMixin, BaseEstimator):
             [self._score(store, layer, val_rows, labels, self._passes(store, layer, fit_rows, labels, self._model(C, len(fit_rows)), scaler), scaler)]
             for C in Cs
         ])
-        self.best_C_ = float(Cs[int(np.argmax(self.cv_scores_[:, 0]))])
+        best = int(np.argmax(self.cv_scores_[:, 0]))
+        self.best_C_, self.cv_score_ = float(Cs[best]), float(self.cv_scores_[best, 0])
         self.n_splits_ = 1
+        self.selection_ = f"C by a {self.val_fraction:.0%} validation split (accuracy)"
         model = self._passes(store, layer, rows, labels, self._model(self.best_C_, len(rows)), scaler)
         self.pipeline_ = Pipeline([("normalize", scaler), ("classify", model)])
-        self.converged_ = True  # a fixed number of epochs: SGD has no convergence criterion here
+        # The weights moved less than ``tol`` (relative) over the last epoch.
+        self.converged_ = model.last_change_ < self.tol
         self.fit_seconds_ = time.perf_counter() - start
         return self
 

@@ -8,9 +8,9 @@ import logging
 import sys
 
 from extract.datasets import CROPS, DATASETS, load_dataset
+from extract.errors import UserError
 from extract.images import ImageDecodeError
 from extract.pipeline import CHECKPOINT_SECONDS
-from extract.store import StoreError
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,7 +149,7 @@ def run_command(func, args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         func(args)
-    except (ImageDecodeError, StoreError, FileNotFoundError, ValueError) as error:
+    except (UserError, FileNotFoundError) as error:  # a bug elsewhere keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ import numpy as np
 from extract import package_versions
 from extract.backbones import FeatureInfo, get_backbone, layer_paths, tap_tensor
 from extract.images import fit_to_input
+from extract.errors import UserError
 
 POOLINGS = ("avg", "max", "avgmax", "spp")
 WHOLE_IMAGE = 1.0
@@ -36,7 +37,7 @@ def select_taps(feature_info: Sequence[FeatureInfo], layers=None, layer_names: S
             layers = int(layers[0])
     if isinstance(layers, int):
         if not 1 <= layers <= len(names):
-            raise ValueError(f"layers={layers} must be between 1 and {len(names)} (the number of taps)")
+            raise UserError(f"layers={layers} must be between 1 and {len(names)} (the number of taps)")
         return list(feature_info[-layers:])
     chosen: set[int] = set()
     extra: dict[str, FeatureInfo] = {}
@@ -44,7 +45,7 @@ def select_taps(feature_info: Sequence[FeatureInfo], layers=None, layer_names: S
         if isinstance(item, int) or (isinstance(item, str) and item.lstrip("-").isdigit()):
             index = int(item)
             if not -len(names) <= index < len(names):
-                raise ValueError(f"tap index {index} is out of range for {len(names)} taps: {names}")
+                raise UserError(f"tap index {index} is out of range for {len(names)} taps: {names}")
             chosen.add(index % len(names))
             continue
         matches = [i for i, name in enumerate(names) if fnmatch.fnmatchcase(name, item)]
@@ -53,7 +54,7 @@ def select_taps(feature_info: Sequence[FeatureInfo], layers=None, layer_names: S
             continue
         layer_matches = [path for path in layer_names if fnmatch.fnmatchcase(path, item)]
         if not layer_matches:
-            raise ValueError(f"no tap or layer matches {item!r}; taps: {names}; any Keras layer name also works (see `make layers`)")
+            raise UserError(f"no tap or layer matches {item!r}; taps: {names}; any Keras layer name also works (see `make layers`)")
         extra.update({path: FeatureInfo(path, path, -1, -1) for path in layer_matches})
     declared = [feature_info[i] for i in sorted(chosen)]
     if not extra:
@@ -100,7 +101,7 @@ def pooling_layer(pooling: str, name: str) -> keras.layers.Layer:
         return SpatialPyramidPooling(name=name)
     if pooling == "avgmax":
         return GlobalAvgMaxPooling(name=name)
-    raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
+    raise UserError(f"pooling={pooling!r} is not one of {POOLINGS}")
 
 
 POOLED_WIDTH = {"avg": 1, "max": 1, "avgmax": 2, "spp": 5}
@@ -155,7 +156,7 @@ class CNNFeaturizer:
         crop_pct: float | None = None,
     ):
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
+            raise UserError(f"pooling={pooling!r} is not one of {POOLINGS}")
         self.spec = get_backbone(backbone)
         self.name = self.spec.name if pooling == "avg" else f"{self.spec.name}-{pooling}"
         self.pooling = pooling
@@ -177,7 +178,7 @@ class CNNFeaturizer:
                 stride = self.input_size // tensor.shape[1] if len(tensor.shape) == 4 and tensor.shape[1] else 0
                 info = FeatureInfo(info.name, info.layer, int(tensor.shape[-1]), stride)
             elif tensor.shape[-1] != info.channels:
-                raise ValueError(
+                raise UserError(
                     f"{backbone}: tap {info.name} declares {info.channels} channels but layer "
                     f"{info.layer!r} gives {tensor.shape[-1]}"
                 )

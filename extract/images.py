@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
+from extract.errors import UserError
 
 # Decoding threads already use every core; OpenCV's own pool would only oversubscribe them.
 cv2.setNumThreads(1)
@@ -30,7 +31,7 @@ ALPHA_BACKGROUND = (255, 255, 255)
 MAX_PIXELS = 4 * 89_478_485
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError):
     """An image file could not be decoded. ``path`` names it."""
 
     def __init__(self, path, reason: str):
@@ -101,9 +102,9 @@ def fit_to_input(rgb: np.ndarray, size: int, *, crop_pct: float = 1.0, interpola
     when shrinking (no aliasing) and bicubic when enlarging.
     """
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation={interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+        raise UserError(f"interpolation={interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
     if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1]. Received: crop_pct={crop_pct}")
+        raise UserError(f"crop_pct must be in (0, 1]. Received: crop_pct={crop_pct}")
     height, width = rgb.shape[:2]
     side = max(1, round(min(height, width) * crop_pct))
     top, left = (height - side) // 2, (width - side) // 2

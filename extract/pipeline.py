@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from extract.datasets import ImageDataset
 from extract.images import ImageDecodeError
 from extract.store import StoreWriter
+from extract.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def extract_to_store(
     bad image raises ``ImageDecodeError`` naming it, or with ``on_error="skip"`` records it.
     """
     if on_error not in ON_ERROR:
-        raise ValueError(f"on_error={on_error!r} is not one of {ON_ERROR}")
+        raise UserError(f"on_error={on_error!r} is not one of {ON_ERROR}")
     stats = list(getattr(featurizer, "stats", []))
     with StoreWriter(path, dataset=dataset, extractor=featurizer.name, fingerprint=featurizer.fingerprint(),
                      taps=featurizer.taps, stats=stats, overwrite=overwrite) as writer:

@@ -56,6 +56,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from extract.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ CHUNK_BYTES = 1 << 20
 MANIFEST = "manifest.json"
 
 
-class StoreError(ValueError):
+class StoreError(UserError):
     """A feature store is unreadable, incomplete or of another schema. Names the file."""
 
 
@@ -356,15 +357,15 @@ class StoreWriter:
         """Persist the features of ``rows`` (dataset indices) and the rows skipped with reasons."""
         rows = np.asarray(rows, dtype=np.int64)
         if set(features) != set(self.taps) | set(self.stats):
-            raise ValueError(f"shard has {sorted(features)}, the store expects layers {self.taps} and stats {self.stats}")
+            raise UserError(f"shard has {sorted(features)}, the store expects layers {self.taps} and stats {self.stats}")
         for name, array in features.items():
             if len(array) != len(rows):
-                raise ValueError(f"layer {name!r}: {len(array)} feature rows for {len(rows)} images")
+                raise UserError(f"layer {name!r}: {len(array)} feature rows for {len(rows)} images")
         skipped_rows = np.asarray([r for r, _ in skipped], dtype=np.int64)
         if len(rows) + len(skipped_rows) == 0:
             return
         if self._done[rows].any() or self._done[skipped_rows].any():
-            raise ValueError("a shard would write rows that are already stored")
+            raise UserError("a shard would write rows that are already stored")
         first = int(min(rows.min(initial=len(self._done)), skipped_rows.min(initial=len(self._done))))
         payload = {f"{'stat' if name in self.stats else 'layer'}/{name}": np.asarray(array, dtype=np.float32) for name, array in features.items()}
         payload.update(rows=rows, skipped_rows=skipped_rows, skipped_reasons=np.asarray([r for _, r in skipped], dtype=str))

@@ -20,6 +20,7 @@ from classify.evaluate import Evaluation, ProbeSettings, parse_protocol
 from conftest import ROOT
 from extract.datasets import DATASETS, DatasetNotFoundError, dataset_slug, load_dataset, locate
 from extract.datasets.download import Download, check_archive, safe_extract
+from extract.errors import UserError
 from extract.store import FeatureStore
 
 
@@ -165,9 +166,12 @@ def test_office31_and_office_caltech10_domains_are_splits(tmp_path):
     assert "transfer:amazon->webcam" in DATASETS["office31"].protocols
 
     ten = tmp_path / "office_caltech_10"
-    for domain in ("amazon", "caltech", "dslr", "webcam"):
+    for domain in ("amazon", "Caltech10", "dslr", "webcam"):  # the names people have: any case, with or without 10
         write_jpeg(ten / domain / "mug" / "1.jpg", size=(8, 8))
     assert Counter(load_dataset("office_caltech10", data_dir=str(tmp_path)).splits) == {d: 1 for d in ("amazon", "caltech", "dslr", "webcam")}
+    (ten / "Caltech10").rename(ten / "caltech256")
+    with pytest.raises(UserError, match=r"no folder for the office_caltech10 domain 'caltech'.*found: amazon, caltech256, dslr, webcam"):
+        load_dataset("office_caltech10", data_dir=str(ten))
 
 
 def test_flowers102_official_mat_files(tmp_path):
@@ -257,10 +261,16 @@ def test_voc_map_probe_on_classes_present(tmp_path):
     entries = [(p, full.classes[keep[int(np.argmax(t[keep] == 1))]], s) for p, t, s in zip(full.paths, full.targets, full.splits)]
     dataset = file_dataset("voc3", voc, entries, classes=[full.classes[c] for c in keep], targets=full.targets[:, keep])
     path = extract_to_store(dataset, ColorHistogram(), tmp_path / "voc3.h5", progress=False)
-    rows = Evaluation(path, parse_protocol("given"), ProbeSettings(Cs=(0.1, 1.0), cv=2)).run(progress=False)
+    rows = Evaluation(path, parse_protocol("given"), ProbeSettings(Cs=(0.1, 1.0), cv=2), out_dir=tmp_path / "out").run(progress=False)
     assert len(rows) == 1 and np.isnan(rows[0]["top1"])
     # cats are red and dogs blue: both test images are ranked right for cat and dog
-    assert 0.0 <= rows[0]["mAP"] <= 1.0 and rows[0]["mAP"] >= 2 / 3
+    from classify.metrics import average_precision
+
+    scores = pd.read_csv(tmp_path / "out" / "predictions" / "color" / "hsv256__logreg__given.scores.csv")
+    truth = dataset.targets[np.asarray(dataset.splits) == "test"]
+    assert [average_precision(truth[:, c], scores[name]) for c, name in enumerate(("cat", "dog"))] == [1.0, 1.0]
+    person = average_precision(truth[:, 2], scores["person"])
+    assert rows[0]["mAP"] == pytest.approx((2 + person) / 3) and rows[0]["mAP"] > 2 / 3
 
 
 def _tar_with(path: Path, name: str, *, symlink_to: str | None = None) -> Path:
@@ -343,9 +353,10 @@ def test_make_extract_birds_and_data_info_on_the_official_layout(tmp_path):
 
 
 def test_office_domains_get_every_transfer_by_default_and_a_report(tmp_path):
-    """`make baselines` + `make classify` + `make report` on a fake Office-31: six source->target rows."""
+    """`make baselines` + `make classify` + `make report` on a fake Office-31: six source->target pairs, each
+    with the whole source domain and with the sampled protocol. Domain folders in any case."""
     office = tmp_path / "office31"
-    for d, domain in enumerate(("amazon", "dslr", "webcam")):
+    for d, domain in enumerate(("Amazon", "dslr", "WEBCAM")):
         for c, (name, colour) in enumerate((("mug", (220, 40, 40)), ("bike", (40, 40, 220)))):
             for n in range(4):
                 write_jpeg(office / domain / "images" / name / f"frame_{n:04d}.jpg", size=(24, 24), color=colour, seed=10 * d + 3 * c + n)
@@ -357,10 +368,15 @@ def test_office_domains_get_every_transfer_by_default_and_a_report(tmp_path):
         done = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
     table = pd.read_csv(tmp_path / "results" / "office31" / "results.csv")
-    assert sorted(table["protocol"]) == sorted(DATASETS["office31"].protocols) and len(table) == 6
-    assert set(zip(table["train_split"], table["test_split"])) == {(a, b) for a in ("amazon", "dslr", "webcam") for b in ("amazon", "dslr", "webcam") if a != b}
+    assert sorted(table["protocol"]) == sorted(DATASETS["office31"].protocols) and len(table) == 12
+    pairs = {(a, b) for a in ("amazon", "dslr", "webcam") for b in ("amazon", "dslr", "webcam") if a != b}
+    for kind in ("transfer:", "sampled:"):
+        rows = table[table["protocol"].str.startswith(kind)]
+        assert set(zip(rows["train_split"], rows["test_split"])) == pairs
     assert (table["top1"] == 1.0).all()  # red mugs and blue bikes in every domain
     report = (tmp_path / "reports" / "office31" / "report.md").read_text()
-    assert "Best: **color / hsv256 / logreg**, top-1 100.00%" in report  # ranked by the mean over the six transfers
-    assert "## Transfer across splits and datasets" in report
+    # ranked by the mean CV score over the six whole-source transfers
+    assert "Best by cross-validation on the training data: **color / hsv256 / logreg** (CV 100.00%), top-1 100.00%" in report
+    assert "## Domain transfer: whole source domain" in report and "## Domain transfer: sampled protocol" in report
+    assert "| amazon->webcam | 100.0 ± 0.0 (hsv256) |" in report
     assert "DeCAF6 LogReg / SVM" in report

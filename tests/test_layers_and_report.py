@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from classify.embed import balanced_sample, embed_layer, knn_accuracy
-from classify.evaluate import RESULT_COLUMNS
+from classify.results import RESULT_COLUMNS
 from classify.report import write_report, write_summary
 
 
@@ -47,9 +47,11 @@ def test_domain_report_ranks_by_the_mean_over_transfers(tmp_path):
     for protocol, scores in (("transfer:amazon->webcam", (0.6, 0.2)), ("transfer:dslr->webcam", (0.9, 0.4))):
         records += [
             {"features": "efficientnet_lite0", "kind": "cnn", "layer": "pre_logits", "layer_depth": 8, "classifier": "logreg",
-             "protocol": protocol, "top1": scores[0], "mean_per_class_acc": scores[0], "n_train": 100, "n_test": 50},
+             "protocol": protocol, "top1": scores[0], "mean_per_class_acc": scores[0], "n_train": 100, "n_test": 50,
+             "cv_score": 0.95, "selection": "C by 3-fold CV (accuracy)"},
             {"features": "surf_bow", "kind": "baseline", "layer": "bow", "layer_depth": 0, "classifier": "logreg",
-             "protocol": protocol, "top1": scores[1], "mean_per_class_acc": scores[1], "n_train": 100, "n_test": 50},
+             "protocol": protocol, "top1": scores[1], "mean_per_class_acc": scores[1], "n_train": 100, "n_test": 50,
+             "cv_score": 0.5, "selection": "C by 3-fold CV (accuracy)"},
         ]
     results = tmp_path / "results" / "office31"
     results.mkdir(parents=True)
@@ -58,15 +60,18 @@ def test_domain_report_ranks_by_the_mean_over_transfers(tmp_path):
     assert "top-1 75.00%" in report  # (0.6 + 0.9) / 2
     assert "(+45.00 points for the best)" in report
     assert "DeCAF6 LogReg / SVM" in report and "other networks and protocols" in report
-    assert "## Transfer across splits and datasets" in report
+    # DeCAF's Office table: per transfer, each feature set beside the other
+    assert "## Domain transfer: whole source domain" in report
+    assert "| source -> target | efficientnet_lite0 | surf_bow |" in report
+    assert "| amazon->webcam | 60.0 (pre_logits) | 20.0 (bow) |" in report
     summary = write_summary(tmp_path / "results", tmp_path / "reports", ["office31"]).read_text()
-    assert "| office31 | best CNN layer | efficientnet_lite0 | pre_logits | logreg | top-1 accuracy | 75.0 |" in summary
+    assert "| office31 | best CNN layer | efficientnet_lite0 | pre_logits | logreg | top-1 accuracy | 95.0 | 75.0 |" in summary
 
 
 def test_multilabel_report_uses_map(tmp_path):
     records = [{"features": "efficientnet_lite0", "kind": "cnn", "layer": name, "layer_depth": depth, "classifier": "logreg",
                 "protocol": "given", "top1": np.nan, "mean_per_class_acc": np.nan, "mAP": score, "mAP_voc07": score - 0.01,
-                "n_train": 5011, "n_test": 4952} for depth, (name, score) in enumerate((("stem", 0.3), ("pre_logits", 0.8)))]
+                "cv_score": score - 0.05, "n_train": 5011, "n_test": 4952} for depth, (name, score) in enumerate((("stem", 0.3), ("pre_logits", 0.8)))]
     results = tmp_path / "results" / "voc2007"
     results.mkdir(parents=True)
     _rows("voc2007", records).to_csv(results / "results.csv", index=False)

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from classify.evaluate import RESULT_COLUMNS, Evaluation, ProbeSettings, parse_protocol, update_results
-from classify.metrics import mean_per_class_accuracy, per_class_accuracy
+from classify.evaluate import Evaluation, ProbeSettings, parse_protocol
+from classify.metrics import mean_per_class_accuracy
 from classify.probe import NORMALIZATIONS, LinearProbe, parse_cs
+from classify.results import RESULT_COLUMNS, update_results
 from extract.datasets.base import ImageDataset
 from extract.store import StoreWriter
 
@@ -16,22 +17,28 @@ RNG = np.random.default_rng(0)
 
 
 def _blobs(n_per_class=30, dim=20, classes=3, spread=2.0, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0, spread, (classes, dim))
+    """Gaussian classes around centres that are the same for every seed; ``seed`` draws the points,
+    so test blobs drawn with another seed share no row with the training blobs."""
+    centres = np.random.default_rng(1234).normal(0, spread, (classes, dim))
     y = np.repeat(np.arange(classes), n_per_class)
-    return (centres[y] + rng.normal(0, 1, (len(y), dim))).astype(np.float32), y
+    return (centres[y] + np.random.default_rng(seed).normal(0, 1, (len(y), dim))).astype(np.float32), y
 
 
 @pytest.mark.parametrize("classifier", ["logreg", "svm"])
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_probe_learns_and_records_its_choices(classifier, normalization):
     X, y = _blobs()
-    X_test, y_test = _blobs(seed=0, n_per_class=10)
+    X_test, y_test = _blobs(seed=1, n_per_class=10)
     probe = LinearProbe(classifier, Cs=(0.01, 0.1, 1.0), cv=3, normalization=normalization).fit(X, y)
     assert probe.best_C_ in (0.01, 0.1, 1.0)
     assert probe.cv_scores_.shape == (3, 3) and probe.n_splits_ == 3
-    assert probe.converged_ in (True, False)
+    # the selection score is the mean held-out score at the chosen C
+    assert probe.cv_score_ == pytest.approx(probe.cv_scores_[[0.01, 0.1, 1.0].index(probe.best_C_)].mean())
+    assert probe.selection_ == "C by 3-fold CV (accuracy)"
+    assert probe.converged_
     assert probe.score(X_test, y_test) > 0.9
+    starved = LinearProbe(classifier, Cs=(1.0,), normalization=normalization, max_iter=1).fit(X, y)
+    assert not starved.converged_ and starved.selection_ == "C fixed (one value given)" and np.isnan(starved.cv_score_)
 
 
 def test_probe_refuses_a_single_class():
@@ -48,13 +55,19 @@ def test_mean_per_class_accuracy_weights_classes_equally():
     y_true = np.array([0, 0, 0, 0, 1])
     y_pred = np.array([0, 0, 0, 0, 0])
     assert mean_per_class_accuracy(y_true, y_pred) == pytest.approx(0.5)
-    np.testing.assert_array_equal(per_class_accuracy(y_true, y_pred, [0, 1, 2]), [1.0, 0.0, np.nan])
+    # a class absent from the test split but predicted (2) is no class of its own: it only costs
+    # the images predicted as it, as the mean over the classes of y_true does
+    y_pred = np.array([0, 0, 2, 2, 1])
+    per_class = [np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]
+    assert mean_per_class_accuracy(y_true, y_pred) == pytest.approx(np.mean(per_class)) == pytest.approx(0.75)
 
 
-def _store(path, X, y, splits):
+def _store(path, X, y, splits, *, fingerprint=None, layers=None):
+    """A store of the features ``X`` (layer "layer"), or of several ``layers`` {name: X}."""
+    layers = layers or {"layer": X}
     dataset = ImageDataset("blobs", ("a", "b", "c"), tuple(f"x{i}" for i in range(len(y))), y, tuple(splits), read=None)
-    with StoreWriter(path, dataset=dataset, extractor="toy", fingerprint={"toy": 1}, taps=["layer"]) as writer:
-        writer.write_shard(np.arange(len(y)), {"layer": X})
+    with StoreWriter(path, dataset=dataset, extractor=path.stem, fingerprint=fingerprint or {"toy": 1}, taps=list(layers)) as writer:
+        writer.write_shard(np.arange(len(y)), layers)
         writer.finalize()
     return path
 
@@ -76,24 +89,40 @@ def test_poisoned_test_rows_change_nothing_in_the_fit(tmp_path):
     assert clean_rows[0]["n_train"] == 90 and clean_rows[0]["n_test"] == 30
 
 
-def test_results_csv_replaces_rows_of_a_rerun(tmp_path):
+def test_results_csv_keys_rows_by_experiment_and_caches_them(tmp_path):
+    from classify.results import read_results
+
     X, y = _blobs()
     splits = np.where(np.arange(len(y)) % 3 == 0, "test", "train")
     path = _store(tmp_path / "s.h5", X, y, splits)
     csv = tmp_path / "results.csv"
     given = parse_protocol("given")
-    update_results(csv, Evaluation(path, given, ProbeSettings(("logreg", "svm"), Cs=(0.1, 1.0))).run(progress=False))
-    update_results(csv, Evaluation(path, given, ProbeSettings(("logreg",), Cs=(0.1, 1.0), seed=3)).run(progress=False))
+    both = ProbeSettings(("logreg", "svm"), Cs=(0.1, 1.0))
+    update_results(csv, Evaluation(path, given, both).run(progress=False))
     table = pd.read_csv(csv)
-    assert list(table.columns) == RESULT_COLUMNS
-    assert len(table) == 2 and set(table["classifier"]) == {"logreg", "svm"}
-    assert table.set_index("classifier").loc["logreg", "seed"] == 3
+    assert list(table.columns) == RESULT_COLUMNS and len(table) == 2
+    # the same settings again: nothing is fitted, the rows come back as they were
+    again = Evaluation(path, given, both, results=read_results(csv))
+    rows = again.run(progress=False)
+    assert again.cached == 2 and [r["created"] for r in rows] == table["created"].tolist()
+    update_results(csv, rows)
+    assert len(pd.read_csv(csv)) == 2
+    # another seed or C grid is another experiment: a row of its own
+    other_seed = Evaluation(path, given, ProbeSettings(("logreg",), Cs=(0.1, 1.0), seed=3), results=read_results(csv))
+    update_results(csv, other_seed.run(progress=False))
+    assert other_seed.cached == 0 and sorted(pd.read_csv(csv)["seed"]) == [0, 0, 3]
+    # the store rebuilt with other settings: its old rows go, whatever their seed
+    path.unlink()
+    rebuilt = _store(path, X, y, splits, fingerprint={"toy": 2})
+    update_results(csv, Evaluation(rebuilt, given, ProbeSettings(("logreg",), Cs=(0.1, 1.0)), results=read_results(csv)).run(progress=False))
+    table = pd.read_csv(csv)
+    assert len(table) == 1 and table["store_fingerprint"].nunique() == 1
 
 
 def test_average_precision_matches_scikit_learn_and_voc07():
     from sklearn.metrics import average_precision_score
 
-    from classify.metrics import average_precision, confusion, mean_average_precision
+    from classify.metrics import average_precision, mean_average_precision
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 200)
@@ -105,7 +134,6 @@ def test_average_precision_matches_scikit_learn_and_voc07():
     Y = np.stack([y, 1 - y], axis=1)
     assert mean_average_precision(Y, np.stack([scores, -scores], axis=1)) == pytest.approx(
         (area + average_precision(1 - y, -scores)) / 2)
-    np.testing.assert_array_equal(confusion(["a", "b", "b"], ["a", "a", "b"], ["a", "b"]), [[1, 0], [1, 1]])
 
 
 # -- protocols, persistence, streaming ------------------------------------------------------------
@@ -121,13 +149,16 @@ def _domains_store(path, seed=0):
 
 
 def test_few_shot_rows_report_mean_and_std(tmp_path):
-    X, y = _blobs(n_per_class=30)
+    X, y = _blobs(n_per_class=30, spread=0.5)  # close classes: one image per class is not enough
     path = _store(tmp_path / "s.h5", X, y, np.where(np.arange(len(y)) % 3 == 0, "test", "train"))
     rows = Evaluation(path, parse_protocol("fewshot:1,5"), ProbeSettings(Cs=(0.1, 1.0), repeats=3)).run(progress=False)
     assert [r["protocol"] for r in rows] == ["1-shot", "5-shot"]
     assert [r["n_train"] for r in rows] == [3, 15]
-    assert all(r["repeats"] == 3 and r["top1_std"] >= 0 for r in rows)
-    assert rows[1]["top1"] > 0.8
+    assert all(r["repeats"] == 3 for r in rows)
+    assert rows[0]["top1_std"] > 0  # one image per class: the draws disagree
+    # one image per class leaves nothing to hold out: C is fixed and there is no selection score
+    assert np.isnan(rows[0]["cv_score"]) and "too few images" in rows[0]["selection"]
+    assert rows[1]["cv_score"] > 0.6 and rows[1]["top1"] > max(0.6, rows[0]["top1"])  # chance: 1/3
 
 
 def test_transfer_protocol_trains_on_one_domain_and_tests_on_another(tmp_path):
@@ -143,7 +174,7 @@ def test_cross_dataset_protocol_needs_the_same_extractor(tmp_path):
     X, y = _blobs(n_per_class=30)
     splits = np.where(np.arange(len(y)) % 3 == 0, "test", "train")
     source = _store(tmp_path / "source" / "toy.h5", X, y, splits)
-    X_other, y_other = _blobs(n_per_class=10, seed=0)
+    X_other, y_other = _blobs(n_per_class=10, seed=2)
     _store(tmp_path / "other" / "toy.h5", X_other, y_other, np.full(len(y_other), "test"))
     row, = Evaluation(source, parse_protocol("cross:other"), ProbeSettings(Cs=(0.1,))).run(progress=False)
     assert row["test_split"] == "other:test" and row["n_test"] == 30 and row["top1"] > 0.8
@@ -188,7 +219,124 @@ def test_streaming_sgd_probe_reads_chunks(tmp_path):
     path = _store(tmp_path / "s.h5", X, y, splits)
     with FeatureStore(path) as store:
         train = np.flatnonzero(store.splits == "train")
-        probe = StreamingSGDProbe(Cs=(0.1, 10.0), chunk_rows=16, epochs=3).fit_store(store, "layer", train, store.labels)
+        probe = StreamingSGDProbe(Cs=(0.1, 10.0), chunk_rows=16, epochs=20).fit_store(store, "layer", train, store.labels)
         test = store.splits == "test"
-        assert probe.best_C_ in (0.1, 10.0)
+        assert probe.best_C_ in (0.1, 10.0) and probe.cv_score_ == probe.cv_scores_.max()
         assert np.mean(probe.predict(store.features("layer", test)) == store.labels[test]) > 0.9
+        assert probe.converged_  # 20 epochs of a decaying step: the weights settle
+        one_pass = StreamingSGDProbe(Cs=(10.0,), chunk_rows=16, epochs=1).fit_store(store, "layer", train, store.labels)
+        assert not one_pass.converged_  # one epoch says nothing about convergence
+
+
+# -- model selection never sees the test split ------------------------------------------------------
+
+def test_noise_in_the_test_rows_changes_no_choice(tmp_path):
+    """Layer, classifier, C and the report's headline choice come from training rows only: replacing
+    every test row's features by noise changes the test numbers and nothing that was chosen."""
+    from classify.report import write_report
+
+    X, y = _blobs(n_per_class=40)
+    rng = np.random.default_rng(5)
+    layers = {"low": X + rng.normal(0, 4, X.shape).astype(np.float32), "mid": X + rng.normal(0, 2, X.shape).astype(np.float32), "high": X}
+    splits = np.where(np.arange(len(y)) % 4 == 0, "test", "train")
+    noisy = {name: np.where((splits == "test")[:, None], rng.normal(0, 50, X.shape), features).astype(np.float32)
+             for name, features in layers.items()}
+    chosen = {}
+    for name, features in (("clean", layers), ("noisy", noisy)):
+        root = tmp_path / name
+        store = _store(root / "features" / "blobs" / "toy.h5", X, y, splits, layers=features)
+        rows = Evaluation(store, parse_protocol("given"), ProbeSettings(("logreg", "svm"), Cs=(0.001, 0.1, 10.0))).run(progress=False)
+        update_results(root / "results" / "blobs" / "results.csv", rows)
+        report = write_report(root / "results" / "blobs" / "results.csv", root / "reports" / "blobs",
+                              features_dir=root / "features").read_text()
+        headline = next(line for line in report.splitlines() if line.startswith("Best by cross-validation"))
+        chosen[name] = ({(r["layer"], r["classifier"]): (r["C"], r["cv_score"]) for r in rows},
+                        headline.split(" on the test split")[0].split("), ")[0],
+                        {(r["layer"], r["classifier"]): r["top1"] for r in rows})
+    assert chosen["clean"][0] == chosen["noisy"][0]  # every C and every CV score
+    assert chosen["clean"][1] == chosen["noisy"][1]  # the headline's layer, classifier and CV score
+    assert max(chosen["noisy"][2].values()) < 0.7 < min(chosen["clean"][2][("high", c)] for c in ("logreg", "svm"))
+
+
+def test_the_report_labels_a_differing_test_best_as_an_oracle(tmp_path):
+    from classify.report import headline
+
+    rows = pd.DataFrame([
+        {"features": "a", "layer": "x", "layer_depth": 0, "classifier": "logreg", "cv_score": 0.9, "top1": 0.70, "mean_per_class_acc": 0.7,
+         "train_split": "train", "test_split": "test", "n_train": 10, "n_test": 10},
+        {"features": "a", "layer": "y", "layer_depth": 1, "classifier": "logreg", "cv_score": 0.8, "top1": 0.75, "mean_per_class_acc": 0.75,
+         "train_split": "train", "test_split": "test", "n_train": 10, "n_test": 10},
+        {"features": "b", "layer": "z", "layer_depth": 0, "classifier": "softmax", "cv_score": np.nan, "top1": 0.99, "mean_per_class_acc": 0.99,
+         "train_split": "train", "test_split": "test", "n_train": 10, "n_test": 10},
+    ])
+    best, lines = headline(rows, "top1")
+    assert (best["layer"], best["top1"]) == ("x", 0.70)  # not the test-best y, never the unscored z
+    assert lines[0].startswith("Best by cross-validation on the training data: **a / x / logreg** (CV 90.00%), top-1 70.00%")
+    assert lines[1].startswith("Oracle, for reference only (picked on the test split, not a result): b / z / softmax")
+
+
+def test_sampled_office_protocol_draws_per_class_from_the_source(tmp_path):
+    X, y = _blobs(n_per_class=40, spread=0.5)  # close classes: the draws matter
+    domain = np.where(np.arange(len(y)) % 2 == 0, "amazon", "webcam")
+    X[domain == "webcam"] += 0.5
+    path = _store(tmp_path / "office.h5", X, y, domain)
+    rows = {}
+    for source, target in (("amazon", "webcam"), ("webcam", "amazon")):
+        protocol = parse_protocol(f"sampled:{source}->{target}")
+        row, = Evaluation(path, protocol, ProbeSettings(Cs=(0.1, 1.0), repeats=3)).run(progress=False)
+        rows[source] = row
+    # Saenko et al.: 20 per class from amazon, 8 from the small domains; the whole target tests
+    assert (rows["amazon"]["n_train"], rows["webcam"]["n_train"]) == (3 * 20, 3 * 8)
+    assert rows["amazon"]["n_test"] == rows["webcam"]["n_test"] == 60
+    assert rows["amazon"]["repeats"] == 3 and rows["amazon"]["protocol"] == "sampled:amazon->webcam"
+    assert rows["webcam"]["top1_std"] > 0 and rows["amazon"]["top1"] > 0.6 and rows["amazon"]["cv_score"] > 0.6  # chance: 1/3
+
+
+def test_unseen_test_classes_are_counted_and_named_in_the_log(tmp_path, caplog):
+    X, y = _blobs(n_per_class=20)
+    splits = np.where((np.arange(len(y)) % 4 == 0) | (y == 2), "test", "train")  # class c never trains
+    row, = Evaluation(_store(tmp_path / "s.h5", X, y, splits), parse_protocol("given"), ProbeSettings(Cs=(0.1, 1.0))).run(progress=False)
+    assert row["classes_unseen_in_train"] == 1
+    assert "1 test classes have no training image" in caplog.text
+    assert row["top1"] < 0.75  # the 20 images of c are all wrong
+
+
+def _append_results(csv, worker: int, count: int) -> None:
+    for i in range(count):
+        update_results(csv, [{**{c: 0 for c in RESULT_COLUMNS}, "dataset": "d", "features": f"f{worker}", "kind": "cnn",
+                              "store_fingerprint": f"fp{worker}", "layer": f"layer{i}", "classifier": "logreg", "protocol": "given"}])
+
+
+def test_concurrent_updates_of_results_csv_lose_no_row(tmp_path):
+    """Two real processes merging rows into the same results.csv at the same moment."""
+    import multiprocessing
+
+    csv = tmp_path / "results.csv"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_append_results, args=(csv, w, 60)) for w in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    table = pd.read_csv(csv)
+    assert len(table) == 120 and not table.duplicated(["features", "layer"]).any()
+    assert not list(tmp_path.glob(".results.csv.tmp-*"))
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    from extract.cli import run_command
+    from extract.errors import UserError
+
+    def user_fault(args):
+        raise UserError("protocol 'fewshot:abc': shots per class must be whole numbers")
+
+    def bug(args):
+        np.zeros(3).reshape(2, 2)  # a ValueError from inside NumPy
+
+    assert run_command(user_fault, None) == 2
+    assert capsys.readouterr().err.strip() == "error: protocol 'fewshot:abc': shots per class must be whole numbers"
+    with pytest.raises(ValueError, match="cannot reshape"):
+        run_command(bug, None)
+    with pytest.raises(UserError, match="whole numbers"):
+        parse_protocol("fewshot:abc")

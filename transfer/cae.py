@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from extract.backbones.saved import CAE_CODE_LAYER, Grayscale
+from extract.errors import UserError
 
 CONV_FILTERS = (16, 32)
 KERNEL = 5
@@ -22,7 +23,7 @@ ENCODER_PATTERNS = ("conv1", "conv2")
 
 def _preprocessed_input(input_size: int):
     if input_size % 4:
-        raise ValueError(f"the autoencoder halves the image twice: input_size must be a multiple of 4. Received: {input_size}")
+        raise UserError(f"the autoencoder halves the image twice: input_size must be a multiple of 4. Received: {input_size}")
     inputs = keras.Input((input_size, input_size, 3), name="rgb_0_255")
     x = keras.layers.Rescaling(1 / 255, name="scale")(Grayscale(name="gray")(inputs))
     return inputs, x

@@ -48,7 +48,8 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_recipe(args) -> None:
-    from classify.evaluate import Evaluation, ProbeSettings, parse_protocol, update_results
+    from classify.evaluate import Evaluation, ProbeSettings, parse_protocol
+    from classify.results import update_results
     from extract.extractor import CNNFeaturizer
     from extract.pipeline import extract_to_store, store_path
 

@@ -21,6 +21,7 @@ import keras
 from extract.backbones import get_backbone, layer_paths, tap_tensor
 from transfer.layers import LayerwiseAdam, count_parameters, restore_layers, set_trainable
 from transfer.training import compile_and_fit, labelled_images, record, score_row
+from extract.errors import UserError
 
 TRAIN_MODES = ("head", "top1", "top2", "all")
 
@@ -40,7 +41,7 @@ class FinetuneSettings:
 
     def __post_init__(self):
         if self.train not in TRAIN_MODES:
-            raise ValueError(f"train={self.train!r} is not one of {TRAIN_MODES}")
+            raise UserError(f"train={self.train!r} is not one of {TRAIN_MODES}")
 
 
 def trainable_block_patterns(spec, backbone: keras.Model, train: str) -> list[str]:

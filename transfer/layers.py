@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from extract.backbones import layer_paths
+from extract.errors import UserError
 
 
 def _layers_by_path(model: keras.Model) -> dict[str, keras.layers.Layer]:
@@ -65,14 +66,14 @@ def source_weights(path: str | Path, like: keras.Model | None = None) -> dict[st
         source = keras.saving.load_model(path, compile=False)
     elif path.name.endswith(".h5"):
         if like is None:
-            raise ValueError(f"{path}: a .weights.h5 file has no layer names; pass the model it was saved from")
+            raise UserError(f"{path}: a .weights.h5 file has no layer names; pass the model it was saved from")
         source = keras.models.clone_model(like)
         try:
             source.load_weights(path)
         except ValueError as error:
-            raise ValueError(f"{path} was not saved from this architecture ({error}); save the source model as .keras to restore by layer name") from None
+            raise UserError(f"{path} was not saved from this architecture ({error}); save the source model as .keras to restore by layer name") from None
     else:
-        raise ValueError(f"{path}: weights files must end in .keras or .weights.h5")
+        raise UserError(f"{path}: weights files must end in .keras or .weights.h5")
     return {name: [np.asarray(w) for w in layer.get_weights()] for name, layer in _layers_by_path(source).items()}
 
 
@@ -104,14 +105,14 @@ def restore_layers(model: keras.Model, source: str | Path, patterns=("*",), *, s
         if expected != found:
             message = f"shape mismatch: the model has {expected}, {source} has {found} in {origin!r}"
             if not skip_mismatch:
-                raise ValueError(f"cannot restore {path}: {message}; pass skip_mismatch to skip it")
+                raise UserError(f"cannot restore {path}: {message}; pass skip_mismatch to skip it")
             report.skipped.append((path, message))
             continue
         layer.set_weights(arrays)
         report.restored.append((path, origin))
         report.parameters += sum(a.size for a in arrays)
     if not report.restored:
-        raise ValueError(f"no layer matching {patterns} was restored from {source}:\n{report}")
+        raise UserError(f"no layer matching {patterns} was restored from {source}:\n{report}")
     return report
 
 
@@ -142,7 +143,7 @@ def set_trainable(model: keras.Model, patterns, trainable: bool) -> TrainableRep
     layers = _layers_by_path(model)
     matched = [path for path in layers if _matches(path, patterns)]
     if not matched:
-        raise ValueError(f"no layer matches {patterns}; layers: {list(layers)[:12]}...")
+        raise UserError(f"no layer matches {patterns}; layers: {list(layers)[:12]}...")
     before = {path: layer.trainable for path, layer in layers.items()}
     if trainable:
         # A layer inside a frozen nested model stays frozen until the nested model is trainable

@@ -10,13 +10,16 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
+from sklearn.metrics import accuracy_score
 from tqdm.auto import tqdm
 
-from classify.evaluate import choose_splits, update_results
-from classify.metrics import mean_per_class_accuracy, top1
+from classify.metrics import mean_per_class_accuracy
+from classify.results import update_results
 from extract.datasets import ImageDataset
+from extract.datasets.base import choose_splits
 from extract.images import fit_to_input
 from extract.pipeline import decode_pool
+from extract.errors import UserError
 
 
 def image_arrays(dataset: ImageDataset, rows, size: int, *, progress: bool = True) -> np.ndarray:
@@ -34,7 +37,7 @@ def image_arrays(dataset: ImageDataset, rows, size: int, *, progress: bool = Tru
 def split_rows(dataset: ImageDataset, split: str) -> np.ndarray:
     rows = np.flatnonzero(np.asarray(dataset.splits) == split)
     if not len(rows):
-        raise ValueError(f"{dataset.name} has no {split!r} split; its splits are {dataset.split_names}")
+        raise UserError(f"{dataset.name} has no {split!r} split; its splits are {dataset.split_names}")
     return rows
 
 
@@ -86,8 +89,10 @@ def score_row(model: keras.Model, data: LabelledImages, classes, *, dataset: str
     return {
         "dataset": dataset, "features": features, "kind": kind, "layer": layer, "layer_depth": 0, "classifier": classifier,
         "protocol": "given", "train_split": data.train_split, "test_split": data.test_split, "normalization": "none", "search": "none",
-        "C": float("nan"), "converged": True, "cv_splits": 0, "seed": seed, "repeats": 1, "n_train": len(data.x_train), "n_test": len(x_test),
-        "n_features": n_features, "top1": top1(true_names, predicted_names), "top1_std": 0.0,
+        "Cs": "", "selection": "fixed schedule, nothing chosen on held-out data", "C": float("nan"), "cv_score": float("nan"),
+        "converged": True, "cv_splits": 0, "seed": seed, "repeats": 1, "n_train": len(data.x_train), "n_test": len(x_test),
+        "classes_unseen_in_train": len(set(true_names) - {classes[i] for i in data.y_train}),
+        "n_features": n_features, "top1": float(accuracy_score(true_names, predicted_names)), "top1_std": 0.0,
         "mean_per_class_acc": mean_per_class_accuracy(true_names, predicted_names), "mean_per_class_acc_std": 0.0,
         "mAP": np.nan, "mAP_voc07": np.nan, "images_without_features": 0, "fit_seconds": round(seconds, 3),
         "store_fingerprint": "", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

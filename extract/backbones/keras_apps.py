@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import keras
 
 from extract.backbones.registry import BackboneSpec, FeatureInfo, load_keras_weights_file, register_backbone
+from extract.errors import UserError
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
@@ -31,7 +32,7 @@ class ImagePreprocessing(keras.layers.Layer):
     def __init__(self, mode: str, **kwargs):
         super().__init__(**kwargs)
         if mode not in ("caffe", "tf"):
-            raise ValueError(f"mode={mode!r} is not one of ('caffe', 'tf')")
+            raise UserError(f"mode={mode!r} is not one of ('caffe', 'tf')")
         self.mode = mode
 
     def call(self, x):
@@ -83,7 +84,7 @@ APPS = {
 INPUT_SIZE = 224
 
 
-class WeightsUnavailableError(FileNotFoundError):
+class WeightsUnavailableError(UserError, FileNotFoundError):
     pass
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
+from extract.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,10 @@ _FACTORIES: dict[str, Callable[[str], BackboneSpec]] = {}
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     if spec.name in _REGISTRY:
-        raise ValueError(f"backbone {spec.name!r} is registered twice")
+        raise UserError(f"backbone {spec.name!r} is registered twice")
     names = [info.name for info in spec.feature_info]
     if len(set(names)) != len(names):
-        raise ValueError(f"backbone {spec.name!r} declares duplicate tap names: {names}")
+        raise UserError(f"backbone {spec.name!r} declares duplicate tap names: {names}")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -80,7 +81,7 @@ def get_backbone(name: str) -> BackboneSpec:
         return _REGISTRY[name]
     except KeyError:
         made = ", ".join(f"{p}:PATH" for p in _FACTORIES)
-        raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())}; or {made}") from None
+        raise UserError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())}; or {made}") from None
 
 
 def layer_paths(model: keras.Model, prefix: str = "") -> list[str]:
@@ -107,11 +108,11 @@ def tap_tensor(model: keras.Model, path: str):
     try:
         layer = model.get_layer(head)
     except ValueError:
-        raise ValueError(f"{model.name} has no layer {head!r}; see `make layers` or keras' model.summary()") from None
+        raise UserError(f"{model.name} has no layer {head!r}; see `make layers` or keras' model.summary()") from None
     if not rest:
         return layer.output
     if not isinstance(layer, keras.Model):
-        raise ValueError(f"{path}: {head!r} is a {type(layer).__name__}, not a nested model")
+        raise UserError(f"{path}: {head!r} is a {type(layer).__name__}, not a nested model")
     inner = keras.Model(layer.inputs, tap_tensor(layer, rest), name=f"{layer.name}_to_{rest.replace('/', '_')}")
     return inner(*_outer_inputs(model, layer))
 
@@ -121,7 +122,7 @@ def _outer_inputs(model: keras.Model, layer: keras.Model) -> list:
     nested model's own input, which is not connected to the outer one)."""
     calls = [node for nodes in model._nodes_by_depth.values() for node in nodes if node.operation is layer]
     if len(calls) != 1:
-        raise ValueError(f"{layer.name!r} is called {len(calls)} times in {model.name!r}; a tap inside it is ambiguous")
+        raise UserError(f"{layer.name!r} is called {len(calls)} times in {model.name!r}; a tap inside it is ambiguous")
     return calls[0].input_tensors
 
 
@@ -144,7 +145,7 @@ def load_keras_weights_file(model: keras.Model, path: str | Path) -> dict:
     elif path.name.endswith(".weights.h5") or path.suffix == ".h5":
         model.load_weights(path)
     else:
-        raise ValueError(f"{path}: weights files must end in .weights.h5, .h5 or .keras")
+        raise UserError(f"{path}: weights files must end in .weights.h5, .h5 or .keras")
     return weights_record(path)
 
 

@@ -15,6 +15,7 @@ import keras
 
 from extract.backbones.registry import BackboneSpec, FeatureInfo, register_factory, weights_record
 from extract.datasets.base import slugify
+from extract.errors import UserError
 
 CAE_CODE_LAYER = "code"
 
@@ -45,7 +46,7 @@ def default_taps(model: keras.Model) -> tuple[FeatureInfo, ...]:
         elif len(shape) == 2 and isinstance(layer, keras.layers.Dense):
             taps.append(FeatureInfo(layer.name, layer.name, int(shape[-1]), 0))
     if not taps:
-        raise ValueError(f"{model.name}: no convolutional or dense layer to tap")
+        raise UserError(f"{model.name}: no convolutional or dense layer to tap")
     return tuple(taps)
 
 
@@ -53,10 +54,10 @@ def load_saved(path: Path, truncate_at: str | None = None) -> keras.Model:
     if not path.is_file():
         raise FileNotFoundError(f"saved model not found: {path}")
     if path.suffix != ".keras":
-        raise ValueError(f"{path}: a saved-model backbone must be a .keras file (weights-only files need their architecture)")
+        raise UserError(f"{path}: a saved-model backbone must be a .keras file (weights-only files need their architecture)")
     model = keras.saving.load_model(path, compile=False)
     if len(model.input_shape) != 4 or model.input_shape[1] != model.input_shape[2] or model.input_shape[3] != 3:
-        raise ValueError(f"{path}: expected a square RGB input (None, S, S, 3), found {model.input_shape}")
+        raise UserError(f"{path}: expected a square RGB input (None, S, S, 3), found {model.input_shape}")
     if truncate_at is not None:
         model = keras.Model(model.inputs, model.get_layer(truncate_at).output, name=f"{model.name}_encoder")
     return model
@@ -71,7 +72,7 @@ def saved_model_spec(path: str, *, prefix: str, truncate_at: str | None = None) 
         if weights == "random":  # same architecture, fresh initialisation: the untrained control
             return keras.models.clone_model(model), {"weights": "random", "architecture": file.name}
         if weights not in (None, "imagenet", "default"):
-            raise ValueError(f"{prefix}:{path} carries its own weights; pass WEIGHTS=random for a fresh initialisation, not {weights!r}")
+            raise UserError(f"{prefix}:{path} carries its own weights; pass WEIGHTS=random for a fresh initialisation, not {weights!r}")
         return model, weights_record(file)
 
     return BackboneSpec(

@@ -23,6 +23,7 @@ from extract.datasets.official import (
     load_caltech101, load_flowers102, load_mit67, load_office31, load_office_caltech10, load_scene15,
 )
 from extract.datasets.voc import load_voc2007
+from extract.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,13 @@ class DatasetSpec:
     metric: str = "top1"
     takes_seed: bool = False
     default_limit: int | None = None
+
+
+def domain_protocols(*domains: str) -> tuple[str, ...]:
+    """Every ordered pair of domains, twice: the whole source domain trains (``transfer:``), and the
+    Saenko et al. sampled protocol that DeCAF reports (``sampled:``)."""
+    pairs = [(a, b) for a in domains for b in domains if a != b]
+    return tuple(f"{kind}:{a}->{b}" for kind in ("transfer", "sampled") for a, b in pairs)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -80,13 +88,13 @@ DATASETS: dict[str, DatasetSpec] = {
             "office31", "Office-31", "domain adaptation", "domains amazon, dslr, webcam as splits; transfer:SOURCE->TARGET",
             load_office31, ("office31", "Office31", "domain_adaptation_images"), "amazon", (),
             "https://faculty.cc.gatech.edu/~judy/domainadapt/",
-            protocols=tuple(f"transfer:{a}->{b}" for a in ("amazon", "dslr", "webcam") for b in ("amazon", "dslr", "webcam") if a != b),
+            protocols=domain_protocols("amazon", "dslr", "webcam"),
         ),
         DatasetSpec(
             "office_caltech10", "Office-Caltech-10", "domain adaptation", "domains amazon, caltech, dslr, webcam as splits",
-            load_office_caltech10, ("office_caltech_10", "office_caltech10"), "caltech", (),
+            load_office_caltech10, ("office_caltech_10", "office_caltech10"), "amazon", (),
             "https://faculty.cc.gatech.edu/~judy/domainadapt/ (with Caltech-256's 10 shared classes)",
-            protocols=tuple(f"transfer:{a}->{b}" for a in ("amazon", "caltech", "dslr", "webcam") for b in ("amazon", "caltech", "dslr", "webcam") if a != b),
+            protocols=domain_protocols("amazon", "caltech", "dslr", "webcam"),
         ),
         DatasetSpec(
             "flowers102", "Oxford Flowers-102", "fine-grained", "official setid.mat: train / val / test (10 / 10 / rest per class)",
@@ -121,7 +129,7 @@ def dataset_slug(spec: str, crop: str | None = None) -> str:
 
 def dataset_spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join([*DATASETS, *PATTERNS])}")
+        raise UserError(f"unknown dataset {name!r}; valid: {', '.join([*DATASETS, *PATTERNS])}")
     return DATASETS[name]
 
 
@@ -136,12 +144,17 @@ def _how_to_get(spec: DatasetSpec) -> str:
     return f"{get}; extract it into {where} or pass DATA_DIR=<{layout}>"
 
 
+def _has_entry(folder: Path, name: str) -> bool:
+    """``folder/name`` exists, in any case (``Amazon/`` for ``amazon``)."""
+    return (folder / name).exists() or any(p.name.lower() == name.lower() for p in folder.iterdir())
+
+
 def locate(spec: DatasetSpec, data_dir: str | Path | None = None) -> Path:
     """The dataset's root folder: ``data_dir`` itself or the archive folder inside it, else the cache."""
     bases = [Path(data_dir)] if data_dir is not None else [cache_root() / spec.name]
     for base in bases:
         for candidate in (*(base / folder for folder in spec.folders), base):  # the archive's folder first
-            if candidate.is_dir() and (spec.marker is None or (candidate / spec.marker).exists()):
+            if candidate.is_dir() and (spec.marker is None or _has_entry(candidate, spec.marker)):
                 return candidate
     looked = ", ".join(str(b / f) for b in bases for f in (*spec.folders, ""))
     raise DatasetNotFoundError(f"{spec.title} ({spec.name}) not found; looked in {looked}. To get it: {_how_to_get(spec)}")
@@ -181,7 +194,7 @@ def load_dataset(
     default subset unless ``full``) makes a seeded class-balanced subset: ``limit`` training
     images and ``limit // 2`` per other split. ``crop="bbox"`` crops birds to their boxes."""
     if crop is not None and spec != "birds":
-        raise ValueError(f"crop={crop!r} needs bounding boxes; only birds (CUB-200-2011) has them")
+        raise UserError(f"crop={crop!r} needs bounding boxes; only birds (CUB-200-2011) has them")
     default_limit = None
     if spec.startswith("folder:"):
         dataset = load_folder(spec.removeprefix("folder:"), seed=seed)

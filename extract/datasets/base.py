@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from extract.images import read_image
+from extract.errors import UserError
 
 TRAIN_SPLIT = "train"
 
@@ -20,7 +21,7 @@ def slugify(name: str) -> str:
     """A filesystem-safe name for output folders."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
     if not slug:
-        raise ValueError(f"cannot make a folder name from dataset name {name!r}")
+        raise UserError(f"cannot make a folder name from dataset name {name!r}")
     return slug
 
 
@@ -46,14 +47,14 @@ class ImageDataset:
 
     def __post_init__(self):
         if not (len(self.paths) == len(self.labels) == len(self.splits)):
-            raise ValueError(
+            raise UserError(
                 f"dataset {self.name!r}: paths ({len(self.paths)}), labels ({len(self.labels)}) "
                 f"and splits ({len(self.splits)}) differ in length"
             )
         if self.targets is not None and self.targets.shape != (len(self.paths), len(self.classes)):
-            raise ValueError(f"dataset {self.name!r}: targets of shape {self.targets.shape}, expected {(len(self.paths), len(self.classes))}")
+            raise UserError(f"dataset {self.name!r}: targets of shape {self.targets.shape}, expected {(len(self.paths), len(self.classes))}")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
-            raise ValueError(f"dataset {self.name!r}: labels outside 0..{len(self.classes) - 1}")
+            raise UserError(f"dataset {self.name!r}: labels outside 0..{len(self.classes) - 1}")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -92,10 +93,28 @@ class ImageDataset:
         )
 
 
+TEST_SPLITS = ("test", "val", "validation")  # where a dataset keeps its test images, in order of preference
+
+
+def choose_splits(splits, train_split: str = TRAIN_SPLIT, test_split: str | None = None) -> tuple[str, str]:
+    """The split that trains and the one that tests: ``train_split``, and ``test_split`` or else
+    the first of ``TEST_SPLITS`` present. Domain datasets name domains here (``amazon``, ``webcam``)."""
+    present = sorted(set(splits))
+    if train_split not in present:
+        raise UserError(f"no {train_split!r} split; the splits are {present}")
+    if test_split is None:
+        test_split = next((s for s in TEST_SPLITS if s in present), None)
+        if test_split is None:
+            raise UserError(f"no test split (looked for {', '.join(TEST_SPLITS)}); the splits are {present}")
+    elif test_split not in present:
+        raise UserError(f"no {test_split!r} split; the splits are {present}")
+    return train_split, test_split
+
+
 def balanced_subset(dataset: ImageDataset, limit: int, *, seed: int) -> ImageDataset:
     """A seeded, class-balanced subset: ``limit`` training images and ``limit // 2`` per other split."""
     if limit < 1:
-        raise ValueError(f"limit must be a positive number of images. Received: limit={limit}")
+        raise UserError(f"limit must be a positive number of images. Received: limit={limit}")
     rng = np.random.default_rng(seed)
     splits = np.asarray(dataset.splits)
     chosen = []
@@ -124,7 +143,7 @@ def balanced_subset(dataset: ImageDataset, limit: int, *, seed: int) -> ImageDat
 def seeded_split(labels: np.ndarray, *, test_fraction: float, seed: int) -> list[str]:
     """Per class, put ``test_fraction`` of the items (at least one when possible) in "test"."""
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1). Received: test_fraction={test_fraction}")
+        raise UserError(f"test_fraction must be in (0, 1). Received: test_fraction={test_fraction}")
     rng = np.random.default_rng(seed)
     splits = np.full(len(labels), TRAIN_SPLIT, dtype=object)
     for c in np.unique(labels):
@@ -154,7 +173,7 @@ def file_dataset(name: str, root: Path, entries, *, classes=None, info=None, tar
     entries with split None are left out. ``classes`` fixes the class order (default: sorted)."""
     kept = [(i, e) for i, e in enumerate(entries) if e[2] is not None]
     if not kept:
-        raise ValueError(f"{root}: no images found for dataset {name!r}")
+        raise UserError(f"{root}: no images found for dataset {name!r}")
     classes = tuple(classes) if classes is not None else tuple(sorted({c for _, (_, c, _) in kept}))
     index = {c: i for i, c in enumerate(classes)}
     paths = tuple(str(rel) for _, (rel, _, _) in kept)

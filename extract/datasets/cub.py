@@ -18,6 +18,7 @@ import numpy as np
 
 from extract.datasets.base import ImageDataset, file_dataset
 from extract.images import read_image
+from extract.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def _table(path: Path, columns: int) -> dict[int, list[str]]:
             continue
         parts = line.split(maxsplit=columns - 1)
         if len(parts) != columns or not parts[0].isdigit():
-            raise ValueError(f"{path}:{number}: expected {columns} space-separated fields starting with an id, got {line!r}")
+            raise UserError(f"{path}:{number}: expected {columns} space-separated fields starting with an id, got {line!r}")
         rows[int(parts[0])] = parts[1:]
     return rows
 
@@ -55,7 +56,7 @@ def enlarged_box(box, scale: float, width: int, height: int) -> tuple[int, int, 
 
 def load_cub(root: Path, *, crop: str | None = None) -> ImageDataset:
     if crop is not None and crop not in CROPS:
-        raise ValueError(f"crop={crop!r} is not one of {CROPS} (or none)")
+        raise UserError(f"crop={crop!r} is not one of {CROPS} (or none)")
     images = _table(root / "images.txt", 2)
     labels = _table(root / "image_class_labels.txt", 2)
     is_train = _table(root / "train_test_split.txt", 2)
@@ -70,7 +71,7 @@ def load_cub(root: Path, *, crop: str | None = None) -> ImageDataset:
     entries, ids, absent = [], [], set()
     for image_id, (relative,) in sorted(images.items()):
         if image_id not in labels or image_id not in is_train:
-            raise ValueError(f"{root}: image id {image_id} ({relative}) has no class label or no train/test flag")
+            raise UserError(f"{root}: image id {image_id} ({relative}) has no class label or no train/test flag")
         name = class_names[int(labels[image_id][0])][0]
         if not (root / "images" / Path(relative).parent).is_dir():
             absent.add(name)
@@ -87,7 +88,7 @@ def load_cub(root: Path, *, crop: str | None = None) -> ImageDataset:
         image_boxes = []
         for image_id, (rel, _, _) in zip(ids, entries):
             if image_id not in boxes:
-                raise ValueError(f"{root / 'bounding_boxes.txt'} has no box for image id {image_id} ({rel})")
+                raise UserError(f"{root / 'bounding_boxes.txt'} has no box for image id {image_id} ({rel})")
             image_boxes.append(boxes[image_id])
 
         def read(i: int, min_side: int | None = None) -> np.ndarray:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
+from extract.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ DOWNLOAD_TIMEOUT_S = 30
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset is not on disk; the message says what to download and where to put it."""
 
 
@@ -70,7 +71,7 @@ def fetch(download: Download, folder: Path, *, progress: bool = True) -> Path:
     found = file_md5(partial)
     if found != download.md5:
         partial.unlink()
-        raise ValueError(f"{download.url}: MD5 {found} does not match the published {download.md5}; nothing was kept")
+        raise UserError(f"{download.url}: MD5 {found} does not match the published {download.md5}; nothing was kept")
     os.replace(partial, target)
     return target
 
@@ -87,20 +88,20 @@ def check_archive(archive: Path, folder: Path) -> None:
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 if not _inside(root, member.name):
-                    raise ValueError(f"{archive}: entry {member.name!r} would be written outside {folder}; refusing to extract")
+                    raise UserError(f"{archive}: entry {member.name!r} would be written outside {folder}; refusing to extract")
                 if member.issym() and not _inside(root, str(Path(member.name).parent / member.linkname)):
-                    raise ValueError(f"{archive}: link {member.name!r} -> {member.linkname!r} points outside {folder}; refusing to extract")
+                    raise UserError(f"{archive}: link {member.name!r} -> {member.linkname!r} points outside {folder}; refusing to extract")
                 if member.islnk() and not _inside(root, member.linkname):
-                    raise ValueError(f"{archive}: hard link {member.name!r} -> {member.linkname!r} points outside {folder}; refusing to extract")
+                    raise UserError(f"{archive}: hard link {member.name!r} -> {member.linkname!r} points outside {folder}; refusing to extract")
                 if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
-                    raise ValueError(f"{archive}: entry {member.name!r} is a device or FIFO; refusing to extract")
+                    raise UserError(f"{archive}: entry {member.name!r} is a device or FIFO; refusing to extract")
     elif zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zipped:
             for name in zipped.namelist():
                 if not _inside(root, name):
-                    raise ValueError(f"{archive}: entry {name!r} would be written outside {folder}; refusing to extract")
+                    raise UserError(f"{archive}: entry {name!r} would be written outside {folder}; refusing to extract")
     else:
-        raise ValueError(f"{archive} is neither a tar nor a zip archive")
+        raise UserError(f"{archive} is neither a tar nor a zip archive")
 
 
 def safe_extract(archive: Path, folder: Path) -> None:

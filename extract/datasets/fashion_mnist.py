@@ -27,6 +27,7 @@ import numpy as np
 
 from extract.datasets.base import ImageDataset
 from extract.datasets.download import DatasetNotFoundError, Download, cache_root, fetch
+from extract.errors import UserError
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -75,7 +76,7 @@ def verify(path: Path, official: OfficialFile) -> bytes:
     data = path.read_bytes()
     if _md5(data) == official.md5 or _md5(_with_official_header(data, official)) == official.md5:
         return data
-    raise ValueError(f"{path} does not match the official MD5 {official.md5} of {official.name}")
+    raise UserError(f"{path} does not match the official MD5 {official.md5} of {official.name}")
 
 
 def _find_in(folder: Path) -> dict[str, bytes] | str:
@@ -162,12 +163,12 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
     """Decode an IDX file (the MNIST format), gzip-compressed or not."""
     raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise ValueError(f"{name}: not an unsigned-byte IDX file")
+        raise UserError(f"{name}: not an unsigned-byte IDX file")
     ndim = raw[3]
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{name}: header says {shape} but holds {body.size} values")
+        raise UserError(f"{name}: header says {shape} but holds {body.size} values")
     return body.reshape(shape)
 
 
@@ -178,7 +179,7 @@ def load(data_dir: str | Path | None = None) -> ImageDataset:
         split_images = parse_idx(files[f"{prefix}_images"], FILES[f"{prefix}_images"].name)
         split_labels = parse_idx(files[f"{prefix}_labels"], FILES[f"{prefix}_labels"].name)
         if len(split_images) != len(split_labels):
-            raise ValueError(f"{folder}: {len(split_images)} {split} images but {len(split_labels)} labels")
+            raise UserError(f"{folder}: {len(split_images)} {split} images but {len(split_labels)} labels")
         stem = FILES[f"{prefix}_images"].name.removesuffix(".gz")
         images.append(split_images)
         labels.append(split_labels)

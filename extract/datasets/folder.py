@@ -10,6 +10,7 @@ import numpy as np
 
 from extract.datasets.base import ImageDataset, file_dataset, seeded_split, slugify
 from extract.images import read_image
+from extract.errors import UserError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
 DEFAULT_TEST_FRACTION = 0.25
@@ -35,7 +36,7 @@ def load_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAU
         raise FileNotFoundError(f"dataset folder not found: {root}")
     top = visible_dirs(root)
     if not top:
-        raise ValueError(f"{root} holds no class folders: expected ROOT/<class>/* or ROOT/<split>/<class>/*")
+        raise UserError(f"{root} holds no class folders: expected ROOT/<class>/* or ROOT/<split>/<class>/*")
     split_layout = all(visible_dirs(d) and not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir()) for d in top)
     entries: list[tuple[str, str, Path]] = []  # (split, class, file)
     if split_layout:
@@ -45,7 +46,7 @@ def load_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAU
     else:
         entries.extend(("", class_dir.name, f) for class_dir in top for f in images_in(class_dir))
     if not entries:
-        raise ValueError(f"{root} holds no image files with suffixes {sorted(IMAGE_SUFFIXES)}")
+        raise UserError(f"{root} holds no image files with suffixes {sorted(IMAGE_SUFFIXES)}")
     classes = tuple(sorted({c for _, c, _ in entries}))
     labels = np.array([classes.index(c) for _, c, _ in entries], dtype=np.int64)
     if split_layout:
@@ -75,13 +76,13 @@ def load_csv(csv_file: str | Path, *, seed: int = 0, test_fraction: float = DEFA
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in reader.fieldnames or []]
         if columns[:2] != ["path", "label"] or not set(columns) <= {"path", "label", "split"}:
-            raise ValueError(f"{csv_file}: header must be path,label[,split]. Received: {','.join(columns)}")
+            raise UserError(f"{csv_file}: header must be path,label[,split]. Received: {','.join(columns)}")
         rows = [{k.strip(): (v or "").strip() for k, v in row.items()} for row in reader]
     if not rows:
-        raise ValueError(f"{csv_file} lists no images")
+        raise UserError(f"{csv_file} lists no images")
     for number, row in enumerate(rows, 2):
         if not row["path"] or not row["label"] or ("split" in columns and not row["split"]):
-            raise ValueError(f"{csv_file}:{number}: empty path, label or split")
+            raise UserError(f"{csv_file}:{number}: empty path, label or split")
     info = {"layout": "csv: path,label[,split]"}
     if "split" in columns:
         splits = [row["split"] for row in rows]

@@ -18,6 +18,7 @@ import numpy as np
 
 from extract.datasets.base import ImageDataset, file_dataset, per_class_split
 from extract.datasets.folder import images_in, visible_dirs
+from extract.errors import UserError
 
 CALTECH_BACKGROUND = "BACKGROUND_Google"
 CALTECH_TRAIN, CALTECH_TEST = 30, 50
@@ -33,7 +34,7 @@ def _class_images(root: Path, exclude=()) -> list[tuple[str, str]]:
     found = [(str(f.relative_to(root)), class_dir.name)
              for class_dir in visible_dirs(root) if class_dir.name not in exclude for f in images_in(class_dir)]
     if not found:
-        raise ValueError(f"{root} holds no <class>/<image> files")
+        raise UserError(f"{root} holds no <class>/<image> files")
     return found
 
 
@@ -64,14 +65,26 @@ def load_mit67(root: Path) -> ImageDataset:
     return file_dataset("mit67", root, entries, info={"layout": "Images/<class> + TrainImages.txt/TestImages.txt"})
 
 
+def _domain_folder(name: str, root: Path, domain: str, domains: tuple[str, ...]) -> Path:
+    """The folder of ``domain`` under the names people have: any case, with or without "10"
+    (``caltech``, ``Caltech``, ``caltech10``, ``Caltech10``)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    found = visible_dirs(root)
+    matches = [d for d in found if d.name.lower() in (domain, f"{domain}10")]
+    if len(matches) != 1:
+        problem = "has no folder" if not matches else f"has several folders ({', '.join(d.name for d in matches)})"
+        raise UserError(f"{root} {problem} for the {name} domain {domain!r}: expected one folder per domain "
+                        f"{', '.join(domains)} (any case, e.g. {domain}/ or {domain.capitalize()}/); found: "
+                        f"{', '.join(d.name for d in found) or 'no folders'}")
+    folder = matches[0]
+    return folder / "images" if (folder / "images").is_dir() else folder  # Office-31 as distributed: <domain>/images/<class>
+
+
 def _load_domains(name: str, root: Path, domains: tuple[str, ...]) -> ImageDataset:
     entries = []
     for domain in domains:
-        folder = root / domain
-        if (folder / "images").is_dir():  # Office-31 as distributed: <domain>/images/<class>
-            folder = folder / "images"
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is missing: {name} needs one folder per domain {domains}")
+        folder = _domain_folder(name, root, domain, domains)
         entries += [(str((folder / p).relative_to(root)), c, domain) for p, c in _class_images(folder)]
     return file_dataset(name, root, entries, info={"layout": "<domain>/[images/]<class>", "domains": list(domains)})
 

@@ -14,6 +14,7 @@ from xml.etree import ElementTree
 import numpy as np
 
 from extract.datasets.base import ImageDataset, file_dataset
+from extract.errors import UserError
 
 CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -27,12 +28,12 @@ def image_targets(annotation: Path) -> np.ndarray:
     try:
         tree = ElementTree.parse(annotation)
     except (OSError, ElementTree.ParseError) as error:
-        raise ValueError(f"cannot read VOC annotation {annotation}: {error}") from None
+        raise UserError(f"cannot read VOC annotation {annotation}: {error}") from None
     row = np.zeros(len(CLASSES), dtype=np.int8)
     for obj in tree.getroot().iter("object"):
         name = (obj.findtext("name") or "").strip()
         if name not in CLASSES:
-            raise ValueError(f"{annotation}: unknown VOC class {name!r}")
+            raise UserError(f"{annotation}: unknown VOC class {name!r}")
         c = CLASSES.index(name)
         difficult = (obj.findtext("difficult") or "0").strip() == "1"
         row[c] = 1 if not difficult or row[c] == 1 else -1
@@ -50,7 +51,7 @@ def load_voc2007(root: Path) -> ImageDataset:
         for image_id in listing.read_text().split():
             row = image_targets(root / "Annotations" / f"{image_id}.xml")
             if not row.any():
-                raise ValueError(f"{root / 'Annotations' / image_id}.xml lists no object")
+                raise UserError(f"{root / 'Annotations' / image_id}.xml lists no object")
             present = np.flatnonzero(row == 1)
             entries.append((f"JPEGImages/{image_id}.jpg", CLASSES[present[0] if len(present) else np.flatnonzero(row)[0]], split))
             targets.append(row)
