@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 
 from extract.datasets import CROPS, DATASETS, load_dataset
 from extract.errors import UserError
-from extract.images import ImageDecodeError
+from extract.images import RESIZES, ImageDecodeError
 from extract.pipeline import CHECKPOINT_SECONDS
 
 
@@ -17,6 +18,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="fashion-mnist", help=f"{', '.join(DATASETS)}, folder:PATH or csv:FILE")
     parser.add_argument("--data-dir", default=None, help="where an existing copy of the dataset lives")
     parser.add_argument("--crop", default=None, choices=CROPS, help="birds: crop to the bounding box enlarged 1.5x")
+    parser.add_argument("--resize", default=None, choices=RESIZES,
+                        help="non-square images to square inputs: centre square, warp the whole image, or pad it "
+                             "(default: warp for bounding-box crops, else centre)")
     parser.add_argument("--limit", type=int, default=None, help="class-balanced subset: N train and N//2 per other split")
     parser.add_argument("--full", action="store_true", help="use every image (no default subset)")
     parser.add_argument("--seed", type=int, default=0, help="seed for subsets, splits and random weights")
@@ -28,7 +32,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def dataset_from(args):
-    return load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit, full=args.full, seed=args.seed, crop=args.crop)
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit, full=args.full, seed=args.seed, crop=args.crop)
+    return replace(dataset, info={**dataset.info, "resize": args.resize}) if args.resize else dataset
 
 
 def cmd_features(args) -> None:
@@ -38,7 +43,7 @@ def cmd_features(args) -> None:
     dataset = dataset_from(args)
     featurizer = CNNFeaturizer(
         args.model, layers=args.layers, pooling=args.pooling, weights=args.weights, seed=args.seed,
-        batch_size=args.batch_size, crop_pct=args.crop_pct,
+        batch_size=args.batch_size, crop_pct=args.crop_pct, resize=dataset.resize,
     )
     path = extract_to_store(
         dataset, featurizer, store_path(args.features_dir, dataset, featurizer),

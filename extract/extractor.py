@@ -11,7 +11,7 @@ import numpy as np
 
 from extract import package_versions
 from extract.backbones import FeatureInfo, get_backbone, layer_paths, tap_tensor
-from extract.images import fit_to_input
+from extract.images import RESIZES, fit_to_input
 from extract.errors import UserError
 
 POOLINGS = ("avg", "max", "avgmax", "spp")
@@ -154,6 +154,7 @@ class CNNFeaturizer:
         seed: int = 0,
         batch_size: int = 32,
         crop_pct: float | None = None,
+        resize: str = "centre",
     ):
         if pooling not in POOLINGS:
             raise UserError(f"pooling={pooling!r} is not one of {POOLINGS}")
@@ -165,6 +166,9 @@ class CNNFeaturizer:
         # Features see the whole image (the square centre of it) unless asked otherwise; the
         # backbone's ImageNet evaluation crop (spec.crop_pct) cost 1-2 points on Fashion-MNIST.
         self.crop_pct = WHOLE_IMAGE if crop_pct is None else crop_pct
+        if resize not in RESIZES:
+            raise UserError(f"resize={resize!r} is not one of {RESIZES}")
+        self.resize = resize
         self.min_side = self.input_size
         keras.utils.set_random_seed(seed)
         self.backbone, self.weights = self.spec.build(self.spec.default_weights if weights == "default" else weights)
@@ -196,7 +200,7 @@ class CNNFeaturizer:
             **self.weights,
             "input_size": self.input_size,
             "preprocessing": {
-                "resize": "centre crop of crop_pct of the shorter side, resized to input_size (OpenCV)",
+                "resize": self.resize,  # centre, warp or pad (extract.images.fit_to_input), with OpenCV
                 "crop_pct": self.crop_pct,
                 "interpolation": self.spec.interpolation,
                 "normalisation": self.spec.preprocessing,
@@ -204,11 +208,12 @@ class CNNFeaturizer:
             "pooling": self.pooling,
             "taps": {info.name: info.layer for info in self.feature_info},
             "keras_backend": keras.backend.backend(),
-            "versions": package_versions("keras", *BACKEND_PACKAGES.get(keras.backend.backend(), ()), "numpy", "pillow", "h5py"),
+            "versions": package_versions("offshelf", "keras", *BACKEND_PACKAGES.get(keras.backend.backend(), ()), "numpy", "pillow",
+                                         "opencv-python-headless", "h5py"),
         }
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        return fit_to_input(image, self.input_size, crop_pct=self.crop_pct, interpolation=self.spec.interpolation)
+        return fit_to_input(image, self.input_size, crop_pct=self.crop_pct, interpolation=self.spec.interpolation, resize=self.resize)
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
         batch = np.stack(batch) if isinstance(batch, list) else batch

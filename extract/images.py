@@ -25,6 +25,11 @@ INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,
     "lanczos": cv2.INTER_LANCZOS4,
 }
+# How a non-square image becomes a square model input: the centre square of the shorter side
+# (the ImageNet evaluation transform), the whole image stretched to a square (DeCAF's crops),
+# or the whole image padded to a square with PAD_VALUE (the ImageNet mean colour).
+RESIZES = ("centre", "warp", "pad")
+PAD_VALUE = (124, 116, 104)
 # Transparent pixels are shown on white, as a viewer would show them.
 ALPHA_BACKGROUND = (255, 255, 255)
 # Refuse images above this many pixels (after JPEG draft reduction): 4x PIL's bomb limit.
@@ -93,24 +98,37 @@ def read_image(path: str | Path, *, min_side: int | None = None) -> np.ndarray:
     return array
 
 
-def fit_to_input(rgb: np.ndarray, size: int, *, crop_pct: float = 1.0, interpolation: str = "auto") -> np.ndarray:
-    """Centre-crop a square of ``crop_pct`` of the shorter side and resize it to ``size`` x ``size``.
+def fit_to_input(rgb: np.ndarray, size: int, *, crop_pct: float = 1.0, interpolation: str = "auto", resize: str = "centre") -> np.ndarray:
+    """Turn an image into a ``size`` x ``size`` model input.
 
-    The same output as "resize the shorter side to size / crop_pct, then centre-crop",
+    ``resize="centre"``: centre-crop a square of ``crop_pct`` of the shorter side and resize
+    it; the same output as "resize the shorter side to size / crop_pct, then centre-crop",
     the evaluation transform of timm and of the official EfficientNet code, but only the
-    pixels that survive the crop are resampled. ``auto`` resamples with area averaging
-    when shrinking (no aliasing) and bicubic when enlarging.
+    pixels that survive the crop are resampled. ``"warp"``: the central ``crop_pct`` of each
+    side, stretched to the square (nothing of a wide bird box is lost). ``"pad"``: the
+    central ``crop_pct`` of each side, padded to a square with ``PAD_VALUE``, then resized.
+    ``auto`` resamples with area averaging when shrinking (no aliasing) and bicubic when enlarging.
     """
     if interpolation not in INTERPOLATIONS:
         raise UserError(f"interpolation={interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
     if not 0.0 < crop_pct <= 1.0:
         raise UserError(f"crop_pct must be in (0, 1]. Received: crop_pct={crop_pct}")
+    if resize not in RESIZES:
+        raise UserError(f"resize={resize!r} is not one of {RESIZES}")
     height, width = rgb.shape[:2]
-    side = max(1, round(min(height, width) * crop_pct))
-    top, left = (height - side) // 2, (width - side) // 2
-    crop = rgb[top : top + side, left : left + side]
-    if side == size:
-        return np.ascontiguousarray(crop)
+    if resize == "centre":
+        crop_height = crop_width = max(1, round(min(height, width) * crop_pct))
+    else:
+        crop_height, crop_width = max(1, round(height * crop_pct)), max(1, round(width * crop_pct))
+    top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    crop = np.ascontiguousarray(rgb[top : top + crop_height, left : left + crop_width])
+    if resize == "pad" and crop_height != crop_width:
+        side = max(crop_height, crop_width)
+        pad_top, pad_left = (side - crop_height) // 2, (side - crop_width) // 2
+        crop = cv2.copyMakeBorder(crop, pad_top, side - crop_height - pad_top, pad_left, side - crop_width - pad_left,
+                                  cv2.BORDER_CONSTANT, value=PAD_VALUE)
+    if crop.shape[:2] == (size, size):
+        return crop
     if interpolation == "auto":
-        interpolation = "area" if side > size else "bicubic"
-    return cv2.resize(np.ascontiguousarray(crop), (size, size), interpolation=INTERPOLATIONS[interpolation])
+        interpolation = "area" if min(crop.shape[:2]) > size else "bicubic"
+    return cv2.resize(crop, (size, size), interpolation=INTERPOLATIONS[interpolation])

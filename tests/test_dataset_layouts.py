@@ -380,3 +380,28 @@ def test_office_domains_get_every_transfer_by_default_and_a_report(tmp_path):
     assert "## Domain transfer: whole source domain" in report and "## Domain transfer: sampled protocol" in report
     assert "| amazon->webcam | 100.0 ± 0.0 (hsv256) |" in report
     assert "DeCAF6 LogReg / SVM" in report
+
+
+def test_bird_boxes_are_warped_whole_into_the_model_input(tmp_path):
+    """A 2:1 box with a marker at each end: with CROP=bbox both ends reach the CNN's input (DeCAF
+    warped the crop); the centre square of the shorter side would lose 25% of the bird."""
+    from extract.extractor import CNNFeaturizer
+
+    root = make_cub(tmp_path / "CUB_200_2011", classes=(1,), per_class=2)
+    relative = (root / "images.txt").read_text().splitlines()[0].split()[1]
+    image = np.full((60, 80, 3), 128, np.uint8)  # box 10,5 20x10 enlarged 1.5x: x 5..35, y 2..18
+    image[2:18, 5:9] = (255, 0, 0)
+    image[2:18, 31:35] = (0, 0, 255)
+    Image.fromarray(image).save(root / "images" / relative.replace(".jpg", ".png"))
+    (root / "images" / relative).unlink()
+    (root / "images.txt").write_text((root / "images.txt").read_text().replace(relative, relative.replace(".jpg", ".png")))
+    dataset = load_dataset("birds", data_dir=str(root), crop="bbox")
+    assert dataset.resize == "warp" and load_dataset("birds", data_dir=str(root)).resize == "centre"
+    featurizer = CNNFeaturizer("efficientnet_lite0", weights="random", layers="stem", resize=dataset.resize)
+    model_input = featurizer.prepare(dataset.read(0))
+    red = np.all(np.abs(model_input.astype(int) - (255, 0, 0)) < 60, axis=-1)
+    blue = np.all(np.abs(model_input.astype(int) - (0, 0, 255)) < 60, axis=-1)
+    assert red[:, :30].any() and blue[:, -30:].any()
+    assert featurizer.fingerprint()["preprocessing"]["resize"] == "warp"
+    centre = CNNFeaturizer("efficientnet_lite0", weights="random", layers="stem").prepare(dataset.read(0))
+    assert not np.all(np.abs(centre.astype(int) - (255, 0, 0)) < 60, axis=-1).any()

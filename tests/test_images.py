@@ -84,3 +84,29 @@ def test_fit_to_input_centre_crops_the_shorter_side():
     assert out.shape == (50, 50, 3) and out.mean() > 250
     with pytest.raises(ValueError, match="crop_pct"):
         fit_to_input(image, 50, crop_pct=0)
+
+
+def _wide_image_with_marked_ends():
+    image = np.full((100, 200, 3), 128, np.uint8)
+    image[:, :12] = (255, 0, 0)  # red left end
+    image[:, -12:] = (0, 0, 255)  # blue right end
+    return image
+
+
+def _has(square: np.ndarray, colour) -> bool:
+    return bool(np.any(np.all(np.abs(square.astype(int) - colour) < 40, axis=-1)))
+
+
+def test_resize_modes_keep_or_cut_the_ends_of_a_wide_image():
+    from extract.images import PAD_VALUE
+
+    image = _wide_image_with_marked_ends()
+    centre, warp, pad = (fit_to_input(image, 64, resize=mode) for mode in ("centre", "warp", "pad"))
+    assert all(square.shape == (64, 64, 3) for square in (centre, warp, pad))
+    assert not _has(centre, (255, 0, 0)) and not _has(centre, (0, 0, 255))  # the centre square cuts both ends
+    for square in (warp, pad):
+        assert _has(square[:, :8], (255, 0, 0)) and _has(square[:, -8:], (0, 0, 255))
+    np.testing.assert_array_equal(pad[0, 32], PAD_VALUE)  # padded above and below
+    assert _has(warp[0], (255, 0, 0))  # stretched: the image fills the square
+    with pytest.raises(ValueError, match="resize='squash' is not one of"):
+        fit_to_input(image, 64, resize="squash")

@@ -23,11 +23,11 @@ from extract.errors import UserError
 
 
 def image_arrays(dataset: ImageDataset, rows, size: int, *, progress: bool = True) -> np.ndarray:
-    """Images ``rows`` of ``dataset`` as uint8 (n, size, size, 3): the square centre, resized."""
+    """Images ``rows`` of ``dataset`` as uint8 (n, size, size, 3), made square as the dataset says (``resize``)."""
     rows = np.asarray(rows)
 
     def load(row: int) -> np.ndarray:
-        return fit_to_input(dataset.read(int(row), min_side=size), size)
+        return fit_to_input(dataset.read(int(row), min_side=size), size, resize=dataset.resize)
 
     with decode_pool() as pool:
         images = list(tqdm(pool.map(load, rows), total=len(rows), desc=f"{dataset.name}: images", disable=not progress))

@@ -60,6 +60,13 @@ class ImageDataset:
         return len(self.paths)
 
     @property
+    def resize(self) -> str:
+        """How this dataset's images become square inputs (``extract.images.fit_to_input``): what the
+        user chose (``--resize``), else ``warp`` for bounding-box crops (DeCAF warped them; a centre
+        square would cut off a wide bird's ends), else ``centre``."""
+        return self.info.get("resize", "centre")
+
+    @property
     def split_names(self) -> list[str]:
         return sorted(set(self.splits), key=lambda s: (s != TRAIN_SPLIT, s))
 

@@ -99,4 +99,5 @@ def load_cub(root: Path, *, crop: str | None = None) -> ImageDataset:
             return np.ascontiguousarray(rgb[top:bottom, left:right])
 
         info["box_enlargement"] = BOX_ENLARGEMENT
+        info["resize"] = "warp"
     return file_dataset("birds" if crop is None else f"birds-{crop}", root, entries, classes=present, info=info, read=read)

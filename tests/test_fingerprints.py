@@ -1,0 +1,34 @@
+"""A store's fingerprint names every package that computed its features, and offshelf itself:
+after an upgrade of any of them, the next run refuses to mix old and new features."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import pytest
+
+from extract.datasets import load_dataset
+from extract.extractor import CNNFeaturizer
+from extract.pipeline import extract_to_store
+from extract.store import StoreMismatchError, canonical_json
+
+
+def _pretend_upgrade(path, package: str) -> None:
+    """Rewrite the recorded version of ``package`` in the store, as if it had been made before an upgrade."""
+    with h5py.File(path, "r+") as f:
+        fingerprint = json.loads(f.attrs["fingerprint"])
+        assert package in fingerprint["versions"], sorted(fingerprint["versions"])
+        fingerprint["versions"][package] = "0.0.1"
+        f.attrs["fingerprint"] = canonical_json(fingerprint)
+
+
+@pytest.mark.parametrize("package", ["opencv-python-headless", "offshelf", "keras"])
+def test_cnn_store_refuses_features_of_another_package_version(image_tree, tmp_path, package):
+    dataset = load_dataset(f"folder:{image_tree}")
+    featurizer = CNNFeaturizer("efficientnet_lite0", weights="random", layers="stem")
+    path = extract_to_store(dataset, featurizer, tmp_path / "lite0.h5", progress=False)
+    assert extract_to_store(dataset, featurizer, path, progress=False) == path  # same versions: up to date
+    _pretend_upgrade(path, package)
+    with pytest.raises(StoreMismatchError, match=rf"versions: .*'{package}': '0.0.1'"):
+        extract_to_store(dataset, featurizer, path, progress=False)
