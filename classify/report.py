@@ -38,6 +38,7 @@ def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "to
     cnn = list(curves["features"].unique())
     tap_lists = {tuple(rows.sort_values("layer_depth")["layer"].unique()) for _, rows in curves.groupby("features")}
     shared_taps = len(tap_lists) == 1
+    chosen = select_best(table)
     for i, features in enumerate(cnn):
         for classifier, rows in curves[curves["features"] == features].groupby("classifier"):
             rows = rows.sort_values("layer_depth")
@@ -45,6 +46,10 @@ def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "to
             x = depth if shared_taps else depth / max(depth.max(), 1)
             ax.plot(x, 100 * rows[metric], styles.get(classifier, ":"), marker="o", color=colors[i % len(colors)],
                     label=f"{features} ({classifier})")
+            if chosen is not None and (chosen["features"], chosen["classifier"]) == (features, classifier):
+                at = (rows["layer"] == chosen["layer"]).to_numpy()
+                ax.plot(x[at], 100 * rows[metric].to_numpy()[at], "*", markersize=16, color="gold", markeredgecolor="black",
+                        label="chosen by CV on the training data", zorder=5)
             if not shared_taps:
                 for xi, yi, name in zip(x, 100 * rows[metric], rows["layer"]):
                     ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7,
