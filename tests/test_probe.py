@@ -340,3 +340,28 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
         run_command(bug, None)
     with pytest.raises(UserError, match="whole numbers"):
         parse_protocol("fewshot:abc")
+
+
+@pytest.mark.parametrize("classifier", ["logreg", "svm"])
+def test_wide_features_are_fitted_in_the_span_of_the_training_rows(classifier, monkeypatch):
+    """Features wider than the training rows are many are projected onto those rows' span: the
+    same optimum (representer theorem), so the same C, the same predictions, the same weights."""
+    import classify.probe as probe_module
+    from classify.probe import RowSpan
+
+    X, y = _blobs(n_per_class=30, dim=400, spread=0.15)  # 90 rows, 400 features: hard enough to need a search
+    X_test, y_test = _blobs(n_per_class=20, dim=400, spread=0.15, seed=1)
+    span = RowSpan(X)
+    assert RowSpan.worthwhile(X) and not RowSpan.worthwhile(X[:, :50])
+    Z = span.train
+    np.testing.assert_allclose(Z @ Z.T, X @ X.T, rtol=1e-4, atol=1e-2)  # an isometry of the training rows
+    np.testing.assert_allclose(span.coordinates(X_test) @ Z.T, X_test @ X.T, rtol=1e-4, atol=1e-2)
+    w = np.random.default_rng(3).normal(size=(1, 90)).astype(np.float32)  # weights on the coordinates ...
+    np.testing.assert_allclose(X_test @ span.weights(w).T, span.coordinates(X_test) @ w.T, rtol=1e-3, atol=1e-2)  # ... act alike
+    reduced = LinearProbe(classifier, Cs=(1e-4, 1e-3, 1e-2, 0.1, 1.0), patience=None).fit(X, y)
+    monkeypatch.setattr(probe_module.RowSpan, "worthwhile", staticmethod(lambda X: False))
+    full = LinearProbe(classifier, Cs=(1e-4, 1e-3, 1e-2, 0.1, 1.0), patience=None).fit(X, y)
+    assert reduced.best_C_ == full.best_C_
+    np.testing.assert_array_equal(reduced.cv_scores_, full.cv_scores_)
+    np.testing.assert_array_equal(reduced.predict(X_test), full.predict(X_test))
+    np.testing.assert_allclose(reduced.decision_function(X_test), full.decision_function(X_test), atol=1e-4)  # solver tolerance
