@@ -42,13 +42,25 @@ so a kill at any moment leaves only whole shards, and a rerun computes only the 
 that no shard holds. When every row is done, the shards are assembled into a temporary
 HDF5 file that is fsync'ed and renamed over the store path. The file at the store path
 is therefore always a complete store, old or new.
+
+One writer at a time. A writer holds an exclusive ``fcntl.flock`` on ``<store>.lock``
+(which holds its PID) from opening to publishing; a second writer of the same store is
+refused with ``StoreLockedError`` naming that PID. The kernel drops the lock when its
+process dies, so a killed writer's lock is taken over by the next run, which also
+removes the temporary files (``.<store>.tmp-*``) a kill during assembly left behind.
+A ``.partial/`` shard that repeats rows of another is discarded (its other rows are
+redone); ``overwrite`` discards the whole ``.partial/`` folder.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import glob
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from datetime import datetime, timezone
@@ -71,6 +83,10 @@ class StoreError(ValueError):
 
 class StoreMismatchError(StoreError):
     """Features would be mixed with features made under other settings or for other images."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing the same store."""
 
 
 def canonical_json(value) -> str:
@@ -104,6 +120,65 @@ def _atomic_write(target: Path, write) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(target.parent)
+
+
+class StoreLock:
+    """An exclusive lock on ``<store>.lock`` for the one process that writes a store.
+
+    ``fcntl.flock`` is dropped by the kernel when its holder dies, so a lock left by a
+    killed process is simply taken over. The file holds the holder's PID, for the message
+    another writer gets, and is removed on release (a writer that locked a file already
+    unlinked from the folder notices and locks the new one).
+    """
+
+    def __init__(self, store: str | Path):
+        self.store = Path(store)
+        self.path = self.store.with_name(self.store.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                who = f"process {holder}" if holder.isdigit() else "another process"
+                raise StoreLockedError(
+                    f"{self.store} is being written by {who} (lock {self.path}); "
+                    "wait for it to finish or stop it, then rerun: the store has one writer at a time"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder removed it while we waited for it: lock the new one
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+
+    def __enter__(self) -> StoreLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class FeatureStore:
@@ -264,20 +339,33 @@ class StoreWriter:
         self.digest = dataset.digest()
         self._done = np.zeros(len(dataset), dtype=bool)
         self.up_to_date = False
+        self._lock = StoreLock(self.path)
 
     # -- opening -------------------------------------------------------------------------
     def __enter__(self) -> StoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and not self.overwrite:
-            self.up_to_date = self._check_existing_store()
-            if self.up_to_date:
-                shutil.rmtree(self.partial, ignore_errors=True)
-                return self
-        self._open_partial()
+        self._lock.acquire()
+        try:
+            self._remove_stale_temporaries()
+            if self.path.exists() and not self.overwrite:
+                self.up_to_date = self._check_existing_store()
+                if self.up_to_date:
+                    shutil.rmtree(self.partial, ignore_errors=True)
+                    return self
+            self._open_partial()
+        except BaseException:
+            self._lock.release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        return None
+        self._lock.release()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Under the lock, a temporary file of this store is a leftover of a killed assembly."""
+        for leftover in self.path.parent.glob(f".{glob.escape(self.path.name)}.tmp-*"):
+            log.info("removing %s, left by an interrupted run", leftover)
+            leftover.unlink(missing_ok=True)
 
     def _manifest(self) -> dict:
         return {
@@ -308,6 +396,9 @@ class StoreWriter:
         return True
 
     def _open_partial(self) -> None:
+        if self.overwrite and self.partial.exists():
+            log.info("overwrite: discarding %s", self.partial)
+            shutil.rmtree(self.partial)
         manifest_path = self.partial / MANIFEST
         manifest = self._manifest()
         if manifest_path.is_file():
@@ -329,8 +420,13 @@ class StoreWriter:
         for leftover in self.partial.glob(".*.tmp-*"):
             leftover.unlink(missing_ok=True)
         for shard in self._shards():
-            self._done[shard["rows"]] = True
-            self._done[shard["skipped_rows"]] = True
+            rows = np.concatenate([shard["rows"], shard["skipped_rows"]])
+            if self._done[rows].any() or len(np.unique(rows)) != len(rows):
+                # Only two writers at once (before stores were locked) leave such a shard.
+                log.warning("discarding %s: it repeats rows stored in another shard; its rows will be redone", shard["path"])
+                shard["path"].unlink(missing_ok=True)
+                continue
+            self._done[rows] = True
         if self._done.any():
             log.info("resuming %s: %d of %d rows already done", self.path, int(self._done.sum()), len(self._done))
 

@@ -1,0 +1,163 @@
+"""Reliability under concurrency, hostile files and full disks (issue #13).
+
+Real processes, real files and real mounts: two writers of one store at once, a lock
+left by a killed process, leftovers of killed runs, crafted ``.pth`` files, shell
+metacharacters through ``make``, huge and dangling images, read-only and full disks.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from baselines.hog import HOGFeaturizer
+from extract.datasets import load_dataset
+from extract.pipeline import extract_to_store
+from extract.store import FeatureStore, StoreLock, StoreLockedError, StoreWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    from conftest import make_image_tree
+
+    return make_image_tree(tmp_path_factory.mktemp("rel") / "shapes", per_class={"train": 100, "test": 50}, size=40)
+
+
+def _baselines(tree, features, *extra):
+    return [sys.executable, "-m", "baselines", "--baselines", "hog", "--dataset", f"folder:{tree}",
+            "--features-dir", str(features), "--checkpoint-seconds", "0", "--no-progress", "--workers", "1", *extra]
+
+
+def _assert_complete(store_path: Path, dataset) -> None:
+    with FeatureStore(store_path) as store:
+        assert list(store.paths) == list(dataset.paths)  # no row lost, none twice, same order
+        features = store.features("hog")
+    featurizer = HOGFeaturizer.for_dataset(dataset)
+    for row in (0, len(dataset) // 2, len(dataset) - 1):
+        np.testing.assert_allclose(features[row], featurizer.prepare(dataset.read(row)), rtol=1e-5, atol=1e-6)
+    leftovers = [p.name for p in store_path.parent.iterdir() if p != store_path]
+    assert leftovers == [], leftovers  # no lock, no .partial, no temporary file
+
+
+# -- 2. one writer at a time -----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_writers_at_once_one_wins_the_other_names_it(tree, tmp_path):
+    dataset = load_dataset(f"folder:{tree}")
+    for attempt in range(4):
+        features = tmp_path / f"attempt{attempt}"
+        processes = [subprocess.Popen(_baselines(tree, features), cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        outputs = [p.communicate(timeout=300)[0] for p in processes]
+        codes = [p.returncode for p in processes]
+        assert 0 in codes, outputs
+        for code, output in zip(codes, outputs):
+            if code != 0:
+                assert code == 2, output
+                assert re.search(r"^error: \S+hog\.h5 is being written by process \d+ \(lock ", output, re.M), output
+                assert "Traceback" not in output
+        _assert_complete(features / "shapes" / "hog.h5", dataset)
+
+
+def _hold_lock(store: Path) -> subprocess.Popen:
+    """A separate process that holds the store's lock until it is killed."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from extract.store import StoreLock; "
+         "StoreLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)", str(store)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(image_tree, tmp_path):
+    dataset, featurizer = load_dataset(f"folder:{image_tree}"), HOGFeaturizer(32)
+    store = tmp_path / "features" / "shapes" / "hog.h5"
+    store.parent.mkdir(parents=True)
+    holder = _hold_lock(store)
+    try:
+        with pytest.raises(StoreLockedError, match=rf"hog\.h5 is being written by process {holder.pid} "):
+            extract_to_store(dataset, featurizer, store, progress=False)
+        assert not store.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert store.with_name("hog.h5.lock").exists()  # left behind by the killed holder
+    extract_to_store(dataset, featurizer, store, progress=False)
+    with FeatureStore(store) as done:
+        assert len(done) == len(dataset)
+    assert not store.with_name("hog.h5.lock").exists()
+
+
+def test_lock_is_released_when_opening_fails(image_tree, tmp_path):
+    dataset = load_dataset(f"folder:{image_tree}")
+    store = tmp_path / "hog.h5"
+    extract_to_store(dataset, HOGFeaturizer(32), store, progress=False)
+    with pytest.raises(Exception, match="other settings"):
+        extract_to_store(dataset, HOGFeaturizer(40), store, progress=False)
+    with StoreLock(store):  # free again
+        pass
+
+
+def _partial_with_duplicate_rows(dataset, featurizer, store: Path) -> Path:
+    """The ``.partial/`` that two writers killed mid-run used to leave: two shards with the same rows."""
+    with StoreWriter(store, dataset=dataset, extractor="hog", fingerprint=featurizer.fingerprint(), taps=["hog"]) as writer:
+        for _ in range(2):
+            rows = writer.pending_rows()[:6]
+            writer.write_shard(rows, {"hog": np.stack([featurizer.prepare(dataset.read(int(r))) for r in rows])})
+    partial = store.with_name(store.name + ".partial")
+    first = sorted(partial.glob("shard-*.npz"))[0]
+    shutil.copy(first, partial / "shard-000000000-dupdup.npz")
+    return partial
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_doubly_killed_partial_with_duplicate_rows_recovers(image_tree, tmp_path, overwrite):
+    dataset, featurizer = load_dataset(f"folder:{image_tree}"), HOGFeaturizer(32)
+    store = tmp_path / "features" / "shapes" / "hog.h5"
+    store.parent.mkdir(parents=True)
+    _partial_with_duplicate_rows(dataset, featurizer, store)
+    extract_to_store(dataset, featurizer, store, progress=False, overwrite=overwrite)
+    with FeatureStore(store) as done:
+        assert list(done.paths) == list(dataset.paths)
+        np.testing.assert_allclose(done.features("hog")[3], featurizer.prepare(dataset.read(3)), rtol=1e-6)
+    assert sorted(p.name for p in store.parent.iterdir()) == ["hog.h5"]
+
+
+def test_overwrite_starts_clean_even_from_an_unreadable_partial(image_tree, tmp_path):
+    dataset, featurizer = load_dataset(f"folder:{image_tree}"), HOGFeaturizer(32)
+    store = tmp_path / "hog.h5"
+    partial = store.with_name("hog.h5.partial")
+    partial.mkdir()
+    (partial / "manifest.json").write_text("{ not json")
+    (partial / "shard-000000000-aaaaaa.npz").write_bytes(b"junk")
+    extract_to_store(dataset, featurizer, store, progress=False, overwrite=True)
+    with FeatureStore(store) as done:
+        assert len(done) == len(dataset)
+    assert not partial.exists()
+
+
+# -- 4. orphans ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("store_exists", [False, True])
+def test_temporary_files_of_a_killed_assembly_are_removed(image_tree, tmp_path, store_exists):
+    dataset, featurizer = load_dataset(f"folder:{image_tree}"), HOGFeaturizer(32)
+    store = tmp_path / "hog.h5"
+    if store_exists:
+        extract_to_store(dataset, featurizer, store, progress=False)
+    orphan = tmp_path / ".hog.h5.tmp-1a2b3c4d"
+    orphan.write_bytes(b"\x89HDF\r\n\x1a\n half an assembly")
+    other = tmp_path / ".color.h5.tmp-1a2b3c4d"  # another store's: not ours to remove
+    other.write_bytes(b"x")
+    extract_to_store(dataset, featurizer, store, progress=False)
+    assert not orphan.exists() and other.exists()
