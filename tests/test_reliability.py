@@ -7,6 +7,8 @@ metacharacters through ``make``, huge and dangling images, read-only and full di
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import signal
@@ -161,3 +163,31 @@ def test_temporary_files_of_a_killed_assembly_are_removed(image_tree, tmp_path, 
     other.write_bytes(b"x")
     extract_to_store(dataset, featurizer, store, progress=False)
     assert not orphan.exists() and other.exists()
+
+
+# -- 5. crafted .pth files -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fuzzed_checkpoints_load_or_are_refused_in_one_line_never_crash(tmp_path, seed):
+    """About 5,500 crafted files per seed (boundary and random sizes, strides, offsets and dtypes,
+    truncations, flipped bytes), read in a child process so that a segfault fails the test."""
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "pth_fuzz.py"), str(tmp_path), str(seed)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"the reader crashed (rc {result.returncode}):\n{result.stderr[-3000:]}"
+    summary = json.loads(result.stdout)
+    assert summary["wrong"] == []
+    assert summary["refused"] > 4000 and summary["loaded"] > 100
+
+
+def test_storage_smaller_than_its_tensor_is_refused_not_read_past(tmp_path):
+    """The 1 KB-from-a-4-byte-storage case: a tensor of 16x16 floats over a storage of one."""
+    from pth_fuzz import Storage, Tensor, legacy_bytes  # fake torch modules only while writing
+
+    liar = Storage("0", "FloatStorage", 256, data_numel=1)
+    path = tmp_path / "liar.pth"
+    path.write_bytes(legacy_bytes({"w": Tensor(liar, 0, (16, 16), (16, 1))}, [liar]))
+    from extract.torch_weights import CheckpointError, load_state_dict
+
+    with pytest.raises(CheckpointError, match=r"liar\.pth: .*storage '0' holds 1 elements, its tensors say 256"):
+        load_state_dict(path)
+    assert "torch" not in sys.modules or hasattr(sys.modules["torch"], "load")
