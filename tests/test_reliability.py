@@ -191,3 +191,89 @@ def test_storage_smaller_than_its_tensor_is_refused_not_read_past(tmp_path):
     with pytest.raises(CheckpointError, match=r"liar\.pth: .*storage '0' holds 1 elements, its tensors say 256"):
         load_state_dict(path)
     assert "torch" not in sys.modules or hasattr(sys.modules["torch"], "load")
+
+
+# -- 6. make passes every value as one argument ----------------------------------------------------
+
+def _make(*args, **kwargs) -> subprocess.CompletedProcess:
+    if shutil.which("make") is None:
+        pytest.skip("GNU make is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env.update(kwargs.pop("env", {}))
+    return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args], env=env, capture_output=True,
+                          text=True, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+
+@pytest.fixture
+def installed_venv():
+    """``make`` targets depend on ``setup``; running them must not reinstall anything."""
+    if _make("-q", ".venv/.installed").returncode != 0:
+        pytest.skip(".venv is not installed and up to date (run `make setup` first)")
+
+
+MARKERS = ("pwned-by-test-1", "pwned-by-test-2", "pwned-by-test-3")
+HOSTILE = f"it's a \"$HOME\"; touch {MARKERS[0]}; ' `touch {MARKERS[1]}` $(shell touch {MARKERS[2]}) é #x"
+
+# target -> the variables it passes, and the flag each one becomes
+MAKE_TARGETS = {
+    "extract": {"DATASET": "--dataset", "MODEL": "--model", "LAYERS": "--layers", "POOLING": "--pooling", "WEIGHTS": "--weights",
+                "DATA_DIR": "--data-dir", "LIMIT": "--limit", "ON_ERROR": "--on-error", "CROP": "--crop", "SEED": "--seed",
+                "CHECKPOINT_SECONDS": "--checkpoint-seconds"},
+    "layers": {"MODEL": "--model"},
+    "fetch": {"DATASET": "--dataset"},
+    "data-info": {"DATASET": "--dataset", "DATA_DIR": "--data-dir"},
+    "baselines": {"DATASET": "--dataset", "BASELINES": "--baselines"},
+    "classify": {"DATASET": "--dataset", "CLASSIFIER": "--classifier", "FEATURES": "--features", "LAYERS": "--layers",
+                 "PROTOCOL": "--protocol", "SEED": "--seed"},
+    "tsne": {"DATASET": "--dataset", "MODEL": "--model", "N": "--n"},
+    "report": {"DATASET": "--dataset"},
+    "finetune": {"DATASET": "--dataset", "MODEL": "--model", "TRAIN": "--train", "EPOCHS": "--epochs", "WEIGHTS": "--weights"},
+    "pretrain": {"DATASET": "--dataset", "EPOCHS": "--pretrain-epochs"},
+    "recipe": {"DATASET": "--dataset", "EPOCHS": "--epochs"},
+}
+
+
+@pytest.mark.parametrize("target", sorted(MAKE_TARGETS))
+def test_make_passes_hostile_values_as_one_argument(target, tmp_path, installed_venv):
+    log = tmp_path / "argv.jsonl"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nopen({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    variables = {**{name: HOSTILE for name in MAKE_TARGETS[target]}, "FULL": "1", "OVERWRITE": "1"}
+    result = _make(target, f"PY={fake}", *(f"{k}={v}" for k, v in variables.items()))
+    assert result.returncode == 0, result.stderr
+    try:
+        argv = [json.loads(line) for line in log.read_text().splitlines()]
+        command = argv[-1]  # the target's own command comes last (after setup's)
+        for name, flag in MAKE_TARGETS[target].items():
+            assert command[command.index(flag) + 1] == HOSTILE, (name, command)
+    finally:
+        pwned = [m for m in MARKERS if (ROOT / m).exists()]
+        for marker in pwned:
+            (ROOT / marker).unlink()
+    assert pwned == []
+
+
+def test_make_benchmark_over_datasets_quotes_each_name(tmp_path, installed_venv):
+    log = tmp_path / "argv.jsonl"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nopen({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    result = _make("benchmark", f"PY={fake}", f"DATASETS=it's;touch {MARKERS[0]} é$HOME")
+    pwned = (ROOT / MARKERS[0]).exists()
+    (ROOT / MARKERS[0]).unlink(missing_ok=True)
+    assert result.returncode == 0 and not pwned, result.stderr
+    datasets = {a[a.index("--dataset") + 1] for a in map(json.loads, log.read_text().splitlines()) if "--dataset" in a}
+    assert datasets == {"it's;touch", f"{MARKERS[0]}", "é$HOME"}
+
+
+def test_make_data_info_on_a_folder_named_with_quote_space_dollar_semicolon_and_accent(tmp_path, installed_venv):
+    from conftest import make_image_tree
+
+    folder = make_image_tree(tmp_path / "it's $HOME; touch pwned é" / "shapes")
+    result = _make("data-info", f"DATASET=folder:{folder}")
+    pwned = (ROOT / "pwned").exists()
+    (ROOT / "pwned").unlink(missing_ok=True)
+    assert result.returncode == 0 and not pwned, result.stderr
+    assert "shapes: 24 images, 2 classes" in result.stdout
+    assert "missing files: 0" in result.stdout
