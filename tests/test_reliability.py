@@ -277,3 +277,32 @@ def test_make_data_info_on_a_folder_named_with_quote_space_dollar_semicolon_and_
     assert result.returncode == 0 and not pwned, result.stderr
     assert "shapes: 24 images, 2 classes" in result.stdout
     assert "missing files: 0" in result.stdout
+
+
+# -- 7. very large images --------------------------------------------------------------------------
+
+def test_a_100_megapixel_jpeg_is_decoded_at_reduced_scale(tmp_path):
+    from PIL import Image
+
+    from extract.images import read_image
+
+    stripes = np.zeros((10_000, 10_000), np.uint8)
+    stripes[::100] = 255
+    Image.fromarray(stripes).save(tmp_path / "huge.jpg", quality=80)  # 100 MP: over PIL's 89.5 MP warning
+    rgb = read_image(tmp_path / "huge.jpg", min_side=224)
+    assert rgb.shape == (1250, 1250, 3)  # decoded at 1/8 scale, not refused
+
+
+def test_an_image_beyond_the_limit_is_refused_naming_the_limit(tmp_path):
+    import struct
+    import zlib
+
+    from extract.images import MAX_PIXELS, ImageDecodeError, read_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 0, 0, 0, 0)  # a 400 MP grayscale PNG of 60 bytes
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    with pytest.raises(ImageDecodeError, match=rf"bomb\.png: image of 20000x20000 = 400,000,000 pixels is beyond the limit of {MAX_PIXELS:,} pixels"):
+        read_image(tmp_path / "bomb.png", min_side=224)
