@@ -8,7 +8,7 @@ import logging
 import sys
 
 from extract.datasets import CROPS, DATASETS, load_dataset
-from extract.images import ImageDecodeError
+from extract.images import MISSING, ImageDecodeError
 from extract.pipeline import CHECKPOINT_SECONDS
 from extract.store import StoreError
 
@@ -103,9 +103,9 @@ def cmd_data_info(args) -> None:
     if args.no_check:
         return
     bad = unreadable_images(dataset, progress=not args.no_progress)
-    missing = [(p, r) for p, r in bad if r == "file not found"]
-    broken = [(p, r) for p, r in bad if r != "file not found"]
-    print(f"missing files: {len(missing)}" + "".join(f"\n  {p}" for p, _ in missing))
+    missing = [(p, r) for p, r in bad if r.startswith(MISSING)]
+    broken = [(p, r) for p, r in bad if not r.startswith(MISSING)]
+    print(f"missing files: {len(missing)}" + "".join(f"\n  {p}{r.removeprefix(MISSING)}" for p, r in missing))
     print(f"unreadable files: {len(broken)}" + "".join(f"\n  {p}: {r}" for p, r in broken))
 
 

@@ -6,6 +6,8 @@ dataset of thousands is found at once.
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from pathlib import Path
 
@@ -61,6 +63,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 _PIL_LIMIT_LOCK = threading.Lock()
+# The reason of every image that is not there, dangling and looping symbolic links included.
+MISSING = "file not found"
+
+
+def _missing_reason(path: Path) -> str:
+    if path.is_symlink():
+        return f"{MISSING} (dangling symbolic link to {os.readlink(path)})"
+    return MISSING
 
 
 def _open_unchecked(path: Path) -> Image.Image:
@@ -101,8 +111,12 @@ def read_image(path: str | Path, *, min_side: int | None = None) -> np.ndarray:
     except ImageDecodeError:
         raise
     except FileNotFoundError:
-        raise ImageDecodeError(path, "file not found") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ImageDecodeError(path, _missing_reason(path)) from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ImageDecodeError(path, MISSING + " (symbolic link loop)") from None
+        raise ImageDecodeError(path, f"{type(error).__name__}: {error}") from None
+    except (ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDecodeError(path, f"{type(error).__name__}: {error}") from None
     array = np.asarray(rgb, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) == 0:

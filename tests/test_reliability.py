@@ -306,3 +306,33 @@ def test_an_image_beyond_the_limit_is_refused_naming_the_limit(tmp_path):
     (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
     with pytest.raises(ImageDecodeError, match=rf"bomb\.png: image of 20000x20000 = 400,000,000 pixels is beyond the limit of {MAX_PIXELS:,} pixels"):
         read_image(tmp_path / "bomb.png", min_side=224)
+
+
+# -- 8. symbolic links -----------------------------------------------------------------------------
+
+def test_dangling_and_looping_symlinks_are_counted_and_listed(image_tree, tmp_path, capsys):
+    from extract.cli import main
+    from extract.images import ImageDecodeError
+
+    (image_tree / "train" / "circle" / "dangling.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    (image_tree / "train" / "square" / "loop.jpg").symlink_to("loop.jpg")
+    (image_tree / "train" / "square" / "alias.jpg").symlink_to("000.jpg")  # a working link is an image
+    dataset = load_dataset(f"folder:{image_tree}")
+    assert len(dataset) == 27
+
+    assert main(["data-info", "--dataset", f"folder:{image_tree}", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "missing files: 2\n" in out
+    assert f"  train/circle/dangling.jpg (dangling symbolic link to {tmp_path / 'moved-away.jpg'})" in out
+    assert "  train/square/loop.jpg (symbolic link loop)" in out
+    assert "unreadable files: 0" in out
+
+    with pytest.raises(ImageDecodeError, match=r"dangling\.jpg: file not found \(dangling symbolic link"):
+        extract_to_store(dataset, HOGFeaturizer(32), tmp_path / "hog.h5", progress=False)
+    extract_to_store(dataset, HOGFeaturizer(32), tmp_path / "hog.h5", progress=False, on_error="skip")
+    with FeatureStore(tmp_path / "hog.h5") as store:
+        assert len(store) == 25
+        assert dict(store.skipped) == {
+            "train/circle/dangling.jpg": f"file not found (dangling symbolic link to {tmp_path / 'moved-away.jpg'})",
+            "train/square/loop.jpg": "file not found (symbolic link loop)",
+        }

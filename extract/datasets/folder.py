@@ -21,9 +21,14 @@ def visible_dirs(folder: Path) -> list[Path]:
 
 
 def images_in(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (at any depth), sorted, without hidden ones."""
+    """Image files under ``folder`` (at any depth), sorted, without hidden ones.
+
+    Dangling and looping symbolic links with an image suffix are listed too, so that they
+    are reported as missing (``make data-info``, ``/skipped``) instead of silently left out.
+    """
     return sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and (p.is_file() or (p.is_symlink() and not p.exists()))
     )
 
 
