@@ -4,13 +4,14 @@ options and error handling that ``python -m baselines`` shares."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
 from extract.datasets import CROPS, DATASETS, load_dataset
 from extract.images import MISSING, ImageDecodeError
 from extract.pipeline import CHECKPOINT_SECONDS
-from extract.store import StoreError
+from extract.store import DISK_ERRNOS, StoreError
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,7 +153,24 @@ def run_command(func, args) -> int:
     except (ImageDecodeError, StoreError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: {disk_error_message(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def disk_error_message(error: OSError) -> str:
+    """One line for a full disk, a file-size limit or a read-only folder: the file and the fix."""
+    where = f"cannot write {error.filename}" if error.filename else "cannot write"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space there, or write elsewhere with --features-dir, then rerun the same command (finished work is kept)"
+    elif error.errno == errno.EFBIG:
+        fix = "the file is larger than this process may write (ulimit -f): raise the limit, then rerun the same command (finished work is kept)"
+    else:
+        fix = "the folder is read-only or not yours: make it writable, or write elsewhere with --features-dir"
+    return f"{where}: {error.strerror}; {fix}"

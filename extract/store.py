@@ -57,10 +57,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import glob
+import io
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from datetime import datetime, timezone
@@ -109,17 +109,85 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# A full disk, a file-size limit, a read-only or foreign folder: the user's to fix, not a bug.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 def _atomic_write(target: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync the result and rename it onto ``target``."""
+    """Call ``write(tmp_path)``, fsync the result and rename it onto ``target``.
+
+    A disk error (``DISK_ERRNOS``) is raised as an ``OSError`` naming ``target``; the
+    temporary file is removed whatever happens."""
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as error:
+        if error.errno in DISK_ERRNOS:
+            raise OSError(error.errno, os.strerror(error.errno), str(target)) from None
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
     _fsync_dir(target.parent)
+
+
+class _GuardedFile(io.RawIOBase):
+    """A file for ``h5py.File(fileobj)`` that keeps the first write error instead of handing
+    it to HDF5. HDF5 cannot close a file whose writes failed, and the process then dies in
+    the library's exit handler (a segfault on a full disk); this way the file closes, and
+    ``check()`` raises the error afterwards."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "w+b", buffering=0)
+        self.path = path
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self._file.readinto(buffer)
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                return self._file.write(data)
+            except OSError as error:
+                self.error = error
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self._file.truncate(size)
+            except OSError as error:
+                self.error = error
+        return self.tell() if size is None else size
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror, str(self.path))
 
 
 class StoreLock:
@@ -494,61 +562,72 @@ class StoreWriter:
         ds = self.dataset
 
         def write(tmp: Path) -> None:
-            with h5py.File(tmp, "w") as f:
-                keep = np.flatnonzero(ok_rows)
-                f.create_dataset("index/path", data=np.asarray([ds.paths[i] for i in keep], dtype=object), dtype=STRING)
-                f.create_dataset("index/label", data=ds.labels[keep].astype(np.int64))
-                f.create_dataset("index/split", data=np.asarray([ds.splits[i] for i in keep], dtype=object), dtype=STRING)
-                f.create_dataset("classes", data=np.asarray(ds.classes, dtype=object), dtype=STRING)
-                if ds.targets is not None:
-                    f.create_dataset("index/multilabel", data=ds.targets[keep].astype(np.int8))
-                layers = f.create_group("layers")
+            guarded = _GuardedFile(tmp)
+            try:
+                with h5py.File(guarded, "w") as f:
+                    fill(f)
+            except Exception:
+                guarded.check()  # the disk error behind HDF5's, if any
+                raise
+            finally:
+                guarded.close()
+            guarded.check()
+
+        def fill(f: h5py.File) -> None:
+            keep = np.flatnonzero(ok_rows)
+            f.create_dataset("index/path", data=np.asarray([ds.paths[i] for i in keep], dtype=object), dtype=STRING)
+            f.create_dataset("index/label", data=ds.labels[keep].astype(np.int64))
+            f.create_dataset("index/split", data=np.asarray([ds.splits[i] for i in keep], dtype=object), dtype=STRING)
+            f.create_dataset("classes", data=np.asarray(ds.classes, dtype=object), dtype=STRING)
+            if ds.targets is not None:
+                f.create_dataset("index/multilabel", data=ds.targets[keep].astype(np.int8))
+            layers = f.create_group("layers")
+            for shard in shards:
+                with np.load(shard["path"]) as data:
+                    skipped_rows.extend(data["skipped_rows"].tolist())
+                    skipped_reasons.extend(data["skipped_reasons"].tolist())
+                    target = position[data["rows"]]
+                    order = np.argsort(target)
+                    for name in self.taps:
+                        block = data[f"layer/{name}"][order]
+                        if not len(block):
+                            continue
+                        if name not in layers:
+                            chunk_rows = max(1, min(max(n_ok, 1), CHUNK_BYTES // (4 * block.shape[1])))
+                            layers.create_dataset(
+                                name, shape=(n_ok, block.shape[1]), dtype=np.float32,
+                                chunks=(chunk_rows, block.shape[1]), compression="gzip",
+                                compression_opts=4, shuffle=True,
+                            )
+                        where = target[order]
+                        if where[-1] - where[0] + 1 == len(where):
+                            layers[name][where[0] : where[-1] + 1] = block
+                        else:
+                            layers[name][where] = block
+            for name in self.taps:  # every row may have been skipped
+                if name not in layers:
+                    layers.create_dataset(name, shape=(0, 0), dtype=np.float32)
+            for name in self.stats:
+                values = np.zeros(n_ok, np.float32)
                 for shard in shards:
                     with np.load(shard["path"]) as data:
-                        skipped_rows.extend(data["skipped_rows"].tolist())
-                        skipped_reasons.extend(data["skipped_reasons"].tolist())
-                        target = position[data["rows"]]
-                        order = np.argsort(target)
-                        for name in self.taps:
-                            block = data[f"layer/{name}"][order]
-                            if not len(block):
-                                continue
-                            if name not in layers:
-                                chunk_rows = max(1, min(max(n_ok, 1), CHUNK_BYTES // (4 * block.shape[1])))
-                                layers.create_dataset(
-                                    name, shape=(n_ok, block.shape[1]), dtype=np.float32,
-                                    chunks=(chunk_rows, block.shape[1]), compression="gzip",
-                                    compression_opts=4, shuffle=True,
-                                )
-                            where = target[order]
-                            if where[-1] - where[0] + 1 == len(where):
-                                layers[name][where[0] : where[-1] + 1] = block
-                            else:
-                                layers[name][where] = block
-                for name in self.taps:  # every row may have been skipped
-                    if name not in layers:
-                        layers.create_dataset(name, shape=(0, 0), dtype=np.float32)
-                for name in self.stats:
-                    values = np.zeros(n_ok, np.float32)
-                    for shard in shards:
-                        with np.load(shard["path"]) as data:
-                            values[position[data["rows"]]] = data[f"stat/{name}"]
-                    f.create_dataset(f"stats/{name}", data=values)
-                order = np.argsort(skipped_rows)
-                f.create_dataset("skipped/path", data=np.asarray([ds.paths[skipped_rows[i]] for i in order], dtype=object), dtype=STRING)
-                f.create_dataset("skipped/reason", data=np.asarray([skipped_reasons[i] for i in order], dtype=object), dtype=STRING)
-                f.attrs.update(
-                    schema_version=SCHEMA_VERSION,
-                    dataset=ds.name,
-                    extractor=self.extractor,
-                    fingerprint=canonical_json(self.fingerprint),
-                    taps=json.dumps(self.taps),
-                    dataset_digest=self.digest,
-                    dataset_info=canonical_json(ds.info),
-                    complete=True,
-                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    run=canonical_json(run or {}),
-                )
+                        values[position[data["rows"]]] = data[f"stat/{name}"]
+                f.create_dataset(f"stats/{name}", data=values)
+            order = np.argsort(skipped_rows)
+            f.create_dataset("skipped/path", data=np.asarray([ds.paths[skipped_rows[i]] for i in order], dtype=object), dtype=STRING)
+            f.create_dataset("skipped/reason", data=np.asarray([skipped_reasons[i] for i in order], dtype=object), dtype=STRING)
+            f.attrs.update(
+                schema_version=SCHEMA_VERSION,
+                dataset=ds.name,
+                extractor=self.extractor,
+                fingerprint=canonical_json(self.fingerprint),
+                taps=json.dumps(self.taps),
+                dataset_digest=self.digest,
+                dataset_info=canonical_json(ds.info),
+                complete=True,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                run=canonical_json(run or {}),
+            )
 
         _atomic_write(self.path, write)
         shutil.rmtree(self.partial, ignore_errors=True)

@@ -336,3 +336,146 @@ def test_dangling_and_looping_symlinks_are_counted_and_listed(image_tree, tmp_pa
             "train/circle/dangling.jpg": f"file not found (dangling symbolic link to {tmp_path / 'moved-away.jpg'})",
             "train/square/loop.jpg": "file not found (symbolic link loop)",
         }
+
+
+# -- 9. read-only folders and full disks: one line, exit 2, recoverable ----------------------------
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """520 images of 64 px: one ``raw`` shard of 256 rows is about 1 MB, the store about 1.1 MB."""
+    from conftest import make_image_tree
+
+    return make_image_tree(tmp_path_factory.mktemp("disk") / "shapes", per_class={"train": 160, "test": 100}, size=64)
+
+
+def _raw(photos, features, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "baselines", "--baselines", "raw", "--dataset", f"folder:{photos}",
+                           "--features-dir", str(features), "--checkpoint-seconds", "0", "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def _one_error_line(result: subprocess.CompletedProcess, pattern: str) -> None:
+    assert result.returncode == 2, f"rc {result.returncode}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.fullmatch(pattern, errors[0]), result.stderr
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(folder, size_kb, read_only=False): a real small tmpfs, unmounted afterwards; skips where mounting is not permitted."""
+    mounted = []
+
+    def mount(folder: Path, size_kb: int, *, read_only: bool = False) -> Path:
+        folder.mkdir(exist_ok=True)
+        options = f"size={size_kb}k" + (",ro" if read_only else "")
+        if folder in mounted:
+            result = subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], capture_output=True, text=True)
+        else:
+            result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {result.stderr.strip()}")
+        if folder not in mounted:
+            mounted.append(folder)
+        return folder
+
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+FULL = r"error: cannot write {}: No space left on device; free some space there, or write elsewhere with --features-dir, then rerun the same command \(finished work is kept\)"
+
+
+@pytest.mark.slow
+def test_full_disk_at_a_shard_and_at_assembly_is_one_line_then_resumes(photos, tmp_path, tmpfs):
+    disk = tmpfs(tmp_path / "disk", 300)
+    partial = disk / "shapes" / "raw.h5.partial"
+    _one_error_line(_raw(photos, disk), FULL.format(re.escape(str(partial)) + r"/shard-\d{9}-[0-9a-f]{6}\.npz"))
+
+    tmpfs(disk, 2600)  # room for the shards (2.1 MB), not for the store beside them
+    _one_error_line(_raw(photos, disk), FULL.format(re.escape(str(disk / "shapes" / "raw.h5"))))
+    assert sorted(p.name for p in (disk / "shapes").iterdir()) == ["raw.h5.partial"]  # no temporary file, no lock
+    assert sum(len(np.load(s)["rows"]) for s in partial.glob("shard-*.npz")) == 520
+
+    tmpfs(disk, 8000)
+    result = _raw(photos, disk)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stderr and "520 of 520 rows already done" in result.stderr
+    with FeatureStore(disk / "shapes" / "raw.h5") as store:
+        assert len(store) == 520 and store.features("raw").shape == (520, 1024)
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
+    return apply
+
+
+@pytest.mark.slow
+def test_file_size_limit_at_a_shard_and_at_assembly_is_one_line_then_resumes(photos, tmp_path):
+    """RLIMIT_FSIZE: a real write failure (EFBIG) on any machine, without root."""
+    features = tmp_path / "features"
+    partial = features / "shapes" / "raw.h5.partial"
+    too_large = r"error: cannot write {}: File too large; the file is larger than this process may write \(ulimit -f\): raise the limit, then rerun the same command \(finished work is kept\)"
+    _one_error_line(_raw(photos, features, preexec_fn=_file_size_limit(500_000)),
+                    too_large.format(re.escape(str(partial)) + r"/shard-\d{9}-[0-9a-f]{6}\.npz"))
+    _one_error_line(_raw(photos, features, preexec_fn=_file_size_limit(1_100_000)),  # shards fit, the store does not
+                    too_large.format(re.escape(str(features / "shapes" / "raw.h5"))))
+    assert sorted(p.name for p in (features / "shapes").iterdir()) == ["raw.h5.partial"]
+    result = _raw(photos, features)
+    assert result.returncode == 0 and "520 of 520 rows already done" in result.stderr, result.stderr
+
+
+def test_read_only_features_folder_is_one_line(photos, tmp_path, tmpfs):
+    import os as _os
+
+    readonly = tmp_path / "readonly"
+    if _os.geteuid() == 0:
+        tmpfs(readonly, 1000, read_only=True)  # root writes through chmod: a read-only mount it cannot
+    else:
+        readonly.mkdir()
+        readonly.chmod(0o555)
+    _one_error_line(_raw(photos, readonly), r"error: cannot write " + re.escape(str(readonly / "shapes"))
+                    + r": (Read-only file system|Permission denied); the folder is read-only or not yours: make it writable, or write elsewhere with --features-dir")
+
+
+def _forged_pth(path: Path) -> Path:
+    """A legacy .pth whose state dict would run ``touch pwned`` if unpickled naively."""
+    import pickle
+
+    from extract.torch_weights import LEGACY_MAGIC_NUMBER
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {path.parent / 'pwned'}",)
+
+    with open(path, "wb") as handle:
+        for header in (LEGACY_MAGIC_NUMBER, 1001, {"little_endian": True}):
+            pickle.dump(header, handle, protocol=2)
+        pickle.dump({"_conv_stem.weight": Exploit()}, handle, protocol=2)
+    return path
+
+
+@pytest.mark.slow
+def test_garbage_and_forged_weights_are_one_line_through_the_cli(image_tree, tmp_path, capsys):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
+    command = [sys.executable, "-m", "extract", "features", "--model", "efficientnet_lite0", "--dataset", f"folder:{image_tree}",
+               "--features-dir", str(tmp_path / "features"), "--no-progress"]
+    result = subprocess.run([*command, "--weights", str(garbage)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    _one_error_line(result, rf"error: {re.escape(str(garbage))}: not a readable PyTorch checkpoint \(.*\); pass a \.pth saved by "
+                            r"torch\.save\(model\.state_dict\(\)\), or WEIGHTS=imagenet for the packaged weights")
+
+    from extract.cli import main
+
+    forged = _forged_pth(tmp_path / "forged.pth")
+    assert main(command[3:] + ["--weights", str(forged)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {forged}: checkpoint refers to the global posix.system, which is not allowed")
+    assert not (tmp_path / "pwned").exists()
