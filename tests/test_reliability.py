@@ -479,3 +479,25 @@ def test_garbage_and_forged_weights_are_one_line_through_the_cli(image_tree, tmp
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {forged}: checkpoint refers to the global posix.system, which is not allowed")
     assert not (tmp_path / "pwned").exists()
+
+
+# -- 11. a folder with a train split only ----------------------------------------------------------
+
+def test_train_only_folder_holds_out_a_seeded_stratified_test_split(tmp_path, caplog):
+    import logging
+
+    from conftest import make_image_tree
+
+    from classify.evaluate import choose_splits
+
+    tree = make_image_tree(tmp_path / "trainonly", per_class={"train": 8})
+    with caplog.at_level(logging.INFO, logger="extract.datasets.folder"):
+        dataset = load_dataset(f"folder:{tree}")
+    assert "has a train folder but no test or val folder: testing on a seeded, stratified 25% of train (seed 0)" in caplog.text
+    assert choose_splits(dataset.splits) == ("train", "test")  # what `make classify` would have stopped on
+    counts = dataset.counts()
+    assert counts["test"] == {"circle": 2, "square": 2} and counts["train"] == {"circle": 6, "square": 6}
+    assert dataset.info["test_split"] == "held out from train"
+    again = load_dataset(f"folder:{tree}")
+    assert again.splits == dataset.splits and again.digest() == dataset.digest()  # seeded: a rerun resumes the same store
+    assert load_dataset(f"folder:{tree}", seed=1).splits != dataset.splits

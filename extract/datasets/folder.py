@@ -4,13 +4,17 @@ lists (columns ``path,label[,split]``, paths relative to the CSV file's folder).
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from extract.datasets.base import ImageDataset, file_dataset, seeded_split, slugify
+from extract.datasets.base import TRAIN_SPLIT, ImageDataset, file_dataset, seeded_split, slugify
 from extract.images import read_image
 
+log = logging.getLogger(__name__)
+# The splits `classify` tests on; a split layout with none of them gets one held out from train.
+EVALUATION_SPLITS = ("test", "val", "validation")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
 DEFAULT_TEST_FRACTION = 0.25
 
@@ -56,6 +60,14 @@ def load_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAU
     if split_layout:
         splits = [s for s, _, _ in entries]
         info = {"source": str(root), "layout": "ROOT/<split>/<class>"}
+        if TRAIN_SPLIT in splits and not set(splits) & set(EVALUATION_SPLITS):
+            # Decided here, not by `classify` after minutes of extraction: hold out test images.
+            train = np.flatnonzero(np.asarray(splits) == TRAIN_SPLIT)
+            for i, split in zip(train, seeded_split(labels[train], test_fraction=test_fraction, seed=seed)):
+                splits[i] = split
+            log.info("%s has a train folder but no %s folder: testing on a seeded, stratified %d%% of train (seed %d)",
+                     root, " or ".join(EVALUATION_SPLITS[:2]), round(100 * test_fraction), seed)
+            info.update(split_seed=seed, test_fraction=test_fraction, test_split="held out from train")
     else:
         splits = seeded_split(labels, test_fraction=test_fraction, seed=seed)
         info = {"source": str(root), "layout": "ROOT/<class>", "split_seed": seed, "test_fraction": test_fraction}
