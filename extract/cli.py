@@ -166,11 +166,13 @@ def run_command(func, args) -> int:
 
 def disk_error_message(error: OSError) -> str:
     """One line for a full disk, a file-size limit or a read-only folder: the file and the fix."""
-    where = f"cannot write {error.filename}" if error.filename else "cannot write"
+    name = error.filename or "a file"
+    if error.errno in (errno.EACCES, errno.EPERM):  # reading or writing
+        return f"{name}: {error.strerror}; give this user access to it, or write elsewhere with --features-dir"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free some space there, or write elsewhere with --features-dir, then rerun the same command (finished work is kept)"
     elif error.errno == errno.EFBIG:
         fix = "the file is larger than this process may write (ulimit -f): raise the limit, then rerun the same command (finished work is kept)"
     else:
-        fix = "the folder is read-only or not yours: make it writable, or write elsewhere with --features-dir"
-    return f"{where}: {error.strerror}; {fix}"
+        fix = "the folder is on a read-only file system: write elsewhere with --features-dir"
+    return f"cannot write {name}: {error.strerror}; {fix}"

@@ -441,8 +441,9 @@ def test_read_only_features_folder_is_one_line(photos, tmp_path, tmpfs):
     else:
         readonly.mkdir()
         readonly.chmod(0o555)
-    _one_error_line(_raw(photos, readonly), r"error: cannot write " + re.escape(str(readonly / "shapes"))
-                    + r": (Read-only file system|Permission denied); the folder is read-only or not yours: make it writable, or write elsewhere with --features-dir")
+    name = re.escape(str(readonly / "shapes"))
+    _one_error_line(_raw(photos, readonly), rf"error: (cannot write {name}: Read-only file system; the folder is on a read-only file system:"
+                    rf"|{name}: Permission denied; give this user access to it, or) write elsewhere with --features-dir")
 
 
 def _forged_pth(path: Path) -> Path:
