@@ -11,11 +11,23 @@ MODEL    ?= efficientnet_lite0
 SEED     ?= 0
 CLASSIFIER ?= logreg
 BASELINES ?= hog,surf_bow,sift_bow,vlad,fisher,color,raw
+TRAIN    ?= head
 
-DATASET_ARGS = --dataset '$(DATASET)' $(if $(CROP),--crop $(CROP))
-DATA_ARGS = $(DATASET_ARGS) --seed $(SEED) \
-	$(if $(DATA_DIR),--data-dir '$(DATA_DIR)') $(if $(LIMIT),--limit $(LIMIT)) $(if $(FULL),--full) \
-	$(if $(OVERWRITE),--overwrite) $(if $(ON_ERROR),--on-error $(ON_ERROR))
+# Every value reaches the command line as exactly one argument, whatever it holds (quotes,
+# spaces, $, ;, non-ASCII letters): $(call q,NAME) single-quotes NAME's value as typed (make's
+# `value`, so a $ in it is not expanded either), and $(call opt,--flag,NAME) adds the flag
+# and the quoted value when NAME is set.
+quote = '$(subst ','\'',$(1))'
+q = $(call quote,$(value $(1)))
+opt = $(if $(value $(2)),$(1) $(call q,$(2)))
+# Not into the recipes' environment either: exporting expands a value (and runs any $(shell) in it).
+unexport DATASET DATASETS DATA_DIR MODEL LAYERS POOLING WEIGHTS LIMIT FULL OVERWRITE ON_ERROR CROP SEED \
+	CHECKPOINT_SECONDS CLASSIFIER BASELINES FEATURES PROTOCOL N TRAIN EPOCHS
+
+DATASET_ARGS = --dataset $(call q,DATASET) $(call opt,--crop,CROP)
+DATA_ARGS = $(DATASET_ARGS) --seed $(call q,SEED) \
+	$(call opt,--data-dir,DATA_DIR) $(call opt,--limit,LIMIT) $(if $(value FULL),--full) \
+	$(if $(value OVERWRITE),--overwrite) $(call opt,--on-error,ON_ERROR) $(call opt,--checkpoint-seconds,CHECKPOINT_SECONDS)
 
 .PHONY: setup data fetch extract layers baselines classify tsne report benchmark data-info finetune pretrain recipe test
 
@@ -29,31 +41,31 @@ $(STAMP): pyproject.toml
 
 # The default dataset must be on disk: found, downloaded, or installed from Debian's package.
 data: $(STAMP)
-	@if [ '$(DATASET)' = fashion-mnist ] && [ -z '$(DATA_DIR)' ]; then $(PY) -m extract fetch --dataset fashion-mnist; fi
+	@if [ $(call q,DATASET) = fashion-mnist ] && [ -z $(call q,DATA_DIR) ]; then $(PY) -m extract fetch --dataset fashion-mnist; fi
 
 extract: setup
-	$(PY) -m extract features $(DATA_ARGS) --model $(MODEL) $(if $(LAYERS),--layers '$(LAYERS)') \
-		$(if $(POOLING),--pooling $(POOLING)) $(if $(WEIGHTS),--weights '$(WEIGHTS)')
+	$(PY) -m extract features $(DATA_ARGS) --model $(call q,MODEL) $(call opt,--layers,LAYERS) \
+		$(call opt,--pooling,POOLING) $(call opt,--weights,WEIGHTS)
 
 layers: setup
-	$(PY) -m extract layers --model $(MODEL)
+	$(PY) -m extract layers --model $(call q,MODEL)
 
 # Download a dataset's official archives (checksummed) into ~/.cache/offshelf/<name>, when online.
 fetch: $(STAMP)
-	$(PY) -m extract fetch --dataset '$(DATASET)'
+	$(PY) -m extract fetch --dataset $(call q,DATASET)
 
 data-info: setup
 	$(PY) -m extract data-info $(DATA_ARGS)
 
 baselines: setup
-	$(PY) -m baselines $(DATA_ARGS) --baselines $(BASELINES)
+	$(PY) -m baselines $(DATA_ARGS) --baselines $(call q,BASELINES)
 
 classify: setup
-	$(PY) -m classify probe $(DATASET_ARGS) --classifier $(CLASSIFIER) --seed $(SEED) \
-		$(if $(FEATURES),--features '$(FEATURES)') $(if $(LAYERS),--layers '$(LAYERS)') $(if $(PROTOCOL),--protocol '$(PROTOCOL)')
+	$(PY) -m classify probe $(DATASET_ARGS) --classifier $(call q,CLASSIFIER) --seed $(call q,SEED) \
+		$(call opt,--features,FEATURES) $(call opt,--layers,LAYERS) $(call opt,--protocol,PROTOCOL)
 
 tsne: setup
-	$(PY) -m classify tsne $(DATASET_ARGS) --seed $(SEED) --model $(MODEL) $(if $(N),--n $(N))
+	$(PY) -m classify tsne $(DATASET_ARGS) --seed $(call q,SEED) --model $(call q,MODEL) $(call opt,--n,N)
 
 report: setup
 	$(PY) -m classify report $(DATASET_ARGS)
@@ -61,22 +73,22 @@ report: setup
 # DATASETS="a b c": the whole benchmark for each, then reports/summary.md across them.
 ifdef DATASETS
 benchmark:
-	for d in $(DATASETS); do $(MAKE) --no-print-directory benchmark DATASET=$$d DATASETS= || exit 1; done
-	$(PY) -m classify summary --datasets '$(DATASETS)'
+	for d in $(foreach d,$(value DATASETS),$(call quote,$(d))); do $(MAKE) --no-print-directory benchmark DATASET="$$d" DATASETS= || exit 1; done
+	$(PY) -m classify summary --datasets $(call q,DATASETS)
 else
 benchmark: extract baselines classify tsne report
 endif
 
 # Transfer mechanics: TRAIN=head|top1|top2|all; the autoencoder recipe; rows land in results.csv.
 finetune: setup
-	$(PY) -m transfer finetune $(DATA_ARGS) --model $(MODEL) --train $(or $(TRAIN),head) \
-		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(WEIGHTS),--weights '$(WEIGHTS)')
+	$(PY) -m transfer finetune $(DATA_ARGS) --model $(call q,MODEL) --train $(call q,TRAIN) \
+		$(call opt,--epochs,EPOCHS) $(call opt,--weights,WEIGHTS)
 
 pretrain: setup
-	$(PY) -m transfer pretrain-cae $(DATA_ARGS) $(if $(EPOCHS),--pretrain-epochs $(EPOCHS))
+	$(PY) -m transfer pretrain-cae $(DATA_ARGS) $(call opt,--pretrain-epochs,EPOCHS)
 
 recipe: setup
-	$(PY) -m transfer recipe $(DATA_ARGS) $(if $(EPOCHS),--epochs $(EPOCHS))
+	$(PY) -m transfer recipe $(DATA_ARGS) $(call opt,--epochs,EPOCHS)
 
 test: setup
 	$(PY) -m pytest

@@ -4,14 +4,16 @@ options and error handling that ``python -m baselines`` shares."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from dataclasses import replace
 
 from extract.datasets import CROPS, DATASETS, load_dataset
 from extract.errors import UserError
-from extract.images import RESIZES, ImageDecodeError
+from extract.images import MISSING, RESIZES, ImageDecodeError
 from extract.pipeline import CHECKPOINT_SECONDS
+from extract.store import DISK_ERRNOS
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,9 +110,9 @@ def cmd_data_info(args) -> None:
     if args.no_check:
         return
     bad = unreadable_images(dataset, progress=not args.no_progress)
-    missing = [(p, r) for p, r in bad if r == "file not found"]
-    broken = [(p, r) for p, r in bad if r != "file not found"]
-    print(f"missing files: {len(missing)}" + "".join(f"\n  {p}" for p, _ in missing))
+    missing = [(p, r) for p, r in bad if r.startswith(MISSING)]
+    broken = [(p, r) for p, r in bad if not r.startswith(MISSING)]
+    print(f"missing files: {len(missing)}" + "".join(f"\n  {p}{r.removeprefix(MISSING)}" for p, r in missing))
     print(f"unreadable files: {len(broken)}" + "".join(f"\n  {p}: {r}" for p, r in broken))
 
 
@@ -157,7 +159,26 @@ def run_command(func, args) -> int:
     except (UserError, FileNotFoundError) as error:  # a bug elsewhere keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: {disk_error_message(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def disk_error_message(error: OSError) -> str:
+    """One line for a full disk, a file-size limit or a read-only folder: the file and the fix."""
+    name = error.filename or "a file"
+    if error.errno in (errno.EACCES, errno.EPERM):  # reading or writing
+        return f"{name}: {error.strerror}; give this user access to it, or write elsewhere with --features-dir"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space there, or write elsewhere with --features-dir, then rerun the same command (finished work is kept)"
+    elif error.errno == errno.EFBIG:
+        fix = "the file is larger than this process may write (ulimit -f): raise the limit, then rerun the same command (finished work is kept)"
+    else:
+        fix = "the folder is on a read-only file system: write elsewhere with --features-dir"
+    return f"cannot write {name}: {error.strerror}; {fix}"

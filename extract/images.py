@@ -6,7 +6,9 @@ dataset of thousands is found at once.
 
 from __future__ import annotations
 
-import warnings
+import errno
+import os
+import threading
 from pathlib import Path
 
 import cv2
@@ -32,7 +34,8 @@ RESIZES = ("centre", "warp", "pad")
 PAD_VALUE = (124, 116, 104)
 # Transparent pixels are shown on white, as a viewer would show them.
 ALPHA_BACKGROUND = (255, 255, 255)
-# Refuse images above this many pixels (after JPEG draft reduction): 4x PIL's bomb limit.
+# Refuse images above this many pixels (after JPEG draft reduction): 4x PIL's bomb warning
+# limit. PIL's own check is lifted for the header read, so that draft can apply first.
 MAX_PIXELS = 4 * 89_478_485
 
 
@@ -65,6 +68,29 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+# The reason of every image that is not there, dangling and looping symbolic links included.
+MISSING = "file not found"
+
+
+def _missing_reason(path: Path) -> str:
+    if path.is_symlink():
+        return f"{MISSING} (dangling symbolic link to {os.readlink(path)})"
+    return MISSING
+
+
+def _open_unchecked(path: Path) -> Image.Image:
+    """``Image.open`` without PIL's decompression-bomb check, which looks at the full size
+    before a JPEG's reduced-scale decode (``draft``) can apply; ``read_image`` checks the
+    size it will really decode against ``MAX_PIXELS`` instead. Opening reads the header only."""
+    with _PIL_LIMIT_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def read_image(path: str | Path, *, min_side: int | None = None) -> np.ndarray:
     """Return the image at ``path`` as an RGB ``uint8`` array of shape (H, W, 3).
 
@@ -74,23 +100,29 @@ def read_image(path: str | Path, *, min_side: int | None = None) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if min_side is not None and image.format == "JPEG":
-                    width, height = image.size
-                    scale = max(min_side / min(width, height), 1e-6)
-                    image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
-                if image.size[0] * image.size[1] > MAX_PIXELS:
-                    raise ImageDecodeError(path, f"image of {image.size[0]}x{image.size[1]} pixels is too large")
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                rgb = _to_rgb(image)
+        with _open_unchecked(path) as image:
+            if min_side is not None and image.format == "JPEG":
+                width, height = image.size
+                scale = max(min_side / min(width, height), 1e-6)
+                image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+            if image.size[0] * image.size[1] > MAX_PIXELS:
+                raise ImageDecodeError(
+                    path, f"image of {image.size[0]}x{image.size[1]} = {image.size[0] * image.size[1]:,} pixels is beyond "
+                    f"the limit of {MAX_PIXELS:,} pixels" + (" after reduced-scale decoding" if image.format == "JPEG" and min_side else "")
+                    + "; downscale the file, or leave it out (ON_ERROR=skip)",
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_rgb(image)
     except ImageDecodeError:
         raise
     except FileNotFoundError:
-        raise ImageDecodeError(path, "file not found") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageDecodeError(path, _missing_reason(path)) from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ImageDecodeError(path, MISSING + " (symbolic link loop)") from None
+        raise ImageDecodeError(path, f"{type(error).__name__}: {error}") from None
+    except (ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDecodeError(path, f"{type(error).__name__}: {error}") from None
     array = np.asarray(rgb, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) == 0:

@@ -42,10 +42,22 @@ so a kill at any moment leaves only whole shards, and a rerun computes only the 
 that no shard holds. When every row is done, the shards are assembled into a temporary
 HDF5 file that is fsync'ed and renamed over the store path. The file at the store path
 is therefore always a complete store, old or new.
+
+One writer at a time. A writer holds an exclusive ``fcntl.flock`` on ``<store>.lock``
+(which holds its PID) from opening to publishing; a second writer of the same store is
+refused with ``StoreLockedError`` naming that PID. The kernel drops the lock when its
+process dies, so a killed writer's lock is taken over by the next run, which also
+removes the temporary files (``.<store>.tmp-*``) a kill during assembly left behind.
+A ``.partial/`` shard that repeats rows of another is discarded (its other rows are
+redone); ``overwrite`` discards the whole ``.partial/`` folder.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import glob
+import io
 import json
 import logging
 import os
@@ -74,6 +86,10 @@ class StoreMismatchError(StoreError):
     """Features would be mixed with features made under other settings or for other images."""
 
 
+class StoreLockedError(StoreError):
+    """Another process is writing the same store."""
+
+
 def canonical_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
@@ -94,17 +110,144 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# A full disk, a file-size limit, a read-only or foreign folder: the user's to fix, not a bug.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 def _atomic_write(target: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync the result and rename it onto ``target``."""
+    """Call ``write(tmp_path)``, fsync the result and rename it onto ``target``.
+
+    A disk error (``DISK_ERRNOS``) is raised as an ``OSError`` naming ``target``; the
+    temporary file is removed whatever happens."""
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as error:
+        if error.errno in DISK_ERRNOS:
+            raise OSError(error.errno, os.strerror(error.errno), str(target)) from None
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
     _fsync_dir(target.parent)
+
+
+class _GuardedFile(io.RawIOBase):
+    """A file for ``h5py.File(fileobj)`` that keeps the first write error instead of handing
+    it to HDF5. HDF5 cannot close a file whose writes failed, and the process then dies in
+    the library's exit handler (a segfault on a full disk); this way the file closes, and
+    ``check()`` raises the error afterwards."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "w+b", buffering=0)
+        self.path = path
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self._file.readinto(buffer)
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                return self._file.write(data)
+            except OSError as error:
+                self.error = error
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self._file.truncate(size)
+            except OSError as error:
+                self.error = error
+        return self.tell() if size is None else size
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror, str(self.path))
+
+
+class StoreLock:
+    """An exclusive lock on ``<store>.lock`` for the one process that writes a store.
+
+    ``fcntl.flock`` is dropped by the kernel when its holder dies, so a lock left by a
+    killed process is simply taken over. The file holds the holder's PID, for the message
+    another writer gets, and is removed on release (a writer that locked a file already
+    unlinked from the folder notices and locks the new one).
+    """
+
+    def __init__(self, store: str | Path):
+        self.store = Path(store)
+        self.path = self.store.with_name(self.store.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                who = f"process {holder}" if holder.isdigit() else "another process"
+                raise StoreLockedError(
+                    f"{self.store} is being written by {who} (lock {self.path}); "
+                    "wait for it to finish or stop it, then rerun: the store has one writer at a time"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder removed it while we waited for it: lock the new one
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+
+    def __enter__(self) -> StoreLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class FeatureStore:
@@ -265,20 +408,33 @@ class StoreWriter:
         self.digest = dataset.digest()
         self._done = np.zeros(len(dataset), dtype=bool)
         self.up_to_date = False
+        self._lock = StoreLock(self.path)
 
     # -- opening -------------------------------------------------------------------------
     def __enter__(self) -> StoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and not self.overwrite:
-            self.up_to_date = self._check_existing_store()
-            if self.up_to_date:
-                shutil.rmtree(self.partial, ignore_errors=True)
-                return self
-        self._open_partial()
+        self._lock.acquire()
+        try:
+            self._remove_stale_temporaries()
+            if self.path.exists() and not self.overwrite:
+                self.up_to_date = self._check_existing_store()
+                if self.up_to_date:
+                    shutil.rmtree(self.partial, ignore_errors=True)
+                    return self
+            self._open_partial()
+        except BaseException:
+            self._lock.release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        return None
+        self._lock.release()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Under the lock, a temporary file of this store is a leftover of a killed assembly."""
+        for leftover in self.path.parent.glob(f".{glob.escape(self.path.name)}.tmp-*"):
+            log.info("removing %s, left by an interrupted run", leftover)
+            leftover.unlink(missing_ok=True)
 
     def _manifest(self) -> dict:
         return {
@@ -309,6 +465,9 @@ class StoreWriter:
         return True
 
     def _open_partial(self) -> None:
+        if self.overwrite and self.partial.exists():
+            log.info("overwrite: discarding %s", self.partial)
+            shutil.rmtree(self.partial)
         manifest_path = self.partial / MANIFEST
         manifest = self._manifest()
         if manifest_path.is_file():
@@ -330,8 +489,13 @@ class StoreWriter:
         for leftover in self.partial.glob(".*.tmp-*"):
             leftover.unlink(missing_ok=True)
         for shard in self._shards():
-            self._done[shard["rows"]] = True
-            self._done[shard["skipped_rows"]] = True
+            rows = np.concatenate([shard["rows"], shard["skipped_rows"]])
+            if self._done[rows].any() or len(np.unique(rows)) != len(rows):
+                # Only two writers at once (before stores were locked) leave such a shard.
+                log.warning("discarding %s: it repeats rows stored in another shard; its rows will be redone", shard["path"])
+                shard["path"].unlink(missing_ok=True)
+                continue
+            self._done[rows] = True
         if self._done.any():
             log.info("resuming %s: %d of %d rows already done", self.path, int(self._done.sum()), len(self._done))
 
@@ -399,61 +563,72 @@ class StoreWriter:
         ds = self.dataset
 
         def write(tmp: Path) -> None:
-            with h5py.File(tmp, "w") as f:
-                keep = np.flatnonzero(ok_rows)
-                f.create_dataset("index/path", data=np.asarray([ds.paths[i] for i in keep], dtype=object), dtype=STRING)
-                f.create_dataset("index/label", data=ds.labels[keep].astype(np.int64))
-                f.create_dataset("index/split", data=np.asarray([ds.splits[i] for i in keep], dtype=object), dtype=STRING)
-                f.create_dataset("classes", data=np.asarray(ds.classes, dtype=object), dtype=STRING)
-                if ds.targets is not None:
-                    f.create_dataset("index/multilabel", data=ds.targets[keep].astype(np.int8))
-                layers = f.create_group("layers")
+            guarded = _GuardedFile(tmp)
+            try:
+                with h5py.File(guarded, "w") as f:
+                    fill(f)
+            except Exception:
+                guarded.check()  # the disk error behind HDF5's, if any
+                raise
+            finally:
+                guarded.close()
+            guarded.check()
+
+        def fill(f: h5py.File) -> None:
+            keep = np.flatnonzero(ok_rows)
+            f.create_dataset("index/path", data=np.asarray([ds.paths[i] for i in keep], dtype=object), dtype=STRING)
+            f.create_dataset("index/label", data=ds.labels[keep].astype(np.int64))
+            f.create_dataset("index/split", data=np.asarray([ds.splits[i] for i in keep], dtype=object), dtype=STRING)
+            f.create_dataset("classes", data=np.asarray(ds.classes, dtype=object), dtype=STRING)
+            if ds.targets is not None:
+                f.create_dataset("index/multilabel", data=ds.targets[keep].astype(np.int8))
+            layers = f.create_group("layers")
+            for shard in shards:
+                with np.load(shard["path"]) as data:
+                    skipped_rows.extend(data["skipped_rows"].tolist())
+                    skipped_reasons.extend(data["skipped_reasons"].tolist())
+                    target = position[data["rows"]]
+                    order = np.argsort(target)
+                    for name in self.taps:
+                        block = data[f"layer/{name}"][order]
+                        if not len(block):
+                            continue
+                        if name not in layers:
+                            chunk_rows = max(1, min(max(n_ok, 1), CHUNK_BYTES // (4 * block.shape[1])))
+                            layers.create_dataset(
+                                name, shape=(n_ok, block.shape[1]), dtype=np.float32,
+                                chunks=(chunk_rows, block.shape[1]), compression="gzip",
+                                compression_opts=4, shuffle=True,
+                            )
+                        where = target[order]
+                        if where[-1] - where[0] + 1 == len(where):
+                            layers[name][where[0] : where[-1] + 1] = block
+                        else:
+                            layers[name][where] = block
+            for name in self.taps:  # every row may have been skipped
+                if name not in layers:
+                    layers.create_dataset(name, shape=(0, 0), dtype=np.float32)
+            for name in self.stats:
+                values = np.zeros(n_ok, np.float32)
                 for shard in shards:
                     with np.load(shard["path"]) as data:
-                        skipped_rows.extend(data["skipped_rows"].tolist())
-                        skipped_reasons.extend(data["skipped_reasons"].tolist())
-                        target = position[data["rows"]]
-                        order = np.argsort(target)
-                        for name in self.taps:
-                            block = data[f"layer/{name}"][order]
-                            if not len(block):
-                                continue
-                            if name not in layers:
-                                chunk_rows = max(1, min(max(n_ok, 1), CHUNK_BYTES // (4 * block.shape[1])))
-                                layers.create_dataset(
-                                    name, shape=(n_ok, block.shape[1]), dtype=np.float32,
-                                    chunks=(chunk_rows, block.shape[1]), compression="gzip",
-                                    compression_opts=4, shuffle=True,
-                                )
-                            where = target[order]
-                            if where[-1] - where[0] + 1 == len(where):
-                                layers[name][where[0] : where[-1] + 1] = block
-                            else:
-                                layers[name][where] = block
-                for name in self.taps:  # every row may have been skipped
-                    if name not in layers:
-                        layers.create_dataset(name, shape=(0, 0), dtype=np.float32)
-                for name in self.stats:
-                    values = np.zeros(n_ok, np.float32)
-                    for shard in shards:
-                        with np.load(shard["path"]) as data:
-                            values[position[data["rows"]]] = data[f"stat/{name}"]
-                    f.create_dataset(f"stats/{name}", data=values)
-                order = np.argsort(skipped_rows)
-                f.create_dataset("skipped/path", data=np.asarray([ds.paths[skipped_rows[i]] for i in order], dtype=object), dtype=STRING)
-                f.create_dataset("skipped/reason", data=np.asarray([skipped_reasons[i] for i in order], dtype=object), dtype=STRING)
-                f.attrs.update(
-                    schema_version=SCHEMA_VERSION,
-                    dataset=ds.name,
-                    extractor=self.extractor,
-                    fingerprint=canonical_json(self.fingerprint),
-                    taps=json.dumps(self.taps),
-                    dataset_digest=self.digest,
-                    dataset_info=canonical_json(ds.info),
-                    complete=True,
-                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    run=canonical_json(run or {}),
-                )
+                        values[position[data["rows"]]] = data[f"stat/{name}"]
+                f.create_dataset(f"stats/{name}", data=values)
+            order = np.argsort(skipped_rows)
+            f.create_dataset("skipped/path", data=np.asarray([ds.paths[skipped_rows[i]] for i in order], dtype=object), dtype=STRING)
+            f.create_dataset("skipped/reason", data=np.asarray([skipped_reasons[i] for i in order], dtype=object), dtype=STRING)
+            f.attrs.update(
+                schema_version=SCHEMA_VERSION,
+                dataset=ds.name,
+                extractor=self.extractor,
+                fingerprint=canonical_json(self.fingerprint),
+                taps=json.dumps(self.taps),
+                dataset_digest=self.digest,
+                dataset_info=canonical_json(ds.info),
+                complete=True,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                run=canonical_json(run or {}),
+            )
 
         _atomic_write(self.path, write)
         shutil.rmtree(self.partial, ignore_errors=True)

@@ -4,14 +4,18 @@ lists (columns ``path,label[,split]``, paths relative to the CSV file's folder).
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from extract.datasets.base import ImageDataset, file_dataset, seeded_split, slugify
+from extract.datasets.base import TRAIN_SPLIT, ImageDataset, file_dataset, seeded_split, slugify
 from extract.images import read_image
 from extract.errors import UserError
 
+log = logging.getLogger(__name__)
+# The splits `classify` tests on; a split layout with none of them gets one held out from train.
+EVALUATION_SPLITS = ("test", "val", "validation")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
 DEFAULT_TEST_FRACTION = 0.25
 
@@ -22,9 +26,14 @@ def visible_dirs(folder: Path) -> list[Path]:
 
 
 def images_in(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (at any depth), sorted, without hidden ones."""
+    """Image files under ``folder`` (at any depth), sorted, without hidden ones.
+
+    Dangling and looping symbolic links with an image suffix are listed too, so that they
+    are reported as missing (``make data-info``, ``/skipped``) instead of silently left out.
+    """
     return sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and (p.is_file() or (p.is_symlink() and not p.exists()))
     )
 
 
@@ -52,6 +61,14 @@ def load_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAU
     if split_layout:
         splits = [s for s, _, _ in entries]
         info = {"source": str(root), "layout": "ROOT/<split>/<class>"}
+        if TRAIN_SPLIT in splits and not set(splits) & set(EVALUATION_SPLITS):
+            # Decided here, not by `classify` after minutes of extraction: hold out test images.
+            train = np.flatnonzero(np.asarray(splits) == TRAIN_SPLIT)
+            for i, split in zip(train, seeded_split(labels[train], test_fraction=test_fraction, seed=seed)):
+                splits[i] = split
+            log.info("%s has a train folder but no %s folder: testing on a seeded, stratified %d%% of train (seed %d)",
+                     root, " or ".join(EVALUATION_SPLITS[:2]), round(100 * test_fraction), seed)
+            info.update(split_seed=seed, test_fraction=test_fraction, test_split="held out from train")
     else:
         splits = seeded_split(labels, test_fraction=test_fraction, seed=seed)
         info = {"source": str(root), "layout": "ROOT/<class>", "split_seed": seed, "test_fraction": test_fraction}
