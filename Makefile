@@ -21,11 +21,13 @@ quote = '$(subst ','\'',$(1))'
 q = $(call quote,$(value $(1)))
 opt = $(if $(value $(2)),$(1) $(call q,$(2)))
 # Not into the recipes' environment either: exporting expands a value (and runs any $(shell) in it).
-unexport DATASET DATASETS DATA_DIR MODEL LAYERS POOLING WEIGHTS LIMIT FULL OVERWRITE ON_ERROR CROP SEED \
-	CHECKPOINT_SECONDS CLASSIFIER BASELINES FEATURES PROTOCOL N TRAIN EPOCHS
+unexport DATASET DATASETS DATA_DIR MODEL LAYERS POOLING WEIGHTS LIMIT FULL OVERWRITE ON_ERROR CROP RESIZE SEED \
+	CHECKPOINT_SECONDS CLASSIFIER BASELINES FEATURES PROTOCOL N TRAIN EPOCHS FEATURES_DIR RESULTS_DIR REPORTS_DIR
 
-DATASET_ARGS = --dataset $(call q,DATASET) $(call opt,--crop,CROP)
-DATA_ARGS = $(DATASET_ARGS) --seed $(call q,SEED) \
+# Where stores, results and reports go (default: features/, results/, reports/ here).
+RESULT_DIRS = $(call opt,--results-dir,RESULTS_DIR) $(call opt,--reports-dir,REPORTS_DIR)
+DATASET_ARGS = --dataset $(call q,DATASET) $(call opt,--crop,CROP) $(call opt,--features-dir,FEATURES_DIR)
+DATA_ARGS = $(DATASET_ARGS) --seed $(call q,SEED) $(call opt,--resize,RESIZE) \
 	$(call opt,--data-dir,DATA_DIR) $(call opt,--limit,LIMIT) $(if $(value FULL),--full) \
 	$(if $(value OVERWRITE),--overwrite) $(call opt,--on-error,ON_ERROR) $(call opt,--checkpoint-seconds,CHECKPOINT_SECONDS)
 
@@ -61,34 +63,34 @@ baselines: setup
 	$(PY) -m baselines $(DATA_ARGS) --baselines $(call q,BASELINES)
 
 classify: setup
-	$(PY) -m classify probe $(DATASET_ARGS) --classifier $(call q,CLASSIFIER) --seed $(call q,SEED) \
+	$(PY) -m classify probe $(DATASET_ARGS) $(RESULT_DIRS) --classifier $(call q,CLASSIFIER) --seed $(call q,SEED) \
 		$(call opt,--features,FEATURES) $(call opt,--layers,LAYERS) $(call opt,--protocol,PROTOCOL)
 
 tsne: setup
-	$(PY) -m classify tsne $(DATASET_ARGS) --seed $(call q,SEED) --model $(call q,MODEL) $(call opt,--n,N)
+	$(PY) -m classify tsne $(DATASET_ARGS) $(RESULT_DIRS) --seed $(call q,SEED) --model $(call q,MODEL) $(call opt,--n,N)
 
 report: setup
-	$(PY) -m classify report $(DATASET_ARGS)
+	$(PY) -m classify report $(DATASET_ARGS) $(RESULT_DIRS)
 
 # DATASETS="a b c": the whole benchmark for each, then reports/summary.md across them.
 ifdef DATASETS
 benchmark:
 	for d in $(foreach d,$(value DATASETS),$(call quote,$(d))); do $(MAKE) --no-print-directory benchmark DATASET="$$d" DATASETS= || exit 1; done
-	$(PY) -m classify summary --datasets $(call q,DATASETS)
+	$(PY) -m classify summary --datasets $(call q,DATASETS) $(RESULT_DIRS)
 else
 benchmark: extract baselines classify tsne report
 endif
 
 # Transfer mechanics: TRAIN=head|top1|top2|all; the autoencoder recipe; rows land in results.csv.
 finetune: setup
-	$(PY) -m transfer finetune $(DATA_ARGS) --model $(call q,MODEL) --train $(call q,TRAIN) \
+	$(PY) -m transfer finetune $(DATA_ARGS) $(call opt,--results-dir,RESULTS_DIR) --model $(call q,MODEL) --train $(call q,TRAIN) \
 		$(call opt,--epochs,EPOCHS) $(call opt,--weights,WEIGHTS)
 
 pretrain: setup
-	$(PY) -m transfer pretrain-cae $(DATA_ARGS) $(call opt,--pretrain-epochs,EPOCHS)
+	$(PY) -m transfer pretrain-cae $(DATA_ARGS) $(call opt,--results-dir,RESULTS_DIR) $(call opt,--pretrain-epochs,EPOCHS)
 
 recipe: setup
-	$(PY) -m transfer recipe $(DATA_ARGS) $(call opt,--epochs,EPOCHS)
+	$(PY) -m transfer recipe $(DATA_ARGS) $(call opt,--results-dir,RESULTS_DIR) $(call opt,--epochs,EPOCHS)
 
 test: setup
 	$(PY) -m pytest
