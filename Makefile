@@ -11,6 +11,7 @@ MODEL    ?= efficientnet_lite0
 SEED     ?= 0
 CLASSIFIER ?= logreg
 BASELINES ?= hog,surf_bow,sift_bow,vlad,fisher,color,raw
+BASELINES_PRESET ?= paper
 
 DATASET_ARGS = --dataset '$(DATASET)' $(if $(CROP),--crop $(CROP))
 DATA_ARGS = $(DATASET_ARGS) --seed $(SEED) \
@@ -46,7 +47,8 @@ data-info: setup
 	$(PY) -m extract data-info $(DATA_ARGS)
 
 baselines: setup
-	$(PY) -m baselines $(DATA_ARGS) --baselines $(BASELINES)
+	$(PY) -m baselines $(DATA_ARGS) --baselines $(BASELINES) --preset $(BASELINES_PRESET) \
+		$(if $(CODEBOOK_SPLIT),--codebook-split '$(CODEBOOK_SPLIT)')
 
 classify: setup
 	$(PY) -m classify probe $(DATASET_ARGS) --classifier $(CLASSIFIER) --seed $(SEED) \
