@@ -12,6 +12,7 @@ SEED     ?= 0
 CLASSIFIER ?= logreg
 BASELINES ?= hog,surf_bow,sift_bow,vlad,fisher,color,raw
 TRAIN    ?= head
+BASELINES_PRESET ?= paper
 
 # Every value reaches the command line as exactly one argument, whatever it holds (quotes,
 # spaces, $, ;, non-ASCII letters): $(call q,NAME) single-quotes NAME's value as typed (make's
@@ -22,7 +23,7 @@ q = $(call quote,$(value $(1)))
 opt = $(if $(value $(2)),$(1) $(call q,$(2)))
 # Not into the recipes' environment either: exporting expands a value (and runs any $(shell) in it).
 unexport DATASET DATASETS DATA_DIR MODEL LAYERS POOLING WEIGHTS LIMIT FULL OVERWRITE ON_ERROR CROP RESIZE SEED \
-	CHECKPOINT_SECONDS CLASSIFIER BASELINES FEATURES PROTOCOL N TRAIN EPOCHS FEATURES_DIR RESULTS_DIR REPORTS_DIR
+	CHECKPOINT_SECONDS CLASSIFIER BASELINES BASELINES_PRESET CODEBOOK_SPLIT FEATURES PROTOCOL N TRAIN EPOCHS FEATURES_DIR RESULTS_DIR REPORTS_DIR
 
 # Where stores, results and reports go (default: features/, results/, reports/ here).
 RESULT_DIRS = $(call opt,--results-dir,RESULTS_DIR) $(call opt,--reports-dir,REPORTS_DIR)
@@ -60,7 +61,8 @@ data-info: setup
 	$(PY) -m extract data-info $(DATA_ARGS)
 
 baselines: setup
-	$(PY) -m baselines $(DATA_ARGS) --baselines $(call q,BASELINES)
+	$(PY) -m baselines $(DATA_ARGS) --baselines $(call q,BASELINES) --preset $(call q,BASELINES_PRESET) \
+		$(call opt,--codebook-split,CODEBOOK_SPLIT)
 
 classify: setup
 	$(PY) -m classify probe $(DATASET_ARGS) $(RESULT_DIRS) --classifier $(call q,CLASSIFIER) --seed $(call q,SEED) \

@@ -1,52 +1,68 @@
-"""Command line: ``python -m baselines --dataset ... --baselines hog,surf_bow,sift_bow,vlad,fisher,color,raw``."""
+"""Command line: ``python -m baselines --dataset ... [--baselines hog,sift_bow,...] [--preset paper|fast|full]``."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
+from baselines.registry import DEFAULT_PRESET, PRESETS, build_baseline, list_baselines
 from extract.cli import add_dataset_arguments, dataset_from, run_command
-from extract.pipeline import extract_to_store, store_path
+from extract.pipeline import extract_group, process_pool, store_path
 
-BASELINES = ("hog", "surf_bow", "sift_bow", "vlad", "fisher", "color", "raw")
+log = logging.getLogger(__name__)
+BASELINES = tuple(list_baselines())
 
 
-def build(name: str, dataset, *, dense: bool = False, words: int | None = None, seed: int = 0):
-    """A featurizer for baseline ``name``; codebook baselines still need ``fit_dataset``."""
-    if name == "hog":
-        from baselines.hog import HOGFeaturizer
+def build(name: str, dataset, *, preset: str = DEFAULT_PRESET, dense: bool | None = None, words: int | None = None, seed: int = 0,
+          codebook_split: str | None = None):
+    """A featurizer for baseline ``name``; codebook baselines still need ``fit_codebooks``."""
+    return build_baseline(name, dataset, preset=preset, seed=seed, dense=dense, words=words, codebook_split=codebook_split)
 
-        return HOGFeaturizer.for_dataset(dataset)
-    if name == "color":
-        from baselines.simple import ColorHistogram
 
-        return ColorHistogram()
-    if name == "raw":
-        from baselines.simple import RawPixels
+def codebook_path(store: Path) -> Path:
+    return Path(str(store).removesuffix(".h5") + ".codebook.npz")
 
-        return RawPixels(min(32, min(dataset.read(0).shape[:2]))) if len(dataset) else RawPixels()
-    local = {"surf_bow": ("surf", "bow"), "sift_bow": ("sift", "bow"), "vlad": ("sift", "vlad"), "fisher": ("sift", "fisher")}
-    if name in local:
-        from baselines.local import LocalFeaturizer
 
-        descriptor, encoding = local[name]
-        return LocalFeaturizer(descriptor, encoding, words=words, dense=dense, seed=seed)
-    raise ValueError(f"unknown baseline {name!r}; valid: {', '.join(BASELINES)}")
+def run_baselines(dataset, names, *, features_dir, preset: str = DEFAULT_PRESET, dense: bool | None = None, words: int | None = None,
+                  seed: int = 0, codebook_split: str | None = None, processes: int | None = None, workers: int | None = None,
+                  on_error: str = "raise", overwrite: bool = False, progress: bool = True, checkpoint_seconds: float | None = None) -> list[Path]:
+    """Every baseline in ``names`` into its own store. Featurizers that decode images at the
+    same size run in one pass (each image decoded once, each descriptor computed once);
+    local-descriptor ones in ``processes`` spawned processes (default: one per core)."""
+    from baselines.local import SharedDescriptors, fit_codebooks
+
+    featurizers = [build(n, dataset, preset=preset, dense=dense, words=words, seed=seed, codebook_split=codebook_split) for n in names]
+    paths = [store_path(features_dir, dataset, f) for f in featurizers]
+    local = [i for i, f in enumerate(featurizers) if hasattr(f, "spec")]
+    processes = (os.cpu_count() or 1) if processes is None else processes
+    extra = {} if checkpoint_seconds is None else {"checkpoint_seconds": checkpoint_seconds}
+    with ExitStack() as stack:
+        pool = stack.enter_context(process_pool(processes)) if local and processes > 0 else None
+        fit_codebooks(dataset, [featurizers[i] for i in local], [codebook_path(paths[i]) for i in local], pool=pool, workers=workers)
+        groups: dict = {}
+        for i, featurizer in enumerate(featurizers):
+            groups.setdefault(featurizer.min_side, []).append(i)
+        done = {}
+        for members in groups.values():
+            uses_pool = any(i in local for i in members)
+            written = extract_group(dataset, [featurizers[i] for i in members], [paths[i] for i in members],
+                                    prepare=SharedDescriptors([featurizers[i] for i in members]), pool=pool if uses_pool else None,
+                                    on_error=on_error, overwrite=overwrite, workers=workers, progress=progress, **extra)
+            done.update(zip(members, written))
+    return [done[i] for i in range(len(featurizers))]
 
 
 def cmd_baselines(args) -> None:
     dataset = dataset_from(args)
-    for name in [b.strip() for b in args.baselines.split(",") if b.strip()]:
-        featurizer = build(name, dataset, dense=args.dense, words=args.words, seed=args.seed)
-        path = store_path(args.features_dir, dataset, featurizer)
-        if hasattr(featurizer, "fit_dataset"):
-            featurizer.fit_dataset(dataset, Path(str(path).removesuffix(".h5") + ".codebook.npz"))
-        path = extract_to_store(
-            dataset, featurizer, path,
-            on_error=args.on_error, overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress,
-            checkpoint_seconds=args.checkpoint_seconds,
-        )
+    names = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    for path in run_baselines(dataset, names, features_dir=args.features_dir, preset=args.preset, dense=args.dense or None,
+                              words=args.words, seed=args.seed, codebook_split=args.codebook_split, processes=args.processes,
+                              workers=args.workers, on_error=args.on_error, overwrite=args.overwrite, progress=not args.no_progress,
+                              checkpoint_seconds=args.checkpoint_seconds):
         print(f"features: {path}")
 
 
@@ -54,9 +70,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m baselines", description="hand-crafted features into features/<dataset>/<baseline>.h5")
     add_dataset_arguments(parser)
     parser.add_argument("--baselines", default=",".join(BASELINES), help=f"comma-separated, from: {', '.join(BASELINES)}")
-    parser.add_argument("--dense", action="store_true", help="SURF/SIFT on a dense grid instead of detected keypoints")
-    parser.add_argument("--words", type=int, default=None, help="codebook size (default: 1000 for BoW, 64 for VLAD, 16 GMM modes for Fisher)")
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--preset", default=os.environ.get("BASELINES_PRESET") or DEFAULT_PRESET, choices=list(PRESETS),
+                        help="paper: the papers' settings (default); fast: detected keypoints and small codebooks; full: paper + 3 px step + 1x1/3x1 Fisher layout")
+    parser.add_argument("--dense", action="store_true", help="SURF/SIFT on a dense grid even where the preset detects keypoints")
+    parser.add_argument("--words", type=int, default=None, help="codebook size of every chosen encoder (default: the preset's)")
+    parser.add_argument("--codebook-split", default=None, help="the split codebooks are learned on (default: train, else amazon)")
+    parser.add_argument("--processes", type=int, default=None, help="worker processes for local descriptors (default: one per core; 0: threads only)")
+    parser.add_argument("--workers", type=int, default=None, help="image decoding threads")
     return run_command(cmd_baselines, parser.parse_args(argv))
 
 

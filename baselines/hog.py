@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import skimage
 from skimage.feature import hog
 
+from extract import package_versions
 from extract.datasets import ImageDataset
 from extract.images import fit_to_input
 
@@ -53,7 +53,7 @@ class HOGFeaturizer:
             "orientations": self.orientations,
             "block_norm": "L2-Hys",
             "resize": "shorter side to side, centre crop, grayscale",
-            "versions": {"scikit-image": skimage.__version__, "numpy": np.__version__},
+            "versions": package_versions("scikit-image", "opencv-python-headless", "numpy", "pillow", "offshelf"),
         }
 
     def prepare(self, image: np.ndarray) -> np.ndarray:

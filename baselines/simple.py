@@ -5,7 +5,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from extract import package_versions
 from extract.images import fit_to_input
+
+# Decoding (Pillow), resizing and colour conversion (OpenCV) compute these features.
+VERSIONS = ("opencv-python-headless", "numpy", "pillow", "offshelf")
 
 
 class RawPixels:
@@ -21,7 +25,8 @@ class RawPixels:
         self.dims = {"raw": side * side}
 
     def fingerprint(self) -> dict:
-        return {"baseline": "raw", "side": self.side, "resize": "centre crop of the shorter side, area/bicubic (OpenCV)", "gray": "ITU-R 601"}
+        return {"baseline": "raw", "side": self.side, "resize": "centre crop of the shorter side, area/bicubic (OpenCV)", "gray": "ITU-R 601",
+                "versions": package_versions(*VERSIONS)}
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         gray = cv2.cvtColor(fit_to_input(image, self.side), cv2.COLOR_RGB2GRAY)
@@ -48,7 +53,8 @@ class ColorHistogram:
         self.dims = {"hsv256": int(np.prod(self.bins))}
 
     def fingerprint(self) -> dict:
-        return {"baseline": "color", "space": "HSV", "bins": list(self.bins), "side": self.side, "normalisation": "L1"}
+        return {"baseline": "color", "space": "HSV", "bins": list(self.bins), "side": self.side, "normalisation": "L1",
+                "versions": package_versions(*VERSIONS)}
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         hsv = cv2.cvtColor(fit_to_input(image, self.side), cv2.COLOR_RGB2HSV)  # H in [0, 180)

@@ -232,6 +232,44 @@ def run_section(results: pd.DataFrame, stores: list[dict]) -> list[str]:
     return lines
 
 
+def describe_baseline(fingerprint: dict) -> tuple[str, str, str]:
+    """(preset, descriptor, encoding) of a baseline store, in words, from its fingerprint."""
+    descriptor = fingerprint.get("descriptor")
+    if not descriptor:  # HOG, colour, raw: their settings are the fingerprint itself
+        settings = {k: v for k, v in fingerprint.items() if k not in ("baseline", "versions")}
+        return fingerprint.get("preset", "-"), fingerprint.get("baseline", "-"), ", ".join(f"{k} {v}" for k, v in settings.items())
+    where = (f"dense, step {descriptor['step']} px, bins {'/'.join(map(str, descriptor['bin_sizes']))} px" if descriptor.get("dense")
+             else f"detected keypoints (up to {descriptor.get('max_keypoints')})")
+    what = f"{'Root' if fingerprint.get('root_sift') else ''}{descriptor['kind'].upper()}, {where}, shorter side {descriptor['side']} px"
+    encoder = fingerprint.get("encoder", {})
+    kind = encoder.get("type", fingerprint.get("encoding", "-"))
+    if kind == "BagOfWords":
+        levels = encoder.get("levels", 1)
+        encoding = f"bag of {encoder['n_words']} words" + (f", {levels}-level spatial pyramid" if levels > 1 else "")
+    elif kind == "VLAD":
+        encoding = f"VLAD, {encoder['n_words']} words, intra-normalised"
+    elif kind == "FisherVector":
+        layout = " + ".join(f"{r}x{c}" for r, c in (encoder.get("layout") or [[1, 1]]))
+        encoding = f"improved Fisher vector, {encoder['n_modes']} modes, PCA-{encoder['pca_dim']}, layout {layout}"
+    else:
+        encoding = str(kind)
+    if fingerprint.get("kernel_map"):
+        encoding += "; chi2 kernel map layer"
+    sample = fingerprint.get("codebook_sample") or {}
+    if sample:
+        encoding += f"; codebook on `{sample.get('split')}`"
+    return fingerprint.get("preset", "-"), what, encoding
+
+
+def baselines_section(stores: list[dict]) -> list[str]:
+    """Each baseline store's preset, descriptor and encoding, read from its fingerprint."""
+    rows = [{"baseline": s["extractor"], **dict(zip(("preset", "descriptor", "encoding"), describe_baseline(s["fingerprint"])))}
+            for s in stores if "baseline" in s["fingerprint"]]
+    if not rows:
+        return []
+    return ["## Baselines: encodings and presets", "", _markdown_table(pd.DataFrame(rows)), ""]
+
+
 def environment_section(stores: list[dict]) -> list[str]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown") if Path("/proc/cpuinfo").exists() else platform.processor()
@@ -393,6 +431,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
 
     lines += layers_section(results_csv.parent, report_dir)
     lines += published_section(slug)
+    lines += baselines_section(stores)
     lines += run_section(results, stores)
     lines += environment_section(stores)
     lines += [

@@ -6,17 +6,28 @@ baselines. A featurizer provides ``name``, ``taps`` (layer names, low to high),
 ``prepare(rgb)`` and a batched ``__call__(list of prepared) -> {tap: (n, D)}``.
 Optionally ``stats``: names of per-image numbers it also returns, stored under /stats.
 ``prepare`` runs in a thread pool: decoding, OpenCV, NumPy and scikit-image release the
-GIL. (Forked worker processes were tried for the baselines and hung: a child forked
-after the parent used OpenMP, as scikit-learn's k-means does, can wait forever.)
+GIL. Where the GIL binds (mahotas SURF, Python-level encoders), ``processes=N`` runs
+``prepare`` in N *spawned* worker processes with single-threaded BLAS, while decoding
+stays in the threads. (Forked workers hung: a child forked after the parent used
+OpenMP, as scikit-learn's k-means does, can wait forever. Spawned ones start clean.)
+
+``extract_group`` writes several stores in one pass over the images: one decode per
+image, and one shared ``prepare`` (e.g. local descriptors computed once, then every
+encoder that uses them) returning each store's prepared item. Each store keeps its own
+resume state and fingerprint; a store that is already up to date is left out.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import pickle
 import time
+import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +49,86 @@ def store_path(features_dir: str | Path, dataset: ImageDataset, featurizer) -> P
     return Path(features_dir) / dataset.name / f"{featurizer.name}.h5"
 
 
-def _load_one(dataset: ImageDataset, featurizer, row: int):
-    try:
-        return featurizer.prepare(dataset.read(row, min_side=featurizer.min_side))
-    except ImageDecodeError as error:
-        return error
-
-
 def decode_pool(workers: int | None = None) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 2) + 2), thread_name_prefix="decode")
+
+
+_WORKER_JOBS: dict[str, object] = {}
+
+
+def _init_worker() -> None:
+    """Spawned workers: one BLAS/OpenMP thread each (the pool supplies the parallelism)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+
+
+def _run_job(token: str, payload: bytes, image: np.ndarray):
+    job = _WORKER_JOBS.get(token)
+    if job is None:
+        _WORKER_JOBS.clear()
+        job = _WORKER_JOBS[token] = pickle.loads(payload)
+    return job(image)
+
+
+def process_pool(processes: int) -> ProcessPoolExecutor:
+    """``processes`` spawned workers (never forked; see the module docstring)."""
+    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+
+
+class ImageMapper:
+    """``submit(row)`` -> future of ``job(dataset.read(row, min_side))``, or of the ``ImageDecodeError``.
+
+    Decoding runs in threads; ``job`` runs in the same thread, or with ``processes`` in a
+    pool of spawned processes (pass ``pool`` to share one across jobs). ``job`` must then be
+    picklable; it is pickled once and unpickled once per worker. A context manager.
+    """
+
+    def __init__(self, dataset: ImageDataset, job, *, min_side, workers: int | None = None, processes: int = 0, pool=None):
+        self.dataset, self.job, self.min_side = dataset, job, min_side
+        self._stack = ExitStack()
+        self.threads = self._stack.enter_context(decode_pool(workers))
+        self.pool = pool
+        if pool is None and processes:
+            self.pool = self._stack.enter_context(process_pool(processes))
+        if self.pool is not None:
+            self._token, self._payload = uuid.uuid4().hex, pickle.dumps(job)
+
+    def _one(self, row: int):
+        try:
+            image = self.dataset.read(row, min_side=self.min_side)
+        except ImageDecodeError as error:
+            return error
+        if self.pool is None:
+            return self.job(image)
+        return self.pool.submit(_run_job, self._token, self._payload, image).result()
+
+    def submit(self, row: int):
+        return self.threads.submit(self._one, int(row))
+
+    def __enter__(self) -> ImageMapper:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:
+            self.threads.shutdown(wait=False, cancel_futures=True)
+        self._stack.close()
+
+
+class _Each:
+    """The default shared prepare: each featurizer's own ``prepare``."""
+
+    def __init__(self, featurizers):
+        self.featurizers = featurizers
+
+    def __call__(self, image):
+        return [f.prepare(image) for f in self.featurizers]
 
 
 def extract_to_store(
@@ -57,6 +139,7 @@ def extract_to_store(
     on_error: str = "raise",
     overwrite: bool = False,
     workers: int | None = None,
+    processes: int = 0,
     progress: bool = True,
     checkpoint_seconds: float = CHECKPOINT_SECONDS,
 ) -> Path:
@@ -65,80 +148,147 @@ def extract_to_store(
     Finished batches are saved as a shard at least every ``checkpoint_seconds``.
     Resumes an interrupted run, refuses to mix settings (``StoreMismatchError``), and on a
     bad image raises ``ImageDecodeError`` naming it, or with ``on_error="skip"`` records it.
+    ``processes=N`` runs ``prepare`` in N spawned processes (see the module docstring).
     """
+    return extract_group(dataset, [featurizer], [path], on_error=on_error, overwrite=overwrite, workers=workers,
+                         processes=processes, progress=progress, checkpoint_seconds=checkpoint_seconds)[0]
+
+
+def extract_group(
+    dataset: ImageDataset,
+    featurizers: list,
+    paths: list,
+    *,
+    prepare=None,
+    on_error: str = "raise",
+    overwrite: bool = False,
+    workers: int | None = None,
+    processes: int = 0,
+    pool=None,
+    progress: bool = True,
+    checkpoint_seconds: float = CHECKPOINT_SECONDS,
+) -> list[Path]:
+    """``extract_to_store`` for several featurizers in one pass: each image is decoded once
+    (at the largest ``min_side``) and ``prepare(rgb)`` returns one prepared item per
+    featurizer (default: each featurizer's own ``prepare``). Returns the stores' paths."""
     if on_error not in ON_ERROR:
         raise UserError(f"on_error={on_error!r} is not one of {ON_ERROR}")
-    stats = list(getattr(featurizer, "stats", []))
-    with StoreWriter(path, dataset=dataset, extractor=featurizer.name, fingerprint=featurizer.fingerprint(),
-                     taps=featurizer.taps, stats=stats, overwrite=overwrite) as writer:
-        if writer.up_to_date:
-            log.info("%s is up to date", path)
-            return writer.path
-        pending = writer.pending_rows()
-        batches = [pending[i : i + featurizer.batch_size] for i in range(0, len(pending), featurizer.batch_size)]
-        buffer_rows: list[np.ndarray] = []
-        buffer_features: dict[str, list[np.ndarray]] = {name: [] for name in (*featurizer.taps, *stats)}
-        buffer_skipped: list[tuple[int, str]] = []
+    if len(featurizers) != len(paths) or not featurizers:
+        raise UserError(f"one path per featurizer. Received {len(featurizers)} featurizers and {len(paths)} paths")
+    sides = {f.min_side for f in featurizers}
+    if len(sides) > 1:
+        raise UserError(f"featurizers decoded together must share min_side. Received {sorted(sides, key=str)}")
+    prepare = prepare or _Each(featurizers)
+    with ExitStack() as stack:
+        writers = []
+        for featurizer, path in zip(featurizers, paths):
+            writer = stack.enter_context(StoreWriter(
+                path, dataset=dataset, extractor=featurizer.name, fingerprint=featurizer.fingerprint(),
+                taps=featurizer.taps, stats=list(getattr(featurizer, "stats", [])), overwrite=overwrite))
+            if writer.up_to_date:
+                log.info("%s is up to date", path)
+            writers.append(writer)
+        todo = [i for i, w in enumerate(writers) if not w.up_to_date]
+        if not todo:
+            return [w.path for w in writers]
+        jobs = [_Job(featurizers[i], writers[i]) for i in todo]
+        pending = np.unique(np.concatenate([w.pending_rows() for w in (writers[i] for i in todo)]))
+        batch_size = min(f.batch_size for f in featurizers)
+        batches = [pending[i : i + batch_size] for i in range(0, len(pending), batch_size)]
         last_flush = time.monotonic()
 
         def flush() -> None:
             nonlocal last_flush
-            if buffer_rows or buffer_skipped:
-                rows = np.concatenate(buffer_rows) if buffer_rows else np.zeros(0, np.int64)
-                features = {
-                    name: np.concatenate(parts) if parts else np.zeros((0, 0) if name in featurizer.taps else 0, np.float32)
-                    for name, parts in buffer_features.items()
-                }
-                writer.write_shard(rows, features, buffer_skipped)
-            buffer_rows.clear()
-            buffer_skipped.clear()
-            for parts in buffer_features.values():
-                parts.clear()
+            for job in jobs:
+                job.flush()
             last_flush = time.monotonic()
 
-        started, resumed_from = time.monotonic(), writer.rows_done
-        bar = tqdm(total=len(dataset), initial=writer.rows_done, desc=f"{dataset.name}/{featurizer.name}", unit="img", disable=not progress)
+        started = time.monotonic()
+        name = "+".join(featurizers[i].name for i in todo)
+        bar = tqdm(total=len(pending), desc=f"{dataset.name}/{name}", unit="img", disable=not progress)
         try:
-            with decode_pool(workers) as pool:
+            with ImageMapper(dataset, prepare, min_side=featurizers[0].min_side, workers=workers, processes=processes, pool=pool) as mapper:
                 queue: deque = deque()
                 batch_iter = iter(batches)
 
                 def submit_next() -> None:
                     rows = next(batch_iter, None)
                     if rows is not None:
-                        queue.append((rows, [pool.submit(_load_one, dataset, featurizer, int(r)) for r in rows]))
+                        queue.append((rows, [mapper.submit(r) for r in rows]))
 
                 for _ in range(PREFETCH_BATCHES):
                     submit_next()
                 while queue:
                     rows, futures = queue.popleft()
                     submit_next()
-                    good_rows, images = [], []
+                    good_rows, items = [], []
                     for row, future in zip(rows, futures):
                         result = future.result()
                         if isinstance(result, ImageDecodeError):
                             if on_error == "raise":
                                 raise result
                             log.warning("skipping %s", result)
-                            buffer_skipped.append((int(row), result.reason))
+                            for job in jobs:
+                                job.skip(int(row), result.reason)
                         else:
-                            good_rows.append(row)
-                            images.append(result)
-                    if images:
-                        features = featurizer(images)
-                        buffer_rows.append(np.asarray(good_rows, dtype=np.int64))
-                        for name, parts in buffer_features.items():
-                            parts.append(features[name])
+                            good_rows.append(int(row))
+                            items.append(result)
+                    for job, position in zip(jobs, todo):
+                        job.add(good_rows, [item[position] for item in items])
                     bar.update(len(rows))
                     if time.monotonic() - last_flush >= checkpoint_seconds:
                         flush()
         except KeyboardInterrupt:
             flush()  # keep every finished batch, then stop
             bar.close()
-            log.warning("interrupted: %d of %d images are saved in %s; rerun to resume", writer.rows_done, len(dataset), writer.partial)
+            for job in jobs:
+                log.warning("interrupted: %d of %d images are saved in %s; rerun to resume", job.writer.rows_done, len(dataset), job.writer.partial)
             raise
         flush()
         bar.close()
         seconds = time.monotonic() - started
-        return writer.finalize(run={"seconds": round(seconds, 2), "images": len(pending), "resumed_from": resumed_from,
-                                    "images_per_second": round(len(pending) / seconds, 2) if seconds > 0 else None})
+        for job in jobs:
+            images = job.images
+            job.writer.finalize(run={"seconds": round(seconds, 2), "images": images, "resumed_from": job.resumed_from,
+                                     "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
+                                     **({"shared_with": [f.name for f in featurizers if f is not job.featurizer]} if len(jobs) > 1 else {})})
+        return [w.path for w in writers]
+
+
+class _Job:
+    """One store's share of a group pass: the rows it still needs, buffered until a flush."""
+
+    def __init__(self, featurizer, writer: StoreWriter):
+        self.featurizer, self.writer = featurizer, writer
+        self.names = [*featurizer.taps, *getattr(featurizer, "stats", [])]
+        self.needed = np.zeros(len(writer.dataset), bool)
+        self.needed[writer.pending_rows()] = True
+        self.images = int(self.needed.sum())
+        self.resumed_from = writer.rows_done
+        self.rows: list[np.ndarray] = []
+        self.features: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
+        self.skipped: list[tuple[int, str]] = []
+
+    def skip(self, row: int, reason: str) -> None:
+        if self.needed[row]:
+            self.skipped.append((row, reason))
+
+    def add(self, rows: list[int], items: list) -> None:
+        keep = [i for i, row in enumerate(rows) if self.needed[row]]
+        if not keep:
+            return
+        features = self.featurizer([items[i] for i in keep])
+        self.rows.append(np.asarray([rows[i] for i in keep], dtype=np.int64))
+        for name, parts in self.features.items():
+            parts.append(features[name])
+
+    def flush(self) -> None:
+        if self.rows or self.skipped:
+            rows = np.concatenate(self.rows) if self.rows else np.zeros(0, np.int64)
+            features = {name: np.concatenate(parts) if parts else np.zeros((0, 0) if name in self.featurizer.taps else 0, np.float32)
+                        for name, parts in self.features.items()}
+            self.writer.write_shard(rows, features, self.skipped)
+        self.rows.clear()
+        self.skipped.clear()
+        for parts in self.features.values():
+            parts.clear()

@@ -405,3 +405,33 @@ def test_bird_boxes_are_warped_whole_into_the_model_input(tmp_path):
     assert featurizer.fingerprint()["preprocessing"]["resize"] == "warp"
     centre = CNNFeaturizer("efficientnet_lite0", weights="random", layers="stem").prepare(dataset.read(0))
     assert not np.all(np.abs(centre.astype(int) - (255, 0, 0)) < 60, axis=-1).any()
+
+
+def test_office_baselines_learn_codebooks_on_amazon(tmp_path):
+    """`make baselines` on a fake Office-31 (domains are the splits, no `train`): every default
+    baseline, paper preset, writes its store; codebooks are learned on amazon, or on the split asked for."""
+    office = tmp_path / "office31"
+    rng = np.random.default_rng(0)
+    for d, domain in enumerate(("amazon", "dslr", "webcam")):
+        for c, name in enumerate(("mug", "bike")):
+            for n in range(3):
+                pixels = np.kron(rng.integers(0, 255, (8, 8, 3)), np.ones((6, 6, 1))).astype(np.uint8)  # 48 px of texture
+                path = office / domain / "images" / name / f"frame_{n:04d}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(path, quality=90)
+    features = tmp_path / "features"
+    done = subprocess.run([sys.executable, "-m", "baselines", "--dataset", "office31", "--data-dir", str(office),
+                           "--features-dir", str(features), "--no-progress"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stores = sorted(p.name for p in (features / "office31").glob("*.h5"))
+    assert stores == sorted(f"{n}.h5" for n in ("hog", "surf_bow", "sift_bow", "sift_vlad", "sift_fisher", "color", "raw"))
+    for name in ("surf_bow", "sift_bow", "sift_vlad", "sift_fisher"):
+        with FeatureStore(features / "office31" / f"{name}.h5") as store:
+            assert len(store) == 18 and store.fingerprint["preset"] == "paper"
+            assert store.fingerprint["codebook_sample"]["split"] == "amazon"
+    done = subprocess.run([sys.executable, "-m", "baselines", "--dataset", "office31", "--data-dir", str(office), "--baselines", "sift_bow",
+                           "--codebook-split", "dslr", "--features-dir", str(features), "--no-progress"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "holds features made with other settings" in done.stderr  # the split is in the fingerprint
+    done = subprocess.run([sys.executable, "-m", "baselines", "--dataset", "office31", "--data-dir", str(office), "--baselines", "sift_bow",
+                           "--codebook-split", "train", "--features-dir", str(features), "--no-progress"], cwd=ROOT, capture_output=True, text=True)
+    assert "has no 'train' split to learn codebooks from; its splits: amazon, dslr, webcam" in done.stderr
