@@ -23,7 +23,7 @@ q = $(call quote,$(value $(1)))
 opt = $(if $(value $(2)),$(1) $(call q,$(2)))
 # Not into the recipes' environment either: exporting expands a value (and runs any $(shell) in it).
 unexport DATASET DATASETS DATA_DIR MODEL LAYERS POOLING WEIGHTS LIMIT FULL OVERWRITE ON_ERROR CROP RESIZE SEED \
-	CHECKPOINT_SECONDS CLASSIFIER BASELINES BASELINES_PRESET CODEBOOK_SPLIT FEATURES PROTOCOL N TRAIN EPOCHS FEATURES_DIR RESULTS_DIR REPORTS_DIR
+	CHECKPOINT_SECONDS CLASSIFIER BASELINES BASELINES_PRESET CODEBOOK_SPLIT FEATURES REPEATS PROTOCOL N TRAIN EPOCHS FEATURES_DIR RESULTS_DIR REPORTS_DIR
 
 # Where stores, results and reports go (default: features/, results/, reports/ here).
 RESULT_DIRS = $(call opt,--results-dir,RESULTS_DIR) $(call opt,--reports-dir,REPORTS_DIR)
@@ -66,7 +66,7 @@ baselines: setup
 
 classify: setup
 	$(PY) -m classify probe $(DATASET_ARGS) $(RESULT_DIRS) --classifier $(call q,CLASSIFIER) --seed $(call q,SEED) \
-		$(call opt,--features,FEATURES) $(call opt,--layers,LAYERS) $(call opt,--protocol,PROTOCOL)
+		$(call opt,--features,FEATURES) $(call opt,--layers,LAYERS) $(call opt,--protocol,PROTOCOL) $(call opt,--repeats,REPEATS)
 
 tsne: setup
 	$(PY) -m classify tsne $(DATASET_ARGS) $(RESULT_DIRS) --seed $(call q,SEED) --model $(call q,MODEL) $(call opt,--n,N)

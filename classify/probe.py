@@ -45,6 +45,9 @@ SEARCHES = ("cv", "val")
 SCORINGS = ("accuracy", "average_precision")
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-5, 3, 9))
 DEFAULT_VAL_FRACTION = 0.2
+# Below this many feature values a split's fit takes milliseconds, less than handing it to a
+# worker process costs: such searches run in this process (few-shot draws, small datasets).
+PARALLEL_MIN_VALUES = 1_000_000
 
 
 def parse_cs(text: str) -> tuple[float, ...]:
@@ -208,7 +211,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         """Validation accuracy (n_Cs x n_splits), walking C upwards; NaN where the walk stopped early."""
         scores = np.full((len(Cs), len(splits)), np.nan)
         states = [None] * len(splits)
-        with Parallel(n_jobs=min(len(splits), self.n_jobs or default_jobs())) as parallel:
+        jobs = min(len(splits), self.n_jobs or default_jobs()) if X.size >= PARALLEL_MIN_VALUES else 1
+        with Parallel(n_jobs=jobs) as parallel:
             prepared = parallel(delayed(_prepare_split)(self.normalization, X[tr], X[va]) for tr, va in splits)
             for i, C in enumerate(Cs):
                 results = parallel(

@@ -84,3 +84,46 @@ def test_hymenoptera_lite0_beats_hog(tmp_path):
     layers = pd.read_csv(tmp_path / "results" / "hymenoptera" / "layers.csv").set_index("layer")
     assert layers.loc["pre_logits", "knn_acc_features"] > layers.loc["stage2", "knn_acc_features"] + 0.1
     assert layers.loc["pre_logits", "silhouette"] > layers.loc["stage2", "silhouette"]
+
+
+@pytest.mark.slow
+def test_make_benchmark_on_office_runs_every_baseline_and_both_protocols(tmp_path):
+    """`make benchmark DATASET=office31` with the default BASELINES (all seven, paper preset): Lite0 and
+    every baseline get a row for every layer and every domain pair, whole-source and sampled, and the
+    report puts them side by side per transfer."""
+    import numpy as np
+    from PIL import Image
+
+    from extract.datasets import DATASETS
+    from extract.store import FeatureStore
+
+    office = tmp_path / "office31"
+    rng = np.random.default_rng(0)
+    for d, domain in enumerate(("amazon", "dslr", "webcam")):
+        for c, name in enumerate(("mug", "bike")):
+            for n in range(3):
+                tile = rng.integers(0, 120, (8, 8, 3)) + np.array([120 * (c == 0), 40, 120 * (c == 1)])  # red mugs, blue bikes
+                path = office / domain / "images" / name / f"frame_{n:04d}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.kron(tile, np.ones((8, 8, 1))).astype(np.uint8)).save(path, quality=90)
+    dirs = {"FEATURES_DIR": tmp_path / "features", "RESULTS_DIR": tmp_path / "results", "REPORTS_DIR": tmp_path / "reports"}
+    done = subprocess.run(["make", "--no-print-directory", "benchmark", "DATASET=office31", f"DATA_DIR={office}", "N=18", "REPEATS=2",
+                           *(f"{k}={v}" for k, v in dirs.items())], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    results = pd.read_csv(tmp_path / "results" / "office31" / "results.csv")
+    protocols = set(DATASETS["office31"].protocols)
+    assert {p.split(":")[0] for p in protocols} == {"transfer", "sampled"} and len(protocols) == 12
+    stores = sorted((tmp_path / "features" / "office31").glob("*.h5"))
+    assert [p.stem for p in stores] == sorted(["efficientnet_lite0", "hog", "surf_bow", "sift_bow", "sift_vlad", "sift_fisher", "color", "raw"])
+    for path in stores:
+        with FeatureStore(path) as store:
+            expected = {(layer, protocol) for layer in store.taps for protocol in protocols}
+        found = set(zip(*results.loc[results["features"] == path.stem, ["layer", "protocol"]].to_numpy().T))
+        assert found == expected, path.stem
+    sampled = results[results["protocol"] == "sampled:amazon->webcam"]
+    assert (sampled["n_train"] == 6).all() and (sampled["repeats"] == 2).all()  # all 3 per class (fewer than 20)
+    report = (tmp_path / "reports" / "office31" / "report.md").read_text()
+    assert "## Domain transfer: whole source domain" in report and "## Domain transfer: sampled protocol" in report
+    table = report.split("## Domain transfer: sampled protocol")[1]
+    assert "| source -> target | color | efficientnet_lite0 | hog | raw | sift_bow | sift_fisher | sift_vlad | surf_bow |" in table
+    assert "| amazon->webcam |" in table
