@@ -23,7 +23,7 @@ q = $(call quote,$(value $(1)))
 opt = $(if $(value $(2)),$(1) $(call q,$(2)))
 # Not into the recipes' environment either: exporting expands a value (and runs any $(shell) in it).
 unexport DATASET DATASETS DATA_DIR MODEL LAYERS POOLING WEIGHTS LIMIT FULL OVERWRITE ON_ERROR CROP RESIZE SEED \
-	CHECKPOINT_SECONDS CLASSIFIER BASELINES BASELINES_PRESET CODEBOOK_SPLIT FEATURES REPEATS PROTOCOL N TRAIN EPOCHS FEATURES_DIR RESULTS_DIR REPORTS_DIR
+	CHECKPOINT_SECONDS CLASSIFIER BASELINES BASELINES_PRESET CODEBOOK_SPLIT FEATURES REPEATS REGIMES SIZES PROTOCOL N TRAIN EPOCHS FEATURES_DIR RESULTS_DIR REPORTS_DIR
 
 # Where stores, results and reports go (default: features/, results/, reports/ here).
 RESULT_DIRS = $(call opt,--results-dir,RESULTS_DIR) $(call opt,--reports-dir,REPORTS_DIR)
@@ -32,7 +32,7 @@ DATA_ARGS = $(DATASET_ARGS) --seed $(call q,SEED) $(call opt,--resize,RESIZE) \
 	$(call opt,--data-dir,DATA_DIR) $(call opt,--limit,LIMIT) $(if $(value FULL),--full) \
 	$(if $(value OVERWRITE),--overwrite) $(call opt,--on-error,ON_ERROR) $(call opt,--checkpoint-seconds,CHECKPOINT_SECONDS)
 
-.PHONY: setup data fetch extract layers baselines classify tsne report benchmark data-info finetune pretrain recipe test
+.PHONY: setup data fetch extract layers baselines classify tsne report benchmark data-info finetune pretrain recipe rule-of-thumb test
 
 setup: $(STAMP) data
 
@@ -93,6 +93,11 @@ pretrain: setup
 
 recipe: setup
 	$(PY) -m transfer recipe $(DATA_ARGS) $(call opt,--results-dir,RESULTS_DIR) $(call opt,--epochs,EPOCHS)
+
+# How many layers to train for how much data: REGIMES=probe,head,top1,top2[,all,scratch] SIZES=5,10,20 REPEATS=3
+rule-of-thumb: setup
+	$(PY) -m transfer rule-of-thumb $(DATA_ARGS) $(call opt,--results-dir,RESULTS_DIR) --model $(call q,MODEL) \
+		$(call opt,--regimes,REGIMES) $(call opt,--sizes,SIZES) $(call opt,--repeats,REPEATS) $(call opt,--max-epochs,EPOCHS)
 
 test: setup
 	$(PY) -m pytest

@@ -1,4 +1,4 @@
-"""Command line: ``python -m transfer {pretrain-cae,finetune,recipe}``."""
+"""Command line: ``python -m transfer {pretrain-cae,finetune,recipe,rule-of-thumb}``."""
 
 from __future__ import annotations
 
@@ -74,6 +74,29 @@ def cmd_recipe(args) -> None:
     print(f"results: {results_dir / 'results.csv'}")
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, e.g. 5,10,20. Received: {text!r}") from None
+
+
+def cmd_rule_of_thumb(args) -> None:
+    from transfer.rule_of_thumb import CSV_NAME, RuleOfThumb, RuleSettings
+
+    settings = RuleSettings(model=args.model, regimes=tuple(r.strip() for r in args.regimes.split(",") if r.strip()),
+                            sizes=args.sizes, repeats=args.repeats, seed=args.seed, max_epochs=args.max_epochs,
+                            max_epochs_uncached=args.max_epochs_uncached, batch_size=args.batch_size or 32)
+    dataset = dataset_from(args)
+    csv = Path(args.results_dir) / dataset.name / CSV_NAME
+    table = RuleOfThumb(dataset, settings, csv_path=csv, progress=not args.no_progress).run()
+    summary = table.groupby(["regime", "per_class"])["top1"].agg(["mean", "std", "count"]).reset_index()
+    for row in summary.itertuples(index=False):
+        print(f"{row.regime:<10} {row.per_class:>5} per class: top-1 {100 * row.mean:6.2f}% ± {100 * (row.std if row.count > 1 else 0):.2f} "
+              f"({row.count} draws)")
+    print(f"rule of thumb: {csv}; `make report` adds the learning curves")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m transfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,8 +135,20 @@ def main(argv=None) -> int:
     finetune.add_argument("--restore", default="*", help="comma-separated layer patterns to restore from --init-from")
     finetune.set_defaults(func=cmd_finetune)
 
+    rule = sub.add_parser("rule-of-thumb", help="probe vs head vs top blocks vs all vs scratch, at several images per class")
+    common(rule)
+    rule.add_argument("--model", default="efficientnet_lite0")
+    rule.add_argument("--regimes", default="probe,head,top1,top2",
+                      help="comma-separated: probe, probe:<tap>, head, top1, top2, ..., all, scratch")
+    rule.add_argument("--sizes", type=_int_list, default=(5, 10, 20, 50, 100),
+                      help="training images per class (sizes above the smallest class are left out)")
+    rule.add_argument("--repeats", type=int, default=3, help="seeded draws per size")
+    rule.add_argument("--max-epochs", type=int, default=30, help="epochs at most for head and topN (early stopping)")
+    rule.add_argument("--max-epochs-uncached", type=int, default=8, help="epochs at most for all and scratch")
+    rule.set_defaults(func=cmd_rule_of_thumb)
+
     args = parser.parse_args(argv)
-    defaults = {"pretrain-cae": (128, 5), "recipe": (128, 10), "finetune": (32, 3)}[args.command]
+    defaults = {"pretrain-cae": (128, 5), "recipe": (128, 10), "finetune": (32, 3), "rule-of-thumb": (32, 0)}[args.command]
     args.batch_size = args.batch_size or defaults[0]
     args.epochs = args.epochs or defaults[1]
     return run_command(args.func, args)
