@@ -287,6 +287,99 @@ def environment_section(stores: list[dict]) -> list[str]:
             "- Packages: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())), ""]
 
 
+RULE_OF_THUMB_CSV = "rule_of_thumb.csv"
+
+
+def _regime_depth(regime: str) -> float:
+    """How much of the network a regime trains: probe < head < top1 < top2 < ... < all; scratch apart."""
+    if regime.startswith("probe"):
+        return 0
+    if regime == "head":
+        return 0.5
+    if regime.startswith("top"):
+        return int(regime[3:])
+    return {"all": 1e3, "scratch": 1e4}.get(regime, 1e5)
+
+
+def rule_of_thumb_curves(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over draws (population std, as the few-shot rows) of the test top-1 of each (regime, images per class)."""
+    return table.groupby(["regime", "per_class"])["top1"].agg(mean="mean", std=lambda s: s.std(ddof=0), count="count").reset_index()
+
+
+def rule_of_thumb_winners(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per size, the regime(s) with the highest mean test top-1, ties joined (a description of the curves)."""
+    rows = []
+    for k, group in curves.groupby("per_class"):
+        best = group["mean"].max()
+        tied = sorted(group.loc[np.isclose(group["mean"], best), "regime"], key=_regime_depth)
+        rows.append({"per_class": k, "best regime": ", ".join(tied), "top-1": best})
+    return pd.DataFrame(rows)
+
+
+def rule_of_thumb_crossovers(curves: pd.DataFrame, reference: str = "probe") -> list[str]:
+    """Where each regime beats the linear probe (the rule's starting point): from which size on, at
+    which sizes only, or never; and where scratch beats training everything from ImageNet."""
+    pivot = curves.pivot(index="per_class", columns="regime", values="mean").sort_index()
+    sizes = pivot.index.to_numpy()
+    pairs = [(reference, r) for r in sorted(pivot.columns, key=_regime_depth) if r != reference and reference in pivot]
+    if {"all", "scratch"} <= set(pivot.columns):
+        pairs.append(("all", "scratch"))
+    lines = []
+    for fewer, more in pairs:
+        ahead = (pivot[more] > pivot[fewer] + 1e-9).to_numpy()
+        from_here = [k for j, k in enumerate(sizes) if ahead[j:].all()]
+        if not ahead.any():
+            lines.append(f"- `{more}` never beats `{fewer}` (sizes {', '.join(map(str, sizes))} per class)")
+        elif from_here:
+            lines.append(f"- `{more}` beats `{fewer}` from {from_here[0]} images per class on")
+        else:
+            lines.append(f"- `{more}` beats `{fewer}` at {', '.join(str(k) for k, a in zip(sizes, ahead) if a)} images per class only")
+    return lines
+
+
+def plot_rule_of_thumb(curves: pd.DataFrame, path: Path, *, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    for regime in sorted(curves["regime"].unique(), key=_regime_depth):
+        rows = curves[curves["regime"] == regime].sort_values("per_class")
+        ax.errorbar(rows["per_class"], 100 * rows["mean"], yerr=100 * rows["std"], marker="o", capsize=3, label=regime)
+    ax.set_xscale("log")
+    sizes = sorted(curves["per_class"].unique())
+    ax.set_xticks(sizes, [str(k) for k in sizes])
+    ax.set_xlabel("labelled training images per class (log scale)")
+    ax.set_ylabel("top-1 accuracy (%), mean ± std over draws")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="trained", fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def rule_of_thumb_section(results_dir: Path, report_dir: Path) -> list[str]:
+    """Learning curves of every regime, the best one per size, and where one overtakes another."""
+    table_path = results_dir / RULE_OF_THUMB_CSV
+    if not table_path.is_file():
+        return []
+    table = pd.read_csv(table_path)
+    curves = rule_of_thumb_curves(table)
+    plot = plot_rule_of_thumb(curves, report_dir / "rule_of_thumb.png",
+                              title=f"{report_dir.name}: how many layers to train for how much data")
+    wide = curves.assign(cell=[f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in zip(curves["mean"], curves["std"])])
+    wide = wide.pivot(index="per_class", columns="regime", values="cell").reset_index()
+    wide = wide[["per_class", *sorted(wide.columns[1:], key=_regime_depth)]]
+    winners = rule_of_thumb_winners(curves).set_index("per_class")["best regime"]
+    wide.insert(1, "best regime", wide["per_class"].map(winners))
+    draws = int(curves["count"].max())
+    return ["## Rule of thumb", "",
+            f"Every regime trained on the same {draws} seeded draws of k images per class and tested on the same test split "
+            f"(`{table_path.as_posix()}`, `make rule-of-thumb`). probe: linear probe on the layer chosen by CV; head: a softmax "
+            "layer on the frozen top layer; topN: the last N blocks too; all: every layer; scratch: random start. Epochs by "
+            "early stopping on held-out training images. \"best regime\" names the highest mean test accuracy: it describes "
+            "the curves, nothing was chosen by it.", "",
+            f"![rule of thumb]({plot.name})", "", _markdown_table(wide.rename(columns={"per_class": "per class"})), "",
+            *rule_of_thumb_crossovers(curves), ""]
+
+
 def main_rows(results: pd.DataFrame) -> pd.DataFrame:
     """The rows a dataset is ranked by: the given split, or for domain datasets the mean over the
     whole-source transfers."""
@@ -429,6 +522,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
              *(["mAP"] if metric == "mAP" else ["top1", "mean_per_class_acc"])]
         ].round(4)), ""]
 
+    lines += rule_of_thumb_section(results_csv.parent, report_dir)
     lines += layers_section(results_csv.parent, report_dir)
     lines += published_section(slug)
     lines += baselines_section(stores)
@@ -486,10 +580,19 @@ def write_summary(results_root: str | Path, reports_root: str | Path, datasets: 
     ax.legend(loc="lower right")
     fig.savefig(out / "summary.png", dpi=110)
     plt.close(fig)
+    rule = []
+    for slug in datasets:
+        path = Path(results_root) / slug / RULE_OF_THUMB_CSV
+        if path.is_file():
+            winners = rule_of_thumb_winners(rule_of_thumb_curves(pd.read_csv(path)))
+            rule += [{"dataset": slug, "per class": int(k), "best regime": best} for k, best in zip(winners["per_class"], winners["best regime"])]
+    rule_lines = (["## Rule of thumb: the regime with the highest mean test accuracy, per dataset and images per class", "",
+                   _markdown_table(pd.DataFrame(rule).pivot(index="per class", columns="dataset", values="best regime").reset_index().fillna("-")),
+                   ""] if rule else [])
     lines = ["# Cross-dataset summary", "", "![best CNN vs best baseline per dataset](summary.png)", "",
              "Per dataset, the CNN layer and the baseline with the best cross-validation score on the training data; "
              "score % is their test result.", "", _markdown_table(table), "",
-             "Per-dataset reports: " + ", ".join(f"[{d}]({d}/report.md)" for d in datasets), ""]
+             *rule_lines, "Per-dataset reports: " + ", ".join(f"[{d}]({d}/report.md)" for d in datasets), ""]
     path = out / "summary.md"
     path.write_text("\n".join(lines))
     return path

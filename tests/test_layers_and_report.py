@@ -91,3 +91,27 @@ def test_tsne_falls_back_to_scikit_learn_without_opentsne(monkeypatch):
     points = np.random.default_rng(0).normal(size=(40, 5))
     embedding, library = tsne_2d(points, seed=0)
     assert library == "scikit-learn" and embedding.shape == (40, 2)
+
+
+def test_rule_of_thumb_section_draws_curves_names_winners_and_crossovers(tmp_path):
+    from classify.report import rule_of_thumb_section
+
+    means = {"probe": (0.60, 0.70, 0.75, 0.78), "top1": (0.50, 0.68, 0.80, 0.85), "all": (0.40, 0.55, 0.70, 0.90)}
+    rows = [{"regime": regime, "per_class": k, "seed": seed, "top1": m + (0.01 if seed else -0.01)}
+            for regime, values in means.items() for k, m in zip((5, 10, 20, 50), values) for seed in (0, 1)]
+    results = tmp_path / "results" / "flowers"
+    results.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(results / "rule_of_thumb.csv", index=False)
+    (tmp_path / "reports" / "flowers").mkdir(parents=True)
+    text = "\n".join(rule_of_thumb_section(results, tmp_path / "reports" / "flowers"))
+    assert "| 5 | probe | 60.0 ± 1.0 | 50.0 ± 1.0 | 40.0 ± 1.0 |" in text  # columns from fewest to most layers trained
+    assert "| 20 | top1 |" in text and "| 50 | all |" in text
+    assert "- `top1` beats `probe` from 20 images per class on" in text
+    assert "- `all` beats `probe` from 50 images per class on" in text
+    assert (tmp_path / "reports" / "flowers" / "rule_of_thumb.png").read_bytes()[:4] == b"\x89PNG"
+    summary_results = tmp_path / "results"
+    pd.DataFrame([{**{c: 0 for c in RESULT_COLUMNS}, "dataset": "flowers", "features": "efficientnet_lite0", "kind": "cnn",
+                   "layer": "pre_logits", "classifier": "logreg", "protocol": "given", "top1": 0.9, "cv_score": 0.9,
+                   "mAP": np.nan, "n_train": 1, "n_test": 1}]).to_csv(summary_results / "flowers" / "results.csv", index=False)
+    summary = write_summary(summary_results, tmp_path / "reports", ["flowers"]).read_text()
+    assert "| per class | flowers |" in summary and "| 50 | all |" in summary
