@@ -23,8 +23,8 @@ import logging
 import multiprocessing
 import os
 import pickle
+import tempfile
 import time
-import uuid
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -68,11 +68,12 @@ def _init_worker() -> None:
         pass
 
 
-def _run_job(token: str, payload: bytes, image: np.ndarray):
-    job = _WORKER_JOBS.get(token)
-    if job is None:
+def _run_job(job_file: str, image: np.ndarray):
+    job = _WORKER_JOBS.get(job_file)
+    if job is None:  # first task of this job in this worker
         _WORKER_JOBS.clear()
-        job = _WORKER_JOBS[token] = pickle.loads(payload)
+        with open(job_file, "rb") as handle:
+            job = _WORKER_JOBS[job_file] = pickle.load(handle)
     return job(image)
 
 
@@ -86,7 +87,7 @@ class ImageMapper:
 
     Decoding runs in threads; ``job`` runs in the same thread, or with ``processes`` in a
     pool of spawned processes (pass ``pool`` to share one across jobs). ``job`` must then be
-    picklable; it is pickled once and unpickled once per worker. A context manager.
+    picklable; it is pickled once to a temporary file that each worker reads once. A context manager.
     """
 
     def __init__(self, dataset: ImageDataset, job, *, min_side, workers: int | None = None, processes: int = 0, pool=None):
@@ -96,8 +97,11 @@ class ImageMapper:
         self.pool = pool
         if pool is None and processes:
             self.pool = self._stack.enter_context(process_pool(processes))
-        if self.pool is not None:
-            self._token, self._payload = uuid.uuid4().hex, pickle.dumps(job)
+        if self.pool is not None:  # the job (e.g. fitted codebooks) travels once per worker, by file
+            handle = self._stack.enter_context(tempfile.NamedTemporaryFile(prefix="offshelf-job-", suffix=".pkl"))
+            pickle.dump(job, handle)
+            handle.flush()
+            self._job_file = handle.name
 
     def _one(self, row: int):
         try:
@@ -106,7 +110,7 @@ class ImageMapper:
             return error
         if self.pool is None:
             return self.job(image)
-        return self.pool.submit(_run_job, self._token, self._payload, image).result()
+        return self.pool.submit(_run_job, self._job_file, image).result()
 
     def submit(self, row: int):
         return self.threads.submit(self._one, int(row))
