@@ -11,9 +11,9 @@ falls in one cell of each grid.
 
 - :class:`BagOfWords`: hard-assignment histograms over a k-means vocabulary, and the
   spatial pyramid of Lazebnik et al. (CVPR 2006): levels 1x1, 2x2, 4x4, each cell's
-  counts divided by the image's descriptor count, level ``l`` of ``L`` weighted
-  ``1 / 2^(L - l)`` (``1 / 2^L`` for level 0), so that a histogram intersection of two
-  such vectors is their pyramid match kernel.
+  counts divided by the image's descriptor count, level ``l`` of top level ``L`` weighted
+  ``1 / 2^(L - l + 1)`` (``1 / 2^L`` for level 0: 1/4, 1/4, 1/2 for L = 2), so that a
+  histogram intersection of two such vectors is their pyramid match kernel.
 - :class:`VLAD`: Jegou et al. 2010, intra-normalised (Arandjelovic & Zisserman 2013),
   then signed square root and L2.
 - :class:`FisherVector`: improved Fisher vectors (Perronnin et al. 2010) over a
@@ -24,9 +24,12 @@ falls in one cell of each grid.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
@@ -217,7 +220,10 @@ class FisherVector(_Encoder):
         gmm = GaussianMixture(modes, covariance_type="diag", init_params="random_from_data", means_init=means,
                               weights_init=np.maximum(counts, 1) / np.maximum(counts, 1).sum(),
                               precisions_init=1.0 / np.maximum(variances, 1e-4), max_iter=self.max_iter,
-                              reg_covar=1e-4, random_state=self.seed).fit(reduced)
+                              reg_covar=1e-4, random_state=self.seed)
+        with warnings.catch_warnings():  # EM stops at max_iter by design, converged or not
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gmm.fit(reduced)
         self.means_ = gmm.means_.astype(np.float32)
         self.variances_ = gmm.covariances_.astype(np.float32)
         self.weights_ = gmm.weights_.astype(np.float32)
