@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip")
 CHECKPOINT_SECONDS = 20.0  # at most this much work is redone after a kill
+FLUSH_BYTES = 256 << 20  # and at most this much is held in memory (40,960-dim Fisher vectors add up)
 PREFETCH_BATCHES = 2
 
 
@@ -239,7 +240,7 @@ def extract_group(
                     for job, position in zip(jobs, todo):
                         job.add(good_rows, [item[position] for item in items])
                     bar.update(len(rows))
-                    if time.monotonic() - last_flush >= checkpoint_seconds:
+                    if time.monotonic() - last_flush >= checkpoint_seconds or sum(job.nbytes for job in jobs) >= FLUSH_BYTES:
                         flush()
         except KeyboardInterrupt:
             flush()  # keep every finished batch, then stop
@@ -271,6 +272,7 @@ class _Job:
         self.rows: list[np.ndarray] = []
         self.features: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
         self.skipped: list[tuple[int, str]] = []
+        self.nbytes = 0
 
     def skip(self, row: int, reason: str) -> None:
         if self.needed[row]:
@@ -284,6 +286,7 @@ class _Job:
         self.rows.append(np.asarray([rows[i] for i in keep], dtype=np.int64))
         for name, parts in self.features.items():
             parts.append(features[name])
+            self.nbytes += features[name].nbytes
 
     def flush(self) -> None:
         if self.rows or self.skipped:
@@ -295,3 +298,4 @@ class _Job:
         self.skipped.clear()
         for parts in self.features.values():
             parts.clear()
+        self.nbytes = 0
