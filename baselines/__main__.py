@@ -32,7 +32,8 @@ def run_baselines(dataset, names, *, features_dir, preset: str = DEFAULT_PRESET,
                   on_error: str = "raise", overwrite: bool = False, progress: bool = True, checkpoint_seconds: float | None = None) -> list[Path]:
     """Every baseline in ``names`` into its own store. Featurizers that decode images at the
     same size run in one pass (each image decoded once, each descriptor computed once);
-    local-descriptor ones in ``processes`` spawned processes (default: one per core)."""
+    local-descriptor ones in ``processes`` spawned processes (default: one per core). Spawned
+    workers re-import the main module: call this from under ``if __name__ == "__main__":``."""
     from baselines.local import SharedDescriptors, fit_codebooks
 
     featurizers = [build(n, dataset, preset=preset, dense=dense, words=words, seed=seed, codebook_split=codebook_split) for n in names]

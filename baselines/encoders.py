@@ -11,9 +11,9 @@ falls in one cell of each grid.
 
 - :class:`BagOfWords`: hard-assignment histograms over a k-means vocabulary, and the
   spatial pyramid of Lazebnik et al. (CVPR 2006): levels 1x1, 2x2, 4x4, each cell's
-  counts divided by the image's descriptor count, level ``l`` of ``L`` weighted
-  ``1 / 2^(L - l)`` (``1 / 2^L`` for level 0), so that a histogram intersection of two
-  such vectors is their pyramid match kernel.
+  counts divided by the image's descriptor count, level ``l`` of top level ``L`` weighted
+  ``1 / 2^(L - l + 1)`` (``1 / 2^L`` for level 0: 1/4, 1/4, 1/2 for L = 2), so that a
+  histogram intersection of two such vectors is their pyramid match kernel.
 - :class:`VLAD`: Jegou et al. 2010, intra-normalised (Arandjelovic & Zisserman 2013),
   then signed square root and L2.
 - :class:`FisherVector`: improved Fisher vectors (Perronnin et al. 2010) over a
@@ -24,10 +24,12 @@ falls in one cell of each grid.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.cluster import MiniBatchKMeans
 from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
@@ -103,9 +105,16 @@ class _Encoder(TransformerMixin, BaseEstimator):
         return np.stack([self.encode(d, p) for d, p in images]) if images else np.zeros((0, self.dim), np.float32)
 
 
-def _kmeans(n_clusters: int, descriptors: np.ndarray, seed: int) -> np.ndarray:
+def _kmeans(n_clusters: int, descriptors: np.ndarray, seed: int, *, max_iter: int = 20) -> np.ndarray:
+    """Lloyd's k-means from ``n_clusters`` distinct descriptors chosen at random (seeded).
+
+    Random-selection start, as VLFeat's ``vl_kmeans`` offers: scikit-learn's k-means++ start
+    took 20x as long as the 20 Lloyd iterations on 100,000 SIFT-like descriptors here (138 s vs 6 s)."""
+    from sklearn.cluster import KMeans
+
     k = min(n_clusters, len(descriptors))
-    centers = MiniBatchKMeans(k, random_state=seed, batch_size=4096, n_init=3).fit(descriptors).cluster_centers_
+    start = descriptors[np.sort(np.random.default_rng(seed).choice(len(descriptors), k, replace=False))]
+    centers = KMeans(k, init=start, n_init=1, max_iter=max_iter, random_state=seed).fit(descriptors).cluster_centers_
     if k < n_clusters:  # fewer descriptors than words (tiny tests): unreachable extra words
         centers = np.concatenate([centers, np.full((n_clusters - k, centers.shape[1]), 1e6, centers.dtype)])
     return centers.astype(np.float32)
@@ -182,22 +191,39 @@ class FisherVector(_Encoder):
     gradients with respect to means and variances, per cell of each grid in ``layout``.
 
     ``layout=((1, 1), (3, 1))`` is Chatfield et al.'s 1x1 + 3 horizontal stripes:
-    ``n_modes * 2 * pca_dim * 4`` values.
+    ``n_modes * 2 * pca_dim * 4`` values. The GMM is fitted by EM (``max_iter``) on up to
+    ``gmm_descriptors`` of the descriptors, started from k-means.
     """
 
-    def __init__(self, n_modes: int = 16, *, pca_dim: int = 64, layout=((1, 1),), max_iter: int = 30, seed: int = 0):
+    def __init__(self, n_modes: int = 16, *, pca_dim: int = 64, layout=((1, 1),), max_iter: int = 20, gmm_descriptors: int = 50_000, seed: int = 0):
         self.n_modes = n_modes
         self.pca_dim = pca_dim
         self.layout = layout
         self.max_iter = max_iter
+        self.gmm_descriptors = gmm_descriptors
         self.seed = seed
 
     def fit(self, X, y=None):
         descriptors = self._fit_input(X)
         self.pca_ = PCA(min(self.pca_dim, *descriptors.shape), whiten=True, random_state=self.seed).fit(descriptors)
         reduced = self.pca_.transform(descriptors)
-        gmm = GaussianMixture(min(self.n_modes, len(reduced)), covariance_type="diag", init_params="k-means++", max_iter=self.max_iter,
-                              reg_covar=1e-4, random_state=self.seed).fit(reduced)
+        if len(reduced) > self.gmm_descriptors:  # EM costs n x modes x dims per iteration
+            reduced = reduced[np.sort(np.random.default_rng(self.seed).choice(len(reduced), self.gmm_descriptors, replace=False))]
+        # Started from k-means, as VLFeat's vl_gmm can be (scikit-learn's k-means++ start alone took 60 s here).
+        modes = min(self.n_modes, len(reduced))
+        means = _kmeans(modes, reduced, self.seed, max_iter=10)
+        assignment = nearest(reduced, means, (means**2).sum(axis=1))
+        counts = np.bincount(assignment, minlength=modes).astype(np.float64)
+        sums = np.zeros_like(means, dtype=np.float64)
+        np.add.at(sums, assignment, reduced.astype(np.float64) ** 2)
+        variances = np.where(counts[:, None] > 1, sums / np.maximum(counts[:, None], 1) - means.astype(np.float64) ** 2, 1.0)
+        gmm = GaussianMixture(modes, covariance_type="diag", init_params="random_from_data", means_init=means,
+                              weights_init=np.maximum(counts, 1) / np.maximum(counts, 1).sum(),
+                              precisions_init=1.0 / np.maximum(variances, 1e-4), max_iter=self.max_iter,
+                              reg_covar=1e-4, random_state=self.seed)
+        with warnings.catch_warnings():  # EM stops at max_iter by design, converged or not
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gmm.fit(reduced)
         self.means_ = gmm.means_.astype(np.float32)
         self.variances_ = gmm.covariances_.astype(np.float32)
         self.weights_ = gmm.weights_.astype(np.float32)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 import zipfile
 from pathlib import Path
 
@@ -284,15 +285,19 @@ def fit_codebooks(dataset: ImageDataset, featurizers, paths, *, processes: int =
         specs = list(dict.fromkeys(f.spec for f, _ in members))
         log.info("describing %d %s images of %s once for the codebooks of %s", len(rows), split, dataset.name, ", ".join(f.name for f, _ in members))
         sampler = _SampleDescriptors(specs, max(1, n_descriptors // max(len(rows), 1)), seed)
+        started = time.monotonic()
         with ImageMapper(_WithRow(dataset), sampler, min_side=min_side, processes=processes, pool=pool, workers=workers) as mapper:
             results = [future.result() for future in [mapper.submit(r) for r in rows]]
         for row, result in zip(rows, results):
             if isinstance(result, ImageDecodeError):
                 log.warning("codebook sample: leaving out %s", result)
         results = [r for r in results if not isinstance(r, ImageDecodeError)]
+        log.info("described the codebook sample in %.1f s", time.monotonic() - started)
         for featurizer, path in members:
             images = [result[specs.index(featurizer.spec)] for result in results]
             if sum(len(d) for d, _ in images) < 2:
                 raise ValueError(f"{dataset.name}: too few descriptors in the {split!r} images to learn the {featurizer.name} codebook")
-            log.info("learning the %s codebook (%d) on %d descriptors", featurizer.name, featurizer.words, sum(len(d) for d, _ in images))
+            started = time.monotonic()
             featurizer.fit_codebook(images).save_codebook(dataset, path)
+            log.info("learned the %s codebook (%d) on %d descriptors in %.1f s", featurizer.name, featurizer.words,
+                     sum(len(d) for d, _ in images), time.monotonic() - started)

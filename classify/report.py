@@ -237,7 +237,7 @@ def describe_baseline(fingerprint: dict) -> tuple[str, str, str]:
     descriptor = fingerprint.get("descriptor")
     if not descriptor:  # HOG, colour, raw: their settings are the fingerprint itself
         settings = {k: v for k, v in fingerprint.items() if k not in ("baseline", "versions")}
-        return fingerprint.get("preset", "-"), fingerprint.get("baseline", "-"), ", ".join(f"{k} {v}" for k, v in settings.items())
+        return fingerprint.get("preset", "any (no preset settings)"), fingerprint.get("baseline", "-"), ", ".join(f"{k} {v}" for k, v in settings.items())
     where = (f"dense, step {descriptor['step']} px, bins {'/'.join(map(str, descriptor['bin_sizes']))} px" if descriptor.get("dense")
              else f"detected keypoints (up to {descriptor.get('max_keypoints')})")
     what = f"{'Root' if fingerprint.get('root_sift') else ''}{descriptor['kind'].upper()}, {where}, shorter side {descriptor['side']} px"

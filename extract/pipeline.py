@@ -23,8 +23,8 @@ import logging
 import multiprocessing
 import os
 import pickle
+import tempfile
 import time
-import uuid
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip")
 CHECKPOINT_SECONDS = 20.0  # at most this much work is redone after a kill
+FLUSH_BYTES = 256 << 20  # and at most this much is held in memory (40,960-dim Fisher vectors add up)
 PREFETCH_BATCHES = 2
 
 
@@ -69,11 +70,12 @@ def _init_worker() -> None:
         pass
 
 
-def _run_job(token: str, payload: bytes, image: np.ndarray):
-    job = _WORKER_JOBS.get(token)
-    if job is None:
+def _run_job(job_file: str, image: np.ndarray):
+    job = _WORKER_JOBS.get(job_file)
+    if job is None:  # first task of this job in this worker
         _WORKER_JOBS.clear()
-        job = _WORKER_JOBS[token] = pickle.loads(payload)
+        with open(job_file, "rb") as handle:
+            job = _WORKER_JOBS[job_file] = pickle.load(handle)
     return job(image)
 
 
@@ -87,7 +89,7 @@ class ImageMapper:
 
     Decoding runs in threads; ``job`` runs in the same thread, or with ``processes`` in a
     pool of spawned processes (pass ``pool`` to share one across jobs). ``job`` must then be
-    picklable; it is pickled once and unpickled once per worker. A context manager.
+    picklable; it is pickled once to a temporary file that each worker reads once. A context manager.
     """
 
     def __init__(self, dataset: ImageDataset, job, *, min_side, workers: int | None = None, processes: int = 0, pool=None):
@@ -97,8 +99,11 @@ class ImageMapper:
         self.pool = pool
         if pool is None and processes:
             self.pool = self._stack.enter_context(process_pool(processes))
-        if self.pool is not None:
-            self._token, self._payload = uuid.uuid4().hex, pickle.dumps(job)
+        if self.pool is not None:  # the job (e.g. fitted codebooks) travels once per worker, by file
+            handle = self._stack.enter_context(tempfile.NamedTemporaryFile(prefix="offshelf-job-", suffix=".pkl"))
+            pickle.dump(job, handle)
+            handle.flush()
+            self._job_file = handle.name
 
     def _one(self, row: int):
         try:
@@ -107,7 +112,7 @@ class ImageMapper:
             return error
         if self.pool is None:
             return self.job(image)
-        return self.pool.submit(_run_job, self._token, self._payload, image).result()
+        return self.pool.submit(_run_job, self._job_file, image).result()
 
     def submit(self, row: int):
         return self.threads.submit(self._one, int(row))
@@ -236,7 +241,7 @@ def extract_group(
                     for job, position in zip(jobs, todo):
                         job.add(good_rows, [item[position] for item in items])
                     bar.update(len(rows))
-                    if time.monotonic() - last_flush >= checkpoint_seconds:
+                    if time.monotonic() - last_flush >= checkpoint_seconds or sum(job.nbytes for job in jobs) >= FLUSH_BYTES:
                         flush()
         except KeyboardInterrupt:
             flush()  # keep every finished batch, then stop
@@ -268,6 +273,7 @@ class _Job:
         self.rows: list[np.ndarray] = []
         self.features: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
         self.skipped: list[tuple[int, str]] = []
+        self.nbytes = 0
 
     def skip(self, row: int, reason: str) -> None:
         if self.needed[row]:
@@ -281,6 +287,7 @@ class _Job:
         self.rows.append(np.asarray([rows[i] for i in keep], dtype=np.int64))
         for name, parts in self.features.items():
             parts.append(features[name])
+            self.nbytes += features[name].nbytes
 
     def flush(self) -> None:
         if self.rows or self.skipped:
@@ -292,3 +299,4 @@ class _Job:
         self.skipped.clear()
         for parts in self.features.values():
             parts.clear()
+        self.nbytes = 0

@@ -255,3 +255,22 @@ def test_the_report_names_each_baselines_encoding_and_preset(image_tree):
     assert encoding == "bag of 400 words, 3-level spatial pyramid; chi2 kernel map layer; codebook on `train`"
     assert describe_baseline(build("fisher", dataset).settings())[2].startswith("improved Fisher vector, 256 modes, PCA-80, layout 1x1")
     assert describe_baseline(build("vlad", dataset, preset="fast").settings())[:2] == ("fast", "RootSIFT, detected keypoints (up to 1000), shorter side 256 px")
+
+
+def test_buffered_features_are_flushed_by_size_too(image_tree, tmp_path, monkeypatch):
+    """Large features (40,960-dim Fisher vectors) are written out as shards once the buffer
+    passes FLUSH_BYTES, not only every checkpoint_seconds: memory stays bounded."""
+    import extract.pipeline as pipeline
+    from extract.store import StoreWriter
+
+    shards = []
+    original = StoreWriter.write_shard
+    monkeypatch.setattr(StoreWriter, "write_shard", lambda self, rows, *a, **k: (shards.append(len(rows)), original(self, rows, *a, **k))[1])
+    monkeypatch.setattr(pipeline, "FLUSH_BYTES", 1)
+    dataset = load_dataset(f"folder:{image_tree}")
+    featurizer = RawPixels(8)
+    featurizer.batch_size = 5
+    path = extract_to_store(dataset, featurizer, tmp_path / "raw.h5", progress=False, checkpoint_seconds=1e9)
+    assert shards == [5, 5, 5, 5, 4]
+    with FeatureStore(path) as store:
+        assert len(store) == 24
