@@ -26,6 +26,8 @@ import cv2
 import mahotas.features.surf as mahotas_surf
 import numpy as np
 
+from extract.errors import UserError
+
 MIN_WORK_SIDE = 112
 MAX_KEYPOINTS = 1000
 KINDS = ("sift", "surf")
@@ -146,9 +148,9 @@ class DescriptorSpec:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"descriptor kind {self.kind!r} is not one of {KINDS}")
+            raise UserError(f"descriptor kind {self.kind!r} is not one of {KINDS}")
         if self.step < 1 or not self.bin_sizes or min(self.bin_sizes) < 1:
-            raise ValueError(f"a dense grid needs step >= 1 and bin sizes >= 1. Received: step={self.step}, bin_sizes={self.bin_sizes}")
+            raise UserError(f"a dense grid needs step >= 1 and bin sizes >= 1. Received: step={self.step}, bin_sizes={self.bin_sizes}")
 
     @property
     def width(self) -> int:

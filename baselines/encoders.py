@@ -33,6 +33,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
+from extract.errors import UserError
+
 CENTRE = np.array([[0.5, 0.5]], np.float32)
 
 
@@ -44,7 +46,7 @@ def as_images(X) -> list[tuple[np.ndarray, np.ndarray]]:
             descriptors, positions = item if isinstance(item, tuple) else (item, None)
             descriptors = np.asarray(descriptors, np.float32)
             if descriptors.ndim != 2:
-                raise ValueError(f"each image's descriptors must be 2-D (n, d). Received shape {descriptors.shape}")
+                raise UserError(f"each image's descriptors must be 2-D (n, d). Received shape {descriptors.shape}")
             if positions is None:
                 positions = np.repeat(CENTRE, len(descriptors), axis=0)
             images.append((descriptors, np.asarray(positions, np.float32)))
@@ -87,7 +89,7 @@ class _Encoder(TransformerMixin, BaseEstimator):
         else:
             descriptors = validate_data(self, X, dtype=np.float32)
         if len(descriptors) < 2:
-            raise ValueError(f"{type(self).__name__} needs at least 2 descriptors to fit. Received {len(descriptors)}")
+            raise UserError(f"{type(self).__name__} needs at least 2 descriptors to fit. Received {len(descriptors)}")
         return descriptors
 
     def _images(self, X):
@@ -97,7 +99,7 @@ class _Encoder(TransformerMixin, BaseEstimator):
         images = as_images(X)
         for descriptors, _ in images:
             if len(descriptors) and descriptors.shape[1] != self.n_features_in_:
-                raise ValueError(f"descriptors of width {descriptors.shape[1]}; {type(self).__name__} was fitted on width {self.n_features_in_}")
+                raise UserError(f"descriptors of width {descriptors.shape[1]}; {type(self).__name__} was fitted on width {self.n_features_in_}")
         return images
 
     def transform(self, X) -> np.ndarray:

@@ -67,11 +67,11 @@ def _fisher(dataset, options):
 def _color(dataset, options):
     from baselines.simple import ColorHistogram
 
-    return ColorHistogram()
+    return ColorHistogram(resize=dataset.resize)
 
 
 @register("raw", what="32x32 grayscale thumbnail", source="-")
 def _raw(dataset, options):
     from baselines.simple import RawPixels
 
-    return RawPixels(min(32, min(dataset.read(0).shape[:2]))) if len(dataset) else RawPixels()
+    return RawPixels(min(32, min(dataset.read(0).shape[:2])) if len(dataset) else 32, resize=dataset.resize)

@@ -7,6 +7,7 @@ from skimage.feature import hog
 
 from extract import package_versions
 from extract.datasets import ImageDataset
+from extract.errors import UserError
 from extract.images import fit_to_input
 
 MAX_SIDE = 128
@@ -26,14 +27,15 @@ class HOGFeaturizer:
     taps = ["hog"]
     batch_size = 64
 
-    def __init__(self, side: int = MAX_SIDE, *, orientations: int = 9, cells_per_block: int = 2):
+    def __init__(self, side: int = MAX_SIDE, *, orientations: int = 9, cells_per_block: int = 2, resize: str = "centre"):
         if side < 2 * MIN_CELL:
-            raise ValueError(f"HOG needs images of at least {2 * MIN_CELL} px. Received: side={side}")
+            raise UserError(f"HOG needs images of at least {2 * MIN_CELL} px. Received: side={side}")
         self.name = "hog"
         self.side = side
         self.cell = max(MIN_CELL, side // CELLS_ACROSS)
         self.orientations = orientations
         self.cells_per_block = cells_per_block
+        self.resize = resize
         self.min_side = side
         self.dims = {"hog": len(self.prepare(np.zeros((side, side, 3), np.uint8)))}
 
@@ -42,7 +44,7 @@ class HOGFeaturizer:
         """Pick the working side from the shorter sides of the first images."""
         probes = [min(dataset.read(i, min_side=MAX_SIDE).shape[:2]) for i in range(min(SIZE_PROBES, len(dataset)))]
         side = int(min(MAX_SIDE, np.median(probes))) if probes else MAX_SIDE
-        return cls(side, **kwargs)
+        return cls(side, resize=dataset.resize, **kwargs)
 
     def fingerprint(self) -> dict:
         return {
@@ -52,12 +54,12 @@ class HOGFeaturizer:
             "cells_per_block": self.cells_per_block,
             "orientations": self.orientations,
             "block_norm": "L2-Hys",
-            "resize": "shorter side to side, centre crop, grayscale",
+            "resize": self.resize,  # to side x side (extract.images.fit_to_input), then grayscale
             "versions": package_versions("scikit-image", "opencv-python-headless", "numpy", "pillow", "offshelf"),
         }
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        crop = fit_to_input(image, self.side)
+        crop = fit_to_input(image, self.side, resize=self.resize)
         gray = crop.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         return hog(
             gray,

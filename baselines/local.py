@@ -28,6 +28,7 @@ from baselines.encoders import VLAD, BagOfWords, FisherVector, chi2_map
 from extract import package_versions
 from extract.datasets import ImageDataset
 from extract.datasets.base import TRAIN_SPLIT
+from extract.errors import UserError
 from extract.images import ImageDecodeError
 from extract.pipeline import ImageMapper
 from extract.store import _atomic_write
@@ -49,7 +50,7 @@ def codebook_split(dataset: ImageDataset, split: str | None = None) -> str:
     if split is None:
         split = TRAIN_SPLIT if TRAIN_SPLIT in present else FALLBACK_CODEBOOK_SPLIT
     if split not in present:
-        raise ValueError(f"{dataset.name} has no {split!r} split to learn codebooks from; its splits: {', '.join(present)}. "
+        raise UserError(f"{dataset.name} has no {split!r} split to learn codebooks from; its splits: {', '.join(present)}. "
                          f"Choose one with --codebook-split (CODEBOOK_SPLIT=)")
     return split
 
@@ -78,9 +79,9 @@ class LocalFeaturizer:
                  root: bool = False, pca_dim: int = 64, layout=((1, 1),), preset: str = "custom", seed: int = 0,
                  split: str = TRAIN_SPLIT, codebook_images: int = CODEBOOK_IMAGES, codebook_descriptors: int = CODEBOOK_DESCRIPTORS):
         if encoding not in ENCODINGS:
-            raise ValueError(f"encoding={encoding!r} is not one of {ENCODINGS}")
+            raise UserError(f"encoding={encoding!r} is not one of {ENCODINGS}")
         if encoding == "bow" and levels not in PYRAMID_NAMES:
-            raise ValueError(f"a pyramid of 1, 2 or 3 levels. Received levels={levels}")
+            raise UserError(f"a pyramid of 1, 2 or 3 levels. Received levels={levels}")
         self.name, self.spec, self.encoding = name, spec, encoding
         self.words, self.levels, self.chi2, self.root = int(words), int(levels), bool(chi2), bool(root)
         self.pca_dim, self.layout = int(pca_dim), tuple(tuple(int(v) for v in grid) for grid in layout)
@@ -296,7 +297,7 @@ def fit_codebooks(dataset: ImageDataset, featurizers, paths, *, processes: int =
         for featurizer, path in members:
             images = [result[specs.index(featurizer.spec)] for result in results]
             if sum(len(d) for d, _ in images) < 2:
-                raise ValueError(f"{dataset.name}: too few descriptors in the {split!r} images to learn the {featurizer.name} codebook")
+                raise UserError(f"{dataset.name}: too few descriptors in the {split!r} images to learn the {featurizer.name} codebook")
             started = time.monotonic()
             featurizer.fit_codebook(images).save_codebook(dataset, path)
             log.info("learned the %s codebook (%d) on %d descriptors in %.1f s", featurizer.name, featurizer.words,

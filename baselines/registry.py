@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from baselines.descriptors import DescriptorSpec
+from extract.errors import UserError
 
 PHOW_BINS = (4, 6, 8, 10)  # Bosch et al. 2007; vl_phow's default sizes, as Chatfield et al. 2011 used
 
@@ -94,9 +95,9 @@ def build_baseline(name: str, dataset, *, preset: str = DEFAULT_PRESET, seed: in
     """The featurizer of baseline ``name`` under ``preset``; codebook baselines still need ``fit_codebooks``."""
     _load_entries()
     if name not in REGISTRY:
-        raise ValueError(f"unknown baseline {name!r}; valid: {', '.join(REGISTRY)}")
+        raise UserError(f"unknown baseline {name!r}; valid: {', '.join(REGISTRY)}")
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
     options = Options(preset, seed, dense, words, codebook_split, PRESETS[preset])
     return REGISTRY[name].build(dataset, options)
 

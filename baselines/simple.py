@@ -13,23 +13,24 @@ VERSIONS = ("opencv-python-headless", "numpy", "pillow", "offshelf")
 
 
 class RawPixels:
-    """A grayscale centre-crop thumbnail, ``side`` x ``side`` (32 by default), scaled to [0, 1]."""
+    """A grayscale thumbnail, ``side`` x ``side`` (32 by default), scaled to [0, 1]; made square as ``resize`` says."""
 
     batch_size = 256
     taps = ["raw"]
 
-    def __init__(self, side: int = 32):
+    def __init__(self, side: int = 32, *, resize: str = "centre"):
         self.name = "raw"
         self.side = side
+        self.resize = resize
         self.min_side = side
         self.dims = {"raw": side * side}
 
     def fingerprint(self) -> dict:
-        return {"baseline": "raw", "side": self.side, "resize": "centre crop of the shorter side, area/bicubic (OpenCV)", "gray": "ITU-R 601",
+        return {"baseline": "raw", "side": self.side, "resize": self.resize, "interpolation": "area/bicubic (OpenCV)", "gray": "ITU-R 601",
                 "versions": package_versions(*VERSIONS)}
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        gray = cv2.cvtColor(fit_to_input(image, self.side), cv2.COLOR_RGB2GRAY)
+        gray = cv2.cvtColor(fit_to_input(image, self.side, resize=self.resize), cv2.COLOR_RGB2GRAY)
         return (gray.astype(np.float32) / 255.0).ravel()
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
@@ -47,17 +48,18 @@ class ColorHistogram:
     bins = (16, 4, 4)
     side = 128
 
-    def __init__(self):
+    def __init__(self, *, resize: str = "centre"):
         self.name = "color"
+        self.resize = resize
         self.min_side = self.side
         self.dims = {"hsv256": int(np.prod(self.bins))}
 
     def fingerprint(self) -> dict:
-        return {"baseline": "color", "space": "HSV", "bins": list(self.bins), "side": self.side, "normalisation": "L1",
+        return {"baseline": "color", "space": "HSV", "bins": list(self.bins), "side": self.side, "resize": self.resize, "normalisation": "L1",
                 "versions": package_versions(*VERSIONS)}
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        hsv = cv2.cvtColor(fit_to_input(image, self.side), cv2.COLOR_RGB2HSV)  # H in [0, 180)
+        hsv = cv2.cvtColor(fit_to_input(image, self.side, resize=self.resize), cv2.COLOR_RGB2HSV)  # H in [0, 180)
         histogram = cv2.calcHist([hsv], [0, 1, 2], None, list(self.bins), [0, 180, 0, 256, 0, 256]).ravel()
         return (histogram / max(histogram.sum(), 1.0)).astype(np.float32)
 

@@ -405,6 +405,14 @@ def test_bird_boxes_are_warped_whole_into_the_model_input(tmp_path):
     assert featurizer.fingerprint()["preprocessing"]["resize"] == "warp"
     centre = CNNFeaturizer("efficientnet_lite0", weights="random", layers="stem").prepare(dataset.read(0))
     assert not np.all(np.abs(centre.astype(int) - (255, 0, 0)) < 60, axis=-1).any()
+    # the baselines that make images square do it the same way, and record it
+    from baselines.registry import build_baseline
+
+    for name in ("hog", "raw", "color"):
+        assert build_baseline(name, dataset).fingerprint()["resize"] == "warp", name
+    raw = build_baseline("raw", dataset)
+    thumbnail = raw.prepare(dataset.read(0)).reshape(raw.side, raw.side)
+    assert thumbnail[:, :2].min() < 0.4 and thumbnail[:, -2:].min() < 0.2  # red and blue ends are darker than the grey
 
 
 def test_office_baselines_learn_codebooks_on_amazon(tmp_path):
