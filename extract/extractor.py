@@ -120,7 +120,8 @@ def compile_forward(model: keras.Model):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        graph_call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        # uint8 pixels cross into the graph (a quarter of the bytes) and are cast there.
+        graph_call = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), reduce_retracing=True)
         return lambda batch: {k: v.numpy() for k, v in graph_call(tf.constant(batch)).items()}
     if backend == "jax":
         import jax
@@ -130,11 +131,11 @@ def compile_forward(model: keras.Model):
 
         @jax.jit
         def jax_call(batch):
-            outputs, _ = model.stateless_call(trainable, frozen, batch, training=False)
+            outputs, _ = model.stateless_call(trainable, frozen, batch.astype("float32"), training=False)
             return outputs
 
         return lambda batch: {k: np.asarray(v) for k, v in jax_call(batch).items()}
-    return lambda batch: {k: keras.ops.convert_to_numpy(v) for k, v in model(batch, training=False).items()}
+    return lambda batch: {k: keras.ops.convert_to_numpy(v) for k, v in model(np.asarray(batch, np.float32), training=False).items()}
 
 
 class CNNFeaturizer:
@@ -249,5 +250,6 @@ class CNNFeaturizer:
         n = len(batch)
         if n < self.batch_size:  # pad to one static shape: no retracing on the last batch
             batch = np.concatenate([batch, np.zeros((self.batch_size - n, *batch.shape[1:]), batch.dtype)])
-        outputs = self._forward(batch.astype(np.float32))
+        # Pixels are whole numbers in [0, 255]: uint8 holds them exactly, and the model casts them.
+        outputs = self._forward(batch if batch.dtype == np.uint8 else batch.astype(np.float32))
         return {name: np.asarray(outputs[name][:n], dtype=np.float32) for name in self.taps}
