@@ -12,7 +12,6 @@ from classify.evaluate import ALL_CLASSIFIERS, PROTOCOL_HELP, Evaluation, ProbeS
 from classify.persist import SavedProbe
 from classify.probe import CLASSIFIERS, DEFAULT_CS, NORMALIZATIONS, SEARCHES, parse_cs
 from classify.results import read_results, update_results
-from classify.report import write_report
 from extract.cli import run_command
 from extract.datasets import CROPS, DATASETS, dataset_slug
 from extract.errors import UserError
@@ -103,6 +102,8 @@ def cmd_summary(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from classify.report import write_report  # matplotlib: imported only where a report is drawn
+
     report = write_report(results_dir(args) / "results.csv", Path(args.reports_dir) / dataset_slug(args.dataset, args.crop),
                           features_dir=Path(args.features_dir))
     print(f"report: {report}")

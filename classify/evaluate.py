@@ -229,9 +229,11 @@ class Evaluation:
         with test_store as target:
             predicted = _predict(probe, target, tap, test_rows)
             paths = target.paths[test_rows]
-            true_names = np.asarray([target.classes[i] for i in target.labels[test_rows]])
-        predicted_names = np.asarray([store.classes[i] for i in predicted])
-        unseen = self._check_fit(store, tap, classifier, probe, [store.classes[i] for i in labels[train_rows]], true_names)
+            # ``classes`` reads the store each time it is asked: once per store, not once per image.
+            true_names = np.asarray(target.classes)[target.labels[test_rows]]
+        class_names = np.asarray(store.classes)
+        predicted_names = class_names[np.asarray(predicted, dtype=np.int64)]
+        unseen = self._check_fit(store, tap, classifier, probe, class_names[labels[train_rows]].tolist(), true_names)
         if self.fitted is not None:
             self.fitted[(tap, classifier)] = probe
         if self.out_dir is not None:

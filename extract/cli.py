@@ -59,7 +59,7 @@ def cmd_layers(args) -> None:
     from extract.backbones import layer_paths, tap_tensor
     from extract.extractor import CNNFeaturizer
 
-    featurizer = CNNFeaturizer(args.model, weights=None, pooling=args.pooling)
+    featurizer = CNNFeaturizer(args.model, weights=None, pooling=args.pooling, fold_batchnorm=False)  # shapes of the real layers
     size = featurizer.input_size
     print(f"{args.model}: input {size}x{size}x3 RGB in [0, 255]; preprocessing {featurizer.spec.preprocessing}")
     print(f"{'index':>5}  {'tap':<12} {'layer':<24} {'output shape':<16} {'stride':>6} {'pooled dim':>10}")

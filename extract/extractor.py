@@ -120,7 +120,8 @@ def compile_forward(model: keras.Model):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        graph_call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        # uint8 pixels cross into the graph (a quarter of the bytes) and are cast there.
+        graph_call = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), reduce_retracing=True)
         return lambda batch: {k: v.numpy() for k, v in graph_call(tf.constant(batch)).items()}
     if backend == "jax":
         import jax
@@ -130,11 +131,11 @@ def compile_forward(model: keras.Model):
 
         @jax.jit
         def jax_call(batch):
-            outputs, _ = model.stateless_call(trainable, frozen, batch, training=False)
+            outputs, _ = model.stateless_call(trainable, frozen, batch.astype("float32"), training=False)
             return outputs
 
         return lambda batch: {k: np.asarray(v) for k, v in jax_call(batch).items()}
-    return lambda batch: {k: keras.ops.convert_to_numpy(v) for k, v in model(batch, training=False).items()}
+    return lambda batch: {k: keras.ops.convert_to_numpy(v) for k, v in model(np.asarray(batch, np.float32), training=False).items()}
 
 
 class CNNFeaturizer:
@@ -155,6 +156,7 @@ class CNNFeaturizer:
         batch_size: int = 32,
         crop_pct: float | None = None,
         resize: str = "centre",
+        fold_batchnorm: bool = True,
     ):
         if pooling not in POOLINGS:
             raise UserError(f"pooling={pooling!r} is not one of {POOLINGS}")
@@ -171,13 +173,30 @@ class CNNFeaturizer:
         self.resize = resize
         self.min_side = self.input_size
         keras.utils.set_random_seed(seed)
-        self.backbone, self.weights = self.spec.build(self.spec.default_weights if weights == "default" else weights)
+        weights = self.spec.default_weights if weights == "default" else weights
+        # Inference reads a BatchNorm-folded model where the backbone has one (same numbers up to
+        # float rounding, faster); ``backbone`` (the trainable form, real BatchNorm) is then built
+        # only if something asks for it or a tap reads a layer that folding changes.
+        self._backbone, folded_layers = None, frozenset()
+        if fold_batchnorm and self.spec.build_inference is not None:
+            inference, self.weights, folded_layers = self.spec.build_inference(weights)
+
+            def build_backbone(spec=self.spec):
+                keras.utils.set_random_seed(seed)  # random weights: the same seeded initialisation
+                return spec.build(weights)[0]
+
+            self._build_backbone = build_backbone
+        else:
+            self._backbone, self.weights = self.spec.build(weights)
+            inference = self._backbone
         if self.weights.get("weights") == "random":
             self.weights["seed"] = seed
-        selected = select_taps(self.spec.feature_info, layers, layer_paths(self.backbone))
+        selected = select_taps(self.spec.feature_info, layers, layer_paths(inference))
+        self.batchnorm_folded = bool(folded_layers) and not any(info.layer.split("/")[0] in folded_layers for info in selected)
+        source = inference if self.batchnorm_folded else self.backbone
         outputs, self.feature_info, self.dims = {}, [], {}
         for info in selected:
-            tensor = tap_tensor(self.backbone, info.layer)
+            tensor = tap_tensor(source, info.layer)
             if info.channels == -1:  # a layer named directly: shape facts from its output
                 stride = self.input_size // tensor.shape[1] if len(tensor.shape) == 4 and tensor.shape[1] else 0
                 info = FeatureInfo(info.name, info.layer, int(tensor.shape[-1]), stride)
@@ -191,8 +210,15 @@ class CNNFeaturizer:
             self.feature_info.append(info)
             self.dims[info.name] = info.channels * (POOLED_WIDTH[pooling] if spatial else 1)
         self.taps = [info.name for info in self.feature_info]
-        self.model = keras.Model(self.backbone.inputs, outputs, name=f"{self.spec.name}_features")
+        self.model = keras.Model(source.inputs, outputs, name=f"{self.spec.name}_features")
         self._forward = None
+
+    @property
+    def backbone(self) -> keras.Model:
+        """The backbone as ``spec.build`` makes it (real BatchNorm layers), with the same weights."""
+        if self._backbone is None:
+            self._backbone = self._build_backbone()
+        return self._backbone
 
     def fingerprint(self) -> dict:
         return {
@@ -206,6 +232,8 @@ class CNNFeaturizer:
                 "normalisation": self.spec.preprocessing,
             },
             "pooling": self.pooling,
+            # Folding changes features at float32 rounding only, but says how they were computed.
+            **({"batchnorm": "folded"} if self.batchnorm_folded else {}),
             "taps": {info.name: info.layer for info in self.feature_info},
             "keras_backend": keras.backend.backend(),
             "versions": package_versions("offshelf", "keras", *BACKEND_PACKAGES.get(keras.backend.backend(), ()), "numpy", "pillow",
@@ -222,5 +250,6 @@ class CNNFeaturizer:
         n = len(batch)
         if n < self.batch_size:  # pad to one static shape: no retracing on the last batch
             batch = np.concatenate([batch, np.zeros((self.batch_size - n, *batch.shape[1:]), batch.dtype)])
-        outputs = self._forward(batch.astype(np.float32))
+        # Pixels are whole numbers in [0, 255]: uint8 holds them exactly, and the model casts them.
+        outputs = self._forward(batch if batch.dtype == np.uint8 else batch.astype(np.float32))
         return {name: np.asarray(outputs[name][:n], dtype=np.float32) for name in self.taps}

@@ -121,3 +121,42 @@ def test_taps_match_independent_reference(featurizer):
         assert np.abs(got - expected).max() <= 1e-4 * scale, f"{featurizer.spec.name} tap {tap} differs from the reference"
     ours_logits = featurizer.backbone.get_layer("predictions").kernel.numpy().T @ ours["pre_logits"][0] + featurizer.backbone.get_layer("predictions").bias.numpy()
     np.testing.assert_allclose(ours_logits, logits, atol=2e-3)
+
+
+def test_folded_batchnorm_matches_the_unfolded_model_on_every_tap(featurizer):
+    """Inference runs BatchNorm folded into the convolutions; the trainable backbone keeps real
+    BatchNorm layers, and the two agree on every tap to float32 rounding."""
+    import keras
+
+    from extract.backbones import tap_tensor
+
+    assert featurizer.batchnorm_folded and featurizer.fingerprint()["batchnorm"] == "folded"
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in featurizer.model.layers)
+    backbone = featurizer.backbone
+    assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in backbone.layers) > 40
+    unfolded = keras.Model(backbone.inputs, {info.name: keras.ops.mean(tap_tensor(backbone, info.layer), axis=(1, 2))
+                                             for info in featurizer.feature_info})
+    images = np.stack([featurizer.prepare(data.coffee()), featurizer.prepare(data.chelsea()),
+                       np.random.default_rng(0).integers(0, 256, (featurizer.input_size,) * 2 + (3,), dtype=np.uint8)])
+    ours = featurizer(images)
+    expected = {k: np.asarray(v) for k, v in unfolded(images.astype(np.float32), training=False).items()}
+    assert set(ours) == set(expected) == set(featurizer.taps)
+    for tap in featurizer.taps:
+        scale = max(1.0, float(np.abs(expected[tap]).max()))
+        assert np.abs(ours[tap] - expected[tap]).max() <= 1e-5 * scale, f"{featurizer.spec.name} tap {tap}"
+
+
+def test_folding_falls_back_for_taps_on_folded_convolutions_and_keeps_random_weights():
+    folded = CNNFeaturizer("efficientnet_lite0", weights="random", layers="stage1,stage3", batch_size=2)
+    unfolded = CNNFeaturizer("efficientnet_lite0", weights="random", layers="stage1,stage3", batch_size=2, fold_batchnorm=False)
+    assert folded.batchnorm_folded and not unfolded.batchnorm_folded and "batchnorm" not in unfolded.fingerprint()
+    images = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    a, b = folded(images), unfolded(images)
+    for tap in ("stage1", "stage3"):
+        assert np.abs(a[tap] - b[tap]).max() <= 1e-5 * max(1.0, float(np.abs(b[tap]).max()))
+    # A tap on a convolution whose BatchNorm would be folded into it reads the real model.
+    conv = CNNFeaturizer("efficientnet_lite0", weights="random", layers="block2a_project_conv,stage2", batch_size=2)
+    assert not conv.batchnorm_folded and "batchnorm" not in conv.fingerprint()
+    reference = CNNFeaturizer("efficientnet_lite0", weights="random", layers="block2a_project_conv,stage2", batch_size=2,
+                              fold_batchnorm=False)
+    np.testing.assert_array_equal(conv(images)["block2a_project_conv"], reference(images)["block2a_project_conv"])

@@ -29,6 +29,11 @@ class BackboneSpec:
     ``build(weights)`` returns a Keras model that takes RGB pixels in [0, 255] (the model
     holds its own normalisation) plus a description of the weights it loaded, including
     their SHA-256 where they came from a file.
+
+    ``build_inference(weights)``, where a backbone has one, returns a faster model for
+    inference only that computes the same function up to float rounding (EfficientNet-Lite:
+    BatchNorm folded into the convolutions), the same weights record, and the names of the
+    layers whose output differs from ``build``'s model (a tap on one of those reads ``build``'s).
     """
 
     name: str
@@ -42,6 +47,7 @@ class BackboneSpec:
     offline_weights: bool = False
     notes: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
+    build_inference: Callable[[str | None], tuple[keras.Model, dict, frozenset[str]]] | None = None
 
     def tap(self, name: str) -> FeatureInfo:
         for info in self.feature_info:
