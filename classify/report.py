@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
@@ -116,6 +117,7 @@ def plot_few_shot(table: pd.DataFrame, path: Path, *, metric: str, title: str) -
     ax.set_xscale("log")
     shots = sorted(table["shots"].unique())
     ax.set_xticks(shots, [str(k) for k in shots])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training images per class (log scale)")
     ax.set_ylabel(f"{METRIC_LABELS[metric]} (%), mean ± std over draws")
     ax.set_title(title)
@@ -345,6 +347,7 @@ def plot_rule_of_thumb(curves: pd.DataFrame, path: Path, *, title: str) -> Path:
     ax.set_xscale("log")
     sizes = sorted(curves["per_class"].unique())
     ax.set_xticks(sizes, [str(k) for k in sizes])
+    ax.xaxis.set_minor_formatter(NullFormatter())  # the sizes are the only labels
     ax.set_xlabel("labelled training images per class (log scale)")
     ax.set_ylabel("top-1 accuracy (%), mean ± std over draws")
     ax.set_title(title)
