@@ -122,7 +122,16 @@ def _kmeans(n_clusters: int, descriptors: np.ndarray, seed: int, *, max_iter: in
     return centers.astype(np.float32)
 
 
-class BagOfWords(_Encoder):
+class _Vocabulary(_Encoder):
+    """An encoder over ``n_words`` k-means centres of the training descriptors."""
+
+    def fit(self, X, y=None):
+        self.cluster_centers_ = _kmeans(self.n_words, self._fit_input(X), self.seed)
+        self.center_norms_ = (self.cluster_centers_**2).sum(axis=1)
+        return self
+
+
+class BagOfWords(_Vocabulary):
     """Visual-word histograms over a k-means vocabulary of ``n_words``, in a spatial pyramid of ``levels`` levels.
 
     ``levels=1``: one L1-normalised histogram; ``levels=3``: 1x1 + 2x2 + 4x4 cells (21
@@ -133,11 +142,6 @@ class BagOfWords(_Encoder):
         self.n_words = n_words
         self.levels = levels
         self.seed = seed
-
-    def fit(self, X, y=None):
-        self.cluster_centers_ = _kmeans(self.n_words, self._fit_input(X), self.seed)
-        self.center_norms_ = (self.cluster_centers_**2).sum(axis=1)
-        return self
 
     @property
     def dim(self) -> int:
@@ -158,17 +162,12 @@ class BagOfWords(_Encoder):
         return np.concatenate(parts)
 
 
-class VLAD(_Encoder):
+class VLAD(_Vocabulary):
     """VLAD over ``n_words`` k-means centres: per-word residual sums, intra-normalised, signed sqrt, L2."""
 
     def __init__(self, n_words: int = 64, *, seed: int = 0):
         self.n_words = n_words
         self.seed = seed
-
-    def fit(self, X, y=None):
-        self.cluster_centers_ = _kmeans(self.n_words, self._fit_input(X), self.seed)
-        self.center_norms_ = (self.cluster_centers_**2).sum(axis=1)
-        return self
 
     @property
     def dim(self) -> int:
