@@ -211,9 +211,15 @@ class Evaluation:
             "n_features": store.dim(tap), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
-    def _probe_columns(self, probe) -> dict:
-        return {"C": probe.best_C_, "cv_score": probe.cv_score_, "selection": probe.selection_,
-                "converged": bool(probe.converged_), "cv_splits": probe.n_splits_}
+    @staticmethod
+    def _probe_columns(probes, how: str = "") -> dict:
+        """What chose C and how the fits went, over one probe or several (per class, per draw): the median
+        C, the mean CV score (NaN if any fit had nothing to hold out), all converged."""
+        cv_scores = [p.cv_score_ for p in probes]
+        return {"C": float(np.median([p.best_C_ for p in probes])),
+                "cv_score": float(np.mean(cv_scores)) if np.all(np.isfinite(cv_scores)) else np.nan,
+                "selection": probes[0].selection_ + how, "converged": all(bool(p.converged_) for p in probes),
+                "cv_splits": probes[0].n_splits_, "fit_seconds": round(float(np.mean([p.fit_seconds_ for p in probes])), 3)}
 
     def _single(self, store, tap, classifier) -> dict:
         """Fit on the training split; test on this store's test split, or on another dataset's store.
@@ -245,12 +251,11 @@ class Evaluation:
                 save_probe(self.out_dir / "probes" / store.extractor / f"{tap}__{classifier}.npz", probe,
                            class_names=store.classes, layer=tap, features=store.extractor, fingerprint=store.fingerprint)
         return {
-            **self._base_row(store, tap, classifier), **self._probe_columns(probe), "protocol": self.protocol.name,
+            **self._base_row(store, tap, classifier), **self._probe_columns([probe]), "protocol": self.protocol.name,
             "train_split": train, "test_split": test_split, "n_train": len(train_rows), "n_test": len(test_rows),
             "classes_unseen_in_train": unseen,
             "top1": float(accuracy_score(true_names, predicted_names)), "top1_std": 0.0,
             "mean_per_class_acc": mean_per_class_accuracy(true_names, predicted_names), "mean_per_class_acc_std": 0.0,
-            "fit_seconds": round(probe.fit_seconds_, 3),
         }
 
     def _check_fit(self, store, tap, classifier, probe, train_names, test_names) -> int:
@@ -289,14 +294,13 @@ class Evaluation:
             pd.DataFrame(scores, columns=store.classes).assign(path=store.paths[test_rows]).to_csv(scores_csv, index=False)
         return {
             **self._base_row(store, tap, classifier), "protocol": self.protocol.name, "train_split": train,
-            "test_split": test_split, "C": float(np.median([p.best_C_ for p in probes])),
-            # the cross-validated mAP: each class's probe's mean validation AP at its chosen C
-            "cv_score": float(np.mean([p.cv_score_ for p in probes])), "selection": probes[0].selection_ + ", per class",
-            "converged": all(p.converged_ for p in probes), "cv_splits": probes[0].n_splits_,
+            "test_split": test_split,
+            # cv_score: the cross-validated mAP, each class's probe's mean validation AP at its chosen C
+            **self._probe_columns(probes, ", per class"),
             "n_train": len(train_rows), "n_test": len(test_rows), "classes_unseen_in_train": 0,
             "top1": np.nan, "top1_std": 0.0, "mean_per_class_acc": np.nan, "mean_per_class_acc_std": 0.0,
             "mAP": mean_average_precision(truth, scores), "mAP_voc07": mean_average_precision(truth, scores, eleven_point=True),
-            "fit_seconds": round(sum(p.fit_seconds_ for p in probes), 3),
+            "fit_seconds": round(sum(p.fit_seconds_ for p in probes), 3),  # all classes' fits together
         }
 
     def _cross_target(self, store):
@@ -335,18 +339,14 @@ class Evaluation:
                 draws.append({"top1": accuracy_score(labels[test_rows], predicted),
                               "balanced": mean_per_class_accuracy(labels[test_rows], predicted), "probe": probe})
             unseen = self._check_fit(store, tap, classifier, probe, labels[train_rows], labels[test_rows])
-            probes = [d["probe"] for d in draws]
-            cv_scores = [p.cv_score_ for p in probes]
             rows.append({
                 **self._base_row(store, tap, classifier), "protocol": self.protocol.name if self.protocol.sampled else f"{shots}-shot",
-                "train_split": train, "test_split": test_split, "C": float(np.median([p.best_C_ for p in probes])),
-                "cv_score": float(np.mean(cv_scores)) if np.all(np.isfinite(cv_scores)) else np.nan,
-                "selection": probe.selection_ + f", per draw ({shots} per class)", "converged": all(p.converged_ for p in probes),
-                "cv_splits": probe.n_splits_, "n_train": len(train_rows), "n_test": len(test_rows), "classes_unseen_in_train": unseen,
+                "train_split": train, "test_split": test_split,
+                **self._probe_columns([d["probe"] for d in draws], f", per draw ({shots} per class)"),
+                "n_train": len(train_rows), "n_test": len(test_rows), "classes_unseen_in_train": unseen,
                 "top1": float(np.mean([d["top1"] for d in draws])), "top1_std": float(np.std([d["top1"] for d in draws])),
                 "mean_per_class_acc": float(np.mean([d["balanced"] for d in draws])),
                 "mean_per_class_acc_std": float(np.std([d["balanced"] for d in draws])),
-                "fit_seconds": round(float(np.mean([p.fit_seconds_ for p in probes])), 3),
             })
         return rows
 

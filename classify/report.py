@@ -57,7 +57,7 @@ def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "to
                                 color=colors[i % len(colors)])
     lines = table[table["kind"] != "cnn"]
     if len(lines):  # one line per baseline variant (its classifier chosen by CV score) or trained model
-        best_lines = one_per_layer(lines).sort_values(metric, ascending=False)
+        best_lines = chosen_per(lines, ["features", "layer"]).sort_values(metric, ascending=False)
         for j, record in enumerate(best_lines.itertuples()):
             value = 100 * getattr(record, metric)
             ax.axhline(value, linestyle=":" if j % 2 else "--", color=colors[(len(cnn) + j) % len(colors)], linewidth=1.5,
@@ -80,10 +80,10 @@ def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "to
     return path
 
 
-def one_per_layer(rows: pd.DataFrame) -> pd.DataFrame:
-    """Probe rows: per (features, layer), the classifier with the best CV score; trained models' rows as they are."""
+def chosen_per(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Probe rows: per group of ``by``, the one with the best CV score; trained models' rows as they are."""
     probes = rows[rows["kind"].isin(PROBE_KINDS)]
-    chosen = best_per(probes, ["features", "layer"]) if len(probes) else probes
+    chosen = best_per(probes, by) if len(probes) else probes
     return pd.concat([chosen, rows[~rows["kind"].isin(PROBE_KINDS)]], ignore_index=True)
 
 
@@ -130,9 +130,7 @@ def plot_few_shot(table: pd.DataFrame, path: Path, *, metric: str, title: str) -
 
 def plot_best_per_method(table: pd.DataFrame, path: Path, *, metric: str, title: str) -> Path:
     """Per feature set, the layer and classifier chosen by CV score (and each trained model)."""
-    probes = table[table["kind"].isin(PROBE_KINDS)]
-    best = pd.concat([best_per(probes, ["features"]) if len(probes) else probes, table[~table["kind"].isin(PROBE_KINDS)]],
-                     ignore_index=True).sort_values(metric)
+    best = chosen_per(table, ["features"]).sort_values(metric)
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(best) + 1.8), constrained_layout=True)
     bars = ax.barh([f"{r.features} / {r.layer} ({r.classifier})" for r in best.itertuples()], 100 * best[metric], color="tab:blue")
     ax.bar_label(bars, fmt="%.1f", padding=3, fontsize=8)

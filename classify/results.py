@@ -71,8 +71,21 @@ def update_csv(path: str | Path, merge: Callable[[pd.DataFrame | None], pd.DataF
     return merged
 
 
-def _keys(frame: pd.DataFrame) -> list[tuple]:
-    return list(map(tuple, frame.reindex(columns=RESULT_KEY).astype(str).to_numpy()))
+def row_keys(frame: pd.DataFrame, key=RESULT_KEY) -> list[tuple]:
+    """Each row's values of the ``key`` columns, as strings (so 5 and 5.0 read back from a CSV agree)."""
+    return list(map(tuple, frame.reindex(columns=key).astype(str).to_numpy()))
+
+
+def merge_rows(old: pd.DataFrame | None, new: pd.DataFrame, *, key, sort_by, drop=None) -> pd.DataFrame:
+    """``old`` rows without those whose key is in ``new`` (nor those ``drop`` marks), then ``new``, sorted."""
+    if old is not None and len(old):
+        old = old.reindex(columns=new.columns)
+        keys = set(row_keys(new, key))
+        keep = np.asarray([k not in keys for k in row_keys(old, key)], bool)
+        if drop is not None:
+            keep &= ~drop(old)
+        new = pd.concat([old[keep], new], ignore_index=True) if keep.any() else new
+    return new.sort_values(sort_by, kind="stable")
 
 
 def read_results(csv_path: str | Path) -> pd.DataFrame | None:
@@ -85,20 +98,14 @@ def update_results(csv_path: str | Path, rows: list[dict]) -> pd.DataFrame:
     rows of a store made with other settings (same features name, other fingerprint) go."""
     new = pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
-    def merge(old: pd.DataFrame | None) -> pd.DataFrame:
-        if old is None or old.empty:
-            return new.sort_values(SORT_ORDER, kind="stable")
-        old = old.reindex(columns=RESULT_COLUMNS)
-        keys = set(_keys(new))
-        probes = new[new["kind"].isin(PROBE_KINDS)]
-        current = probes.groupby(["dataset", "features"])["store_fingerprint"].agg(lambda s: set(s.astype(str))).to_dict()
-        replaced = [kind in PROBE_KINDS and (d, f) in current and str(fp) not in current[(d, f)]
-                    for kind, d, f, fp in old[["kind", "dataset", "features", "store_fingerprint"]].itertuples(index=False)]
-        old = old[np.asarray([k not in keys for k in _keys(old)], bool) & ~np.asarray(replaced, bool)]
-        merged = pd.concat([old, new], ignore_index=True) if len(old) else new
-        return merged.sort_values(SORT_ORDER, kind="stable")
+    probes = new[new["kind"].isin(PROBE_KINDS)]
+    current = probes.groupby(["dataset", "features"])["store_fingerprint"].agg(lambda s: set(s.astype(str))).to_dict()
 
-    return update_csv(csv_path, merge)
+    def rebuilt(old: pd.DataFrame) -> np.ndarray:  # probe rows of a store whose fingerprint is not the current one
+        return np.asarray([kind in PROBE_KINDS and (d, f) in current and str(fp) not in current[(d, f)]
+                           for kind, d, f, fp in old[["kind", "dataset", "features", "store_fingerprint"]].itertuples(index=False)], bool)
+
+    return update_csv(csv_path, lambda old: merge_rows(old, new, key=RESULT_KEY, sort_by=SORT_ORDER, drop=rebuilt))
 
 
 def cached_rows(results: pd.DataFrame | None, expected: list[dict]) -> list[dict] | None:
@@ -106,8 +113,8 @@ def cached_rows(results: pd.DataFrame | None, expected: list[dict]) -> list[dict
     if any is missing."""
     if results is None or results.empty:
         return None
-    index = {key: i for i, key in enumerate(_keys(results))}
-    found = [index.get(key) for key in _keys(pd.DataFrame(expected, columns=RESULT_KEY))]
+    index = {key: i for i, key in enumerate(row_keys(results))}
+    found = [index.get(key) for key in row_keys(pd.DataFrame(expected, columns=RESULT_KEY))]
     if any(i is None for i in found):
         return None
     return [row.to_dict() for _, row in results.iloc[found].iterrows()]

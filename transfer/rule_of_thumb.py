@@ -47,7 +47,7 @@ from sklearn.model_selection import StratifiedShuffleSplit
 from classify.evaluate import few_shot_rows
 from classify.metrics import mean_per_class_accuracy
 from classify.probe import DEFAULT_CS, LinearProbe
-from classify.results import update_csv
+from classify.results import merge_rows, row_keys, update_csv
 from extract.backbones import get_backbone, layer_paths, tap_tensor
 from extract.datasets.base import choose_splits
 from extract.errors import UserError
@@ -159,8 +159,7 @@ class RuleOfThumb:
     def _done(self) -> set[tuple]:
         if not self.csv_path.is_file():
             return set()
-        table = pd.read_csv(self.csv_path)
-        return set(map(tuple, table.reindex(columns=KEY).astype(str).to_numpy()))
+        return set(row_keys(pd.read_csv(self.csv_path), KEY))
 
     def _key(self, regime: str, k: int, seed: int) -> tuple:
         return tuple(str(v) for v in (self.dataset.name, self.settings.model, regime, k, seed, self.settings_id))
@@ -212,16 +211,8 @@ class RuleOfThumb:
             self._save(row)
 
     def _save(self, row: dict) -> None:
-        def merge(old: pd.DataFrame | None) -> pd.DataFrame:
-            new = pd.DataFrame([row], columns=COLUMNS)
-            if old is None or old.empty:
-                return new
-            old = old.reindex(columns=COLUMNS)
-            key = tuple(str(row[c]) for c in KEY)
-            old = old[[tuple(k) != key for k in old[KEY].astype(str).to_numpy()]]
-            return pd.concat([old, new], ignore_index=True).sort_values(["regime", "per_class", "seed"], kind="stable")
-
-        update_csv(self.csv_path, merge)
+        new = pd.DataFrame([row], columns=COLUMNS)
+        update_csv(self.csv_path, lambda old: merge_rows(old, new, key=KEY, sort_by=["regime", "per_class", "seed"]))
 
     # -- the cache of frozen activations ------------------------------------------------------
     def _cache(self, spec, backbone, images, regimes) -> dict[str, np.ndarray]:
