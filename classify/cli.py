@@ -10,7 +10,7 @@ import pandas as pd
 
 from classify.evaluate import ALL_CLASSIFIERS, PROTOCOL_HELP, Evaluation, ProbeSettings, parse_protocol, store_paths
 from classify.persist import SavedProbe
-from classify.probe import CLASSIFIERS, DEFAULT_CS, NORMALIZATIONS, SEARCHES, parse_cs
+from classify.probe import CLASSIFIERS, DEFAULT_CS, NORMALIZATIONS, SEARCHES, SELECT_BY, parse_cs
 from classify.results import read_results, update_results
 from extract.cli import run_command
 from extract.datasets import CROPS, DATASETS, dataset_slug
@@ -37,7 +37,7 @@ def protocols_for(args) -> list:
 def cmd_probe(args) -> None:
     classifiers = {"both": CLASSIFIERS, "all": ALL_CLASSIFIERS}.get(args.classifier, (args.classifier,))
     settings = ProbeSettings(
-        classifiers=tuple(classifiers), Cs=args.cs, search=args.search, cv=args.cv, normalization=args.normalization,
+        classifiers=tuple(classifiers), Cs=args.cs, search=args.search, cv=args.cv, select_by=args.select_by, normalization=args.normalization,
         seed=args.seed, repeats=args.repeats, n_jobs=args.jobs,
     )
     out = results_dir(args)
@@ -127,6 +127,8 @@ def main(argv=None) -> int:
                        help=f"{PROTOCOL_HELP} (default: the dataset's standard protocols)")
     probe.add_argument("--normalization", default="standard", choices=NORMALIZATIONS)
     probe.add_argument("--search", default="cv", choices=SEARCHES, help="C chosen by k-fold CV or on a held-out validation split")
+    probe.add_argument("--select-by", default="loss", choices=SELECT_BY,
+                       help="C with the lowest mean held-out loss (stable under tiny feature changes), or the highest held-out accuracy")
     probe.add_argument("--cs", type=parse_cs, default=DEFAULT_CS, help="C grid: LOW:HIGH:COUNT (log-spaced) or a,b,c")
     probe.add_argument("--cv", type=int, default=3, help="cross-validation folds on the training split")
     probe.add_argument("--repeats", type=int, default=5, help="few-shot draws per k")

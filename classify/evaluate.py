@@ -61,6 +61,7 @@ class ProbeSettings:
     Cs: tuple[float, ...] = DEFAULT_CS
     search: str = "cv"
     cv: int = 3
+    select_by: str = "loss"
     normalization: str = "standard"
     seed: int = 0
     repeats: int = 5
@@ -129,7 +130,7 @@ def _fit(settings: ProbeSettings, classifier: str, store, tap, rows, labels, see
     if classifier == "sgd":
         return StreamingSGDProbe(Cs=settings.Cs, seed=seed).fit_store(store, tap, rows, labels)
     probe = LinearProbe(classifier, Cs=settings.Cs, search=settings.search, cv=settings.cv, scoring=scoring,
-                        normalization=settings.normalization, seed=seed, n_jobs=settings.n_jobs)
+                        select_by=settings.select_by, normalization=settings.normalization, seed=seed, n_jobs=settings.n_jobs)
     return probe.fit(store.features(tap, rows), labels[rows])
 
 
@@ -206,6 +207,7 @@ class Evaluation:
             **self._store_columns, "layer": tap, "layer_depth": store.taps.index(tap),
             "classifier": classifier, "normalization": "standard" if sgd else settings.normalization,
             "search": "val" if sgd or settings.search == "val" else f"cv{settings.cv}",
+            "select_by": "loss" if sgd else settings.select_by,
             "Cs": ",".join(f"{c:g}" for c in settings.Cs), "seed": settings.seed,
             "repeats": settings.repeats if self.protocol.repeated else 1,
             "n_features": store.dim(tap), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,7 +1,8 @@
 """``results.csv`` and ``layers.csv``: one row per experiment, merged under a lock, never torn.
 
 Every row of ``results.csv`` is keyed by what determined it (``RESULT_KEY``: the store's
-fingerprint, layer, classifier, protocol, normalisation, C search, C grid, seed, repeats),
+fingerprint, layer, classifier, protocol, normalisation, C search and criterion, C grid,
+seed, repeats),
 so a rerun with the same settings finds its rows (``cached``) and a store rebuilt with other
 settings replaces its rows. Several commands may update the same file at once (two
 ``make classify`` of different stores, ``make tsne`` beside them): each read-merge-write
@@ -27,13 +28,13 @@ import pandas as pd
 
 RESULT_COLUMNS = [
     "dataset", "features", "kind", "layer", "layer_depth", "classifier", "protocol", "train_split", "test_split",
-    "normalization", "search", "Cs", "selection", "C", "cv_score", "converged", "cv_splits", "seed", "repeats",
+    "normalization", "search", "select_by", "Cs", "selection", "C", "cv_score", "converged", "cv_splits", "seed", "repeats",
     "n_train", "n_test", "n_features", "classes_unseen_in_train",
     "top1", "top1_std", "mean_per_class_acc", "mean_per_class_acc_std", "mAP", "mAP_voc07", "images_without_features", "fit_seconds",
     "store_fingerprint", "created",
 ]
 # What determines a row's numbers; a row with the same key is the same experiment.
-RESULT_KEY = ["dataset", "features", "store_fingerprint", "layer", "classifier", "protocol", "normalization", "search", "Cs", "seed", "repeats"]
+RESULT_KEY = ["dataset", "features", "store_fingerprint", "layer", "classifier", "protocol", "normalization", "search", "select_by", "Cs", "seed", "repeats"]
 SORT_ORDER = ["features", "layer_depth", "classifier", "protocol"]
 PROBE_KINDS = ("cnn", "baseline")  # rows of linear probes on a store; other kinds are trained models
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -84,6 +85,20 @@ def test_hymenoptera_lite0_beats_hog(tmp_path):
     layers = pd.read_csv(tmp_path / "results" / "hymenoptera" / "layers.csv").set_index("layer")
     assert layers.loc["pre_logits", "knn_acc_features"] > layers.loc["stage2", "knn_acc_features"] + 0.1
     assert layers.loc["pre_logits", "silhouette"] > layers.loc["stage2", "silhouette"]
+
+    # C is chosen by held-out loss, which moves continuously with the features: real features
+    # changed at float rounding (as BatchNorm folding or another BLAS does) choose the same C
+    from classify.probe import LinearProbe
+    from extract.store import FeatureStore
+
+    with FeatureStore(tmp_path / "features" / "hymenoptera" / "efficientnet_lite0.h5") as store:
+        train = store.splits == "train"
+        test = ~train  # hymenoptera's val folder
+        X, labels = store.features("pre_logits"), store.labels
+    rounded = X * (1 + 1e-6 * np.random.default_rng(0).standard_normal(X.shape)).astype(np.float32)
+    probes = [LinearProbe(seed=0).fit(features[train], labels[train]) for features in (X, rounded)]
+    assert probes[0].best_C_ == probes[1].best_C_
+    assert np.mean(probes[0].predict(X[test]) != probes[1].predict(rounded[test])) <= 1 / test.sum()
 
 
 @pytest.mark.slow

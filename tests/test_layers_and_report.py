@@ -48,10 +48,10 @@ def test_domain_report_ranks_by_the_mean_over_transfers(tmp_path):
         records += [
             {"features": "efficientnet_lite0", "kind": "cnn", "layer": "pre_logits", "layer_depth": 8, "classifier": "logreg",
              "protocol": protocol, "top1": scores[0], "mean_per_class_acc": scores[0], "n_train": 100, "n_test": 50,
-             "cv_score": 0.95, "selection": "C by 3-fold CV (accuracy)"},
+             "cv_score": 0.95, "selection": "C by 3-fold CV (lowest held-out log-loss)"},
             {"features": "surf_bow", "kind": "baseline", "layer": "bow", "layer_depth": 0, "classifier": "logreg",
              "protocol": protocol, "top1": scores[1], "mean_per_class_acc": scores[1], "n_train": 100, "n_test": 50,
-             "cv_score": 0.5, "selection": "C by 3-fold CV (accuracy)"},
+             "cv_score": 0.5, "selection": "C by 3-fold CV (lowest held-out log-loss)"},
         ]
     results = tmp_path / "results" / "office31"
     results.mkdir(parents=True)
