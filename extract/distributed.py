@@ -187,6 +187,8 @@ class ray_batches:
         context.print_on_execution_start = False
         context.enable_auto_log_stats = False
         logging.getLogger("ray.data").setLevel(logging.ERROR)
+        # one block per batch: a small run has fewer batches than workers, and that is fine
+        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
         self._workers, resources, threads = plan(ray.cluster_resources(), workers)
         members = [featurizers[i] for i in todo]
         min_side = featurizers[0].min_side
@@ -262,4 +264,9 @@ class ray_batches:
         return True
 
     def close(self) -> None:
-        self._stack.close()
+        try:
+            close = getattr(getattr(self, "_iter", None), "close", None)
+            if close is not None:  # stops the pipeline and its actors, even on a cluster that stays up
+                close()
+        finally:
+            self._stack.close()

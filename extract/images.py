@@ -93,13 +93,15 @@ class _Captured(Exception):
         self.data = data
 
 
-def _read_error(path: Path, error: Exception) -> ImageDecodeError:
-    """The ``ImageDecodeError`` for an exception raised while reading or decoding ``path``."""
+def _read_error(path: Path, error: Exception, source=None) -> ImageDecodeError:
+    """The ``ImageDecodeError`` for an exception raised while reading or decoding ``path``
+    (from ``source``, its shipped bytes, if given: the reason names the path all the same)."""
     if isinstance(error, FileNotFoundError):
         return ImageDecodeError(path, _missing_reason(path))
     if isinstance(error, OSError) and error.errno == errno.ELOOP:
         return ImageDecodeError(path, MISSING + " (symbolic link loop)")
-    return ImageDecodeError(path, f"{type(error).__name__}: {error}")
+    text = str(error) if source is None else str(error).replace(repr(source), repr(str(path)))
+    return ImageDecodeError(path, f"{type(error).__name__}: {text}")
 
 
 def encoded_image(read, row: int, *, min_side: int | None = None) -> tuple[str, bytes]:
@@ -178,7 +180,7 @@ def read_image(path: str | Path, *, min_side: int | None = None) -> np.ndarray:
     except ImageDecodeError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise _read_error(path, error) from None
+        raise _read_error(path, error, None if source is path else source) from None
     array = np.asarray(rgb, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) == 0:
         raise ImageDecodeError(path, f"decoded to an unusable array of shape {array.shape}")
