@@ -23,7 +23,7 @@ q = $(call quote,$(value $(1)))
 opt = $(if $(value $(2)),$(1) $(call q,$(2)))
 # Not into the recipes' environment either: exporting expands a value (and runs any $(shell) in it).
 unexport DATASET DATASETS DATA_DIR MODEL LAYERS POOLING WEIGHTS LIMIT FULL OVERWRITE ON_ERROR CROP RESIZE SEED \
-	CHECKPOINT_SECONDS CLASSIFIER BASELINES BASELINES_PRESET CODEBOOK_SPLIT FEATURES REPEATS REGIMES SIZES PROTOCOL N TRAIN EPOCHS FEATURES_DIR RESULTS_DIR REPORTS_DIR
+	CHECKPOINT_SECONDS WORKERS RAY_ADDRESS SHIP_BYTES CLASSIFIER BASELINES BASELINES_PRESET CODEBOOK_SPLIT FEATURES REPEATS REGIMES SIZES PROTOCOL N TRAIN EPOCHS FEATURES_DIR RESULTS_DIR REPORTS_DIR
 
 # Where stores, results and reports go (default: features/, results/, reports/ here).
 RESULT_DIRS = $(call opt,--results-dir,RESULTS_DIR) $(call opt,--reports-dir,REPORTS_DIR)
@@ -31,6 +31,9 @@ DATASET_ARGS = --dataset $(call q,DATASET) $(call opt,--crop,CROP) $(call opt,--
 DATA_ARGS = $(DATASET_ARGS) --seed $(call q,SEED) $(call opt,--resize,RESIZE) \
 	$(call opt,--data-dir,DATA_DIR) $(call opt,--limit,LIMIT) $(if $(value FULL),--full) \
 	$(if $(value OVERWRITE),--overwrite) $(call opt,--on-error,ON_ERROR) $(call opt,--checkpoint-seconds,CHECKPOINT_SECONDS)
+# WORKERS=N: a local Ray cluster with N workers; RAY_ADDRESS=auto|HOST:PORT: an existing one
+# (one worker per GPU where it has GPUs); SHIP_BYTES=1: send images' bytes to workers that cannot read the paths.
+SCALE_ARGS = $(call opt,--workers,WORKERS) $(call opt,--ray-address,RAY_ADDRESS) $(if $(value SHIP_BYTES),--ship-bytes)
 
 .PHONY: setup data fetch extract layers baselines classify tsne report benchmark data-info finetune pretrain recipe rule-of-thumb test
 
@@ -47,7 +50,7 @@ data: $(STAMP)
 	@if [ $(call q,DATASET) = fashion-mnist ] && [ -z $(call q,DATA_DIR) ]; then $(PY) -m extract fetch --dataset fashion-mnist; fi
 
 extract: setup
-	$(PY) -m extract features $(DATA_ARGS) --model $(call q,MODEL) $(call opt,--layers,LAYERS) \
+	$(PY) -m extract features $(DATA_ARGS) $(SCALE_ARGS) --model $(call q,MODEL) $(call opt,--layers,LAYERS) \
 		$(call opt,--pooling,POOLING) $(call opt,--weights,WEIGHTS)
 
 layers: setup
@@ -61,7 +64,7 @@ data-info: setup
 	$(PY) -m extract data-info $(DATA_ARGS)
 
 baselines: setup
-	$(PY) -m baselines $(DATA_ARGS) --baselines $(call q,BASELINES) --preset $(call q,BASELINES_PRESET) \
+	$(PY) -m baselines $(DATA_ARGS) $(SCALE_ARGS) --baselines $(call q,BASELINES) --preset $(call q,BASELINES_PRESET) \
 		$(call opt,--codebook-split,CODEBOOK_SPLIT)
 
 classify: setup

@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from baselines.registry import DEFAULT_PRESET, PRESETS, build_baseline, list_baselines
-from extract.cli import add_dataset_arguments, dataset_from, run_command
+from extract.cli import add_dataset_arguments, add_scaling_arguments, dataset_from, run_command, scaling_options
 from extract.pipeline import extract_group, process_pool, store_path
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,15 @@ def codebook_path(store: Path) -> Path:
 
 
 def run_baselines(dataset, names, *, features_dir, preset: str = DEFAULT_PRESET, dense: bool | None = None, words: int | None = None,
-                  seed: int = 0, codebook_split: str | None = None, processes: int | None = None, workers: int | None = None,
+                  seed: int = 0, codebook_split: str | None = None, processes: int | None = None, threads: int | None = None,
+                  workers: int | None = None, ray_address: str | None = None, ship_bytes: bool = False,
                   on_error: str = "raise", overwrite: bool = False, progress: bool = True, checkpoint_seconds: float | None = None) -> list[Path]:
     """Every baseline in ``names`` into its own store. Featurizers that decode images at the
     same size run in one pass (each image decoded once, each descriptor computed once);
     local-descriptor ones in ``processes`` spawned processes (default: one per core). Spawned
-    workers re-import the main module: call this from under ``if __name__ == "__main__":``."""
+    workers re-import the main module: call this from under ``if __name__ == "__main__":``.
+    ``workers`` / ``ray_address``: the stores are computed by Ray workers (``extract.distributed``),
+    with the codebooks learned here once and sent to them."""
     from baselines.local import SharedDescriptors, fit_codebooks
 
     featurizers = [build(n, dataset, preset=preset, dense=dense, words=words, seed=seed, codebook_split=codebook_split) for n in names]
@@ -43,7 +46,7 @@ def run_baselines(dataset, names, *, features_dir, preset: str = DEFAULT_PRESET,
     extra = {} if checkpoint_seconds is None else {"checkpoint_seconds": checkpoint_seconds}
     with ExitStack() as stack:
         pool = stack.enter_context(process_pool(processes)) if local and processes > 0 else None
-        fit_codebooks(dataset, [featurizers[i] for i in local], [codebook_path(paths[i]) for i in local], pool=pool, workers=workers)
+        fit_codebooks(dataset, [featurizers[i] for i in local], [codebook_path(paths[i]) for i in local], pool=pool, workers=threads)
         groups: dict = {}
         for i, featurizer in enumerate(featurizers):
             groups.setdefault(featurizer.min_side, []).append(i)
@@ -52,7 +55,8 @@ def run_baselines(dataset, names, *, features_dir, preset: str = DEFAULT_PRESET,
             uses_pool = any(i in local for i in members)
             written = extract_group(dataset, [featurizers[i] for i in members], [paths[i] for i in members],
                                     prepare=SharedDescriptors([featurizers[i] for i in members]), pool=pool if uses_pool else None,
-                                    on_error=on_error, overwrite=overwrite, workers=workers, progress=progress, **extra)
+                                    on_error=on_error, overwrite=overwrite, threads=threads, workers=workers, ray_address=ray_address,
+                                    ship_bytes=ship_bytes, progress=progress, **extra)
             done.update(zip(members, written))
     return [done[i] for i in range(len(featurizers))]
 
@@ -62,8 +66,8 @@ def cmd_baselines(args) -> None:
     names = [b.strip() for b in args.baselines.split(",") if b.strip()]
     for path in run_baselines(dataset, names, features_dir=args.features_dir, preset=args.preset, dense=args.dense or None,
                               words=args.words, seed=args.seed, codebook_split=args.codebook_split, processes=args.processes,
-                              workers=args.workers, on_error=args.on_error, overwrite=args.overwrite, progress=not args.no_progress,
-                              checkpoint_seconds=args.checkpoint_seconds):
+                              on_error=args.on_error, overwrite=args.overwrite, progress=not args.no_progress,
+                              checkpoint_seconds=args.checkpoint_seconds, **scaling_options(args)):
         print(f"features: {path}")
 
 
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--words", type=int, default=None, help="codebook size of every chosen encoder (default: the preset's)")
     parser.add_argument("--codebook-split", default=None, help="the split codebooks are learned on (default: train, else amazon)")
     parser.add_argument("--processes", type=int, default=None, help="worker processes for local descriptors (default: one per core; 0: threads only)")
-    parser.add_argument("--workers", type=int, default=None, help="image decoding threads")
+    add_scaling_arguments(parser)
     return run_command(cmd_baselines, parser.parse_args(argv))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 from dataclasses import replace
 
@@ -33,6 +34,22 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-seconds", type=float, default=CHECKPOINT_SECONDS, help="save finished batches at least this often")
 
 
+def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the images are decoded and featurized: here, or on Ray workers (``extract.distributed``)."""
+    parser.add_argument("--threads", type=int, default=None, help="image decoding threads of this process")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="Ray workers: a local Ray cluster of this machine's CPUs with N workers, or N workers of --ray-address")
+    parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
+                        help="an existing Ray cluster (auto: the one this machine belongs to; default: $RAY_ADDRESS); "
+                             "one worker per GPU where it has GPUs")
+    parser.add_argument("--ship-bytes", action="store_true",
+                        help="send each image's encoded bytes from here to the Ray workers (when they cannot read the image paths)")
+
+
+def scaling_options(args) -> dict:
+    return {"threads": args.threads, "workers": args.workers, "ray_address": args.ray_address, "ship_bytes": args.ship_bytes}
+
+
 def dataset_from(args):
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit, full=args.full, seed=args.seed, crop=args.crop)
     return replace(dataset, info={**dataset.info, "resize": args.resize}) if args.resize else dataset
@@ -49,8 +66,8 @@ def cmd_features(args) -> None:
     )
     path = extract_to_store(
         dataset, featurizer, store_path(args.features_dir, dataset, featurizer),
-        on_error=args.on_error, overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress,
-        checkpoint_seconds=args.checkpoint_seconds,
+        on_error=args.on_error, overwrite=args.overwrite, progress=not args.no_progress,
+        checkpoint_seconds=args.checkpoint_seconds, **scaling_options(args),
     )
     print(f"features: {path}")
 
@@ -128,7 +145,7 @@ def main(argv=None) -> int:
     features.add_argument("--weights", default="imagenet", help="imagenet, random, or a weights file")
     features.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction of the shorter side (default 1.0; ImageNet evaluation used 0.875)")
     features.add_argument("--batch-size", type=int, default=32)
-    features.add_argument("--workers", type=int, default=None, help="image decoding threads")
+    add_scaling_arguments(features)
     features.set_defaults(func=cmd_features)
 
     layers = sub.add_parser("layers", help="list a backbone's taps and their output shapes")

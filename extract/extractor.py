@@ -160,6 +160,8 @@ class CNNFeaturizer:
     ):
         if pooling not in POOLINGS:
             raise UserError(f"pooling={pooling!r} is not one of {POOLINGS}")
+        self._arguments = (backbone, dict(layers=layers, pooling=pooling, weights=weights, seed=seed, batch_size=batch_size,
+                                          crop_pct=crop_pct, resize=resize, fold_batchnorm=fold_batchnorm))
         self.spec = get_backbone(backbone)
         self.name = self.spec.name if pooling == "avg" else f"{self.spec.name}-{pooling}"
         self.pooling = pooling
@@ -213,6 +215,12 @@ class CNNFeaturizer:
         self.model = keras.Model(source.inputs, outputs, name=f"{self.spec.name}_features")
         self._forward = None
 
+    def __reduce__(self):
+        """Pickled as its arguments (a few bytes, not a Keras model): unpickling builds it again,
+        as a Ray worker does (``extract.distributed``), which then checks the fingerprint."""
+        backbone, kwargs = self._arguments
+        return _rebuild, (type(self), backbone, kwargs)
+
     @property
     def backbone(self) -> keras.Model:
         """The backbone as ``spec.build`` makes it (real BatchNorm layers), with the same weights."""
@@ -253,3 +261,7 @@ class CNNFeaturizer:
         # Pixels are whole numbers in [0, 255]: uint8 holds them exactly, and the model casts them.
         outputs = self._forward(batch if batch.dtype == np.uint8 else batch.astype(np.float32))
         return {name: np.asarray(outputs[name][:n], dtype=np.float32) for name in self.taps}
+
+
+def _rebuild(cls, backbone: str, kwargs: dict) -> CNNFeaturizer:
+    return cls(backbone, **kwargs)

@@ -7,8 +7,11 @@ dataset of thousands is found at once.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import cv2
@@ -79,7 +82,60 @@ def _missing_reason(path: Path) -> str:
     return MISSING
 
 
-def _open_unchecked(path: Path) -> Image.Image:
+# --ship-bytes (extract.distributed): the driver captures each file's encoded bytes instead of
+# decoding it, and a worker decodes those bytes where ``read_image`` would have opened the file.
+_CAPTURE: ContextVar[bool] = ContextVar("capture_bytes", default=False)
+_SHIPPED: ContextVar[list | None] = ContextVar("shipped_bytes", default=None)
+
+
+class _Captured(Exception):
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+def _read_error(path: Path, error: Exception, source=None) -> ImageDecodeError:
+    """The ``ImageDecodeError`` for an exception raised while reading or decoding ``path``
+    (from ``source``, its shipped bytes, if given: the reason names the path all the same)."""
+    if isinstance(error, FileNotFoundError):
+        return ImageDecodeError(path, _missing_reason(path))
+    if isinstance(error, OSError) and error.errno == errno.ELOOP:
+        return ImageDecodeError(path, MISSING + " (symbolic link loop)")
+    text = str(error) if source is None else str(error).replace(repr(source), repr(str(path)))
+    return ImageDecodeError(path, f"{type(error).__name__}: {text}")
+
+
+def encoded_image(read, row: int, *, min_side: int | None = None) -> tuple[str, bytes]:
+    """What a worker needs to compute ``read(row, min_side=...)`` without the file system:
+    ``("file", the encoded bytes of the file read_image would open)``, or for datasets that are
+    arrays (Fashion-MNIST), ``("array", the decoded image as .npy bytes)``. Raises
+    ``ImageDecodeError`` as reading would. One image file per row."""
+    token = _CAPTURE.set(True)
+    try:
+        image = read(row, min_side=min_side)
+    except _Captured as captured:
+        return "file", captured.data
+    finally:
+        _CAPTURE.reset(token)
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(image, dtype=np.uint8), allow_pickle=False)
+    return "array", buffer.getvalue()
+
+
+@contextmanager
+def shipped_bytes(data: bytes):
+    """Inside, the next ``read_image`` decodes ``data`` instead of opening its path."""
+    token = _SHIPPED.set([data])
+    try:
+        yield
+    finally:
+        _SHIPPED.reset(token)
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _open_unchecked(path) -> Image.Image:
     """``Image.open`` without PIL's decompression-bomb check, which looks at the full size
     before a JPEG's reduced-scale decode (``draft``) can apply; ``read_image`` checks the
     size it will really decode against ``MAX_PIXELS`` instead. Opening reads the header only."""
@@ -99,8 +155,15 @@ def read_image(path: str | Path, *, min_side: int | None = None) -> np.ndarray:
     a 20-megapixel photo costs little more than a thumbnail.
     """
     path = Path(path)
+    if _CAPTURE.get():
+        try:
+            raise _Captured(path.read_bytes())
+        except OSError as error:
+            raise _read_error(path, error) from None
+    shipped = _SHIPPED.get()
+    source = io.BytesIO(shipped.pop()) if shipped else path
     try:
-        with _open_unchecked(path) as image:
+        with _open_unchecked(source) as image:
             if min_side is not None and image.format == "JPEG":
                 width, height = image.size
                 scale = max(min_side / min(width, height), 1e-6)
@@ -116,14 +179,8 @@ def read_image(path: str | Path, *, min_side: int | None = None) -> np.ndarray:
             rgb = _to_rgb(image)
     except ImageDecodeError:
         raise
-    except FileNotFoundError:
-        raise ImageDecodeError(path, _missing_reason(path)) from None
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise ImageDecodeError(path, MISSING + " (symbolic link loop)") from None
-        raise ImageDecodeError(path, f"{type(error).__name__}: {error}") from None
-    except (ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ImageDecodeError(path, f"{type(error).__name__}: {error}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise _read_error(path, error, None if source is path else source) from None
     array = np.asarray(rgb, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) == 0:
         raise ImageDecodeError(path, f"decoded to an unusable array of shape {array.shape}")

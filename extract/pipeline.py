@@ -19,6 +19,7 @@ resume state and fingerprint; a store that is already up to date is left out.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -143,8 +144,11 @@ def extract_to_store(
     *,
     on_error: str = "raise",
     overwrite: bool = False,
-    workers: int | None = None,
+    threads: int | None = None,
     processes: int = 0,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    ship_bytes: bool = False,
     progress: bool = True,
     checkpoint_seconds: float = CHECKPOINT_SECONDS,
 ) -> Path:
@@ -153,10 +157,13 @@ def extract_to_store(
     Finished batches are saved as a shard at least every ``checkpoint_seconds``.
     Resumes an interrupted run, refuses to mix settings (``StoreMismatchError``), and on a
     bad image raises ``ImageDecodeError`` naming it, or with ``on_error="skip"`` records it.
-    ``processes=N`` runs ``prepare`` in N spawned processes (see the module docstring).
+    ``threads``: image decoding threads; ``processes=N`` runs ``prepare`` in N spawned
+    processes (see the module docstring). ``workers`` and/or ``ray_address``: decode and
+    featurize on a Ray cluster instead (``extract.distributed``); this process still writes the store.
     """
-    return extract_group(dataset, [featurizer], [path], on_error=on_error, overwrite=overwrite, workers=workers,
-                         processes=processes, progress=progress, checkpoint_seconds=checkpoint_seconds)[0]
+    return extract_group(dataset, [featurizer], [path], on_error=on_error, overwrite=overwrite, threads=threads,
+                         processes=processes, workers=workers, ray_address=ray_address, ship_bytes=ship_bytes,
+                         progress=progress, checkpoint_seconds=checkpoint_seconds)[0]
 
 
 def extract_group(
@@ -167,15 +174,22 @@ def extract_group(
     prepare=None,
     on_error: str = "raise",
     overwrite: bool = False,
-    workers: int | None = None,
+    threads: int | None = None,
     processes: int = 0,
     pool=None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    ship_bytes: bool = False,
     progress: bool = True,
     checkpoint_seconds: float = CHECKPOINT_SECONDS,
 ) -> list[Path]:
     """``extract_to_store`` for several featurizers in one pass: each image is decoded once
     (at the largest ``min_side``) and ``prepare(rgb)`` returns one prepared item per
-    featurizer (default: each featurizer's own ``prepare``). Returns the stores' paths."""
+    featurizer (default: each featurizer's own ``prepare``). Returns the stores' paths.
+
+    Where the featurized batches come from is the only difference between the local path
+    (threads, optionally spawned processes, featurized here) and Ray (``workers`` actors
+    that decode, prepare and featurize); the shards, resume and publication are the same code."""
     if on_error not in ON_ERROR:
         raise UserError(f"on_error={on_error!r} is not one of {ON_ERROR}")
     if len(featurizers) != len(paths) or not featurizers:
@@ -183,6 +197,11 @@ def extract_group(
     sides = {f.min_side for f in featurizers}
     if len(sides) > 1:
         raise UserError(f"featurizers decoded together must share min_side. Received {sorted(sides, key=str)}")
+    distributed = workers is not None or ray_address is not None
+    if workers is not None and workers < 1:
+        raise UserError(f"workers={workers} must be at least 1 (Ray workers), or left unset to extract in this process")
+    if ship_bytes and not distributed:
+        raise UserError("ship_bytes (--ship-bytes) sends images to Ray workers: give workers (WORKERS=N) or ray_address (RAY_ADDRESS=) too")
     prepare = prepare or _Each(featurizers)
     with ExitStack() as stack:
         writers = []
@@ -212,34 +231,25 @@ def extract_group(
         name = "+".join(featurizers[i].name for i in todo)
         bar = tqdm(total=len(pending), desc=f"{dataset.name}/{name}", unit="img", disable=not progress)
         try:
-            with ImageMapper(dataset, prepare, min_side=featurizers[0].min_side, workers=workers, processes=processes, pool=pool) as mapper:
-                queue: deque = deque()
-                batch_iter = iter(batches)
+            if distributed:
+                from extract.distributed import ray_batches
 
-                def submit_next() -> None:
-                    rows = next(batch_iter, None)
-                    if rows is not None:
-                        queue.append((rows, [mapper.submit(r) for r in rows]))
-
-                for _ in range(PREFETCH_BATCHES):
-                    submit_next()
-                while queue:
-                    rows, futures = queue.popleft()
-                    submit_next()
-                    good_rows, items = [], []
-                    for row, future in zip(rows, futures):
-                        result = future.result()
-                        if isinstance(result, ImageDecodeError):
-                            if on_error == "raise":
-                                raise result
-                            log.warning("skipping %s", result)
-                            for job in jobs:
-                                job.skip(int(row), result.reason)
-                        else:
-                            good_rows.append(int(row))
-                            items.append(result)
-                    for job, position in zip(jobs, todo):
-                        job.add(good_rows, [item[position] for item in items])
+                source = ray_batches(dataset, featurizers, todo, prepare, batches, workers=workers, address=ray_address,
+                                     ship_bytes=ship_bytes, on_error=on_error)
+            else:
+                source = _local_batches(dataset, featurizers, todo, prepare, batches, threads=threads, processes=processes, pool=pool)
+            with contextlib.closing(source):
+                # Each batch: its rows, the rows that decoded, one part per store (prepared items
+                # to featurize here, or {layer: features} from a worker), and the decode errors.
+                for rows, good_rows, parts, errors in source:
+                    for error in errors:
+                        if on_error == "raise":
+                            raise error
+                        log.warning("skipping %s", error)
+                        for job in jobs:
+                            job.skip(error.row, error.reason)
+                    for job, part in zip(jobs, parts):
+                        job.add(good_rows, part)
                     bar.update(len(rows))
                     if time.monotonic() - last_flush >= checkpoint_seconds or sum(job.nbytes for job in jobs) >= FLUSH_BYTES:
                         flush()
@@ -256,8 +266,38 @@ def extract_group(
             images = job.images
             job.writer.finalize(run={"seconds": round(seconds, 2), "images": images, "resumed_from": job.resumed_from,
                                      "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
-                                     **({"shared_with": [f.name for f in featurizers if f is not job.featurizer]} if len(jobs) > 1 else {})})
+                                     **({"shared_with": [f.name for f in featurizers if f is not job.featurizer]} if len(jobs) > 1 else {}),
+                                     **({"ray_workers": source.workers} if distributed else {})})
         return [w.path for w in writers]
+
+
+def _local_batches(dataset, featurizers, todo, prepare, batches, *, threads, processes, pool):
+    """Batches decoded in threads and prepared in this process (or spawned ones), in order;
+    featurized by the stores' jobs here."""
+    with ImageMapper(dataset, prepare, min_side=featurizers[0].min_side, workers=threads, processes=processes, pool=pool) as mapper:
+        queue: deque = deque()
+        batch_iter = iter(batches)
+
+        def submit_next() -> None:
+            rows = next(batch_iter, None)
+            if rows is not None:
+                queue.append((rows, [mapper.submit(r) for r in rows]))
+
+        for _ in range(PREFETCH_BATCHES):
+            submit_next()
+        while queue:
+            rows, futures = queue.popleft()
+            submit_next()
+            good_rows, items, errors = [], [], []
+            for row, future in zip(rows, futures):
+                result = future.result()
+                if isinstance(result, ImageDecodeError):
+                    result.row = int(row)
+                    errors.append(result)
+                else:
+                    good_rows.append(int(row))
+                    items.append(result)
+            yield rows, good_rows, [[item[position] for item in items] for position in todo], errors
 
 
 class _Job:
@@ -279,11 +319,15 @@ class _Job:
         if self.needed[row]:
             self.skipped.append((row, reason))
 
-    def add(self, rows: list[int], items: list) -> None:
+    def add(self, rows: list[int], items) -> None:
+        """``items``: prepared items to featurize, or the ``{layer: (len(rows), D)}`` a worker computed."""
         keep = [i for i, row in enumerate(rows) if self.needed[row]]
         if not keep:
             return
-        features = self.featurizer([items[i] for i in keep])
+        if isinstance(items, dict):
+            features = {name: np.asarray(items[name])[keep] for name in self.names}
+        else:
+            features = self.featurizer([items[i] for i in keep])
         self.rows.append(np.asarray([rows[i] for i in keep], dtype=np.int64))
         for name, parts in self.features.items():
             parts.append(features[name])

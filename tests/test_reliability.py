@@ -36,7 +36,7 @@ def tree(tmp_path_factory):
 
 def _baselines(tree, features):
     return [sys.executable, "-m", "baselines", "--baselines", "hog", "--dataset", f"folder:{tree}",
-            "--features-dir", str(features), "--checkpoint-seconds", "0", "--no-progress", "--workers", "1"]
+            "--features-dir", str(features), "--checkpoint-seconds", "0", "--no-progress", "--threads", "1"]
 
 
 def _assert_complete(store_path: Path, dataset) -> None:

@@ -114,7 +114,7 @@ def test_unreadable_shard_is_redone(image_tree, tmp_path):
 # -- real interruptions -------------------------------------------------------------------------
 
 EXTRACT = [sys.executable, "-m", "extract", "features", "--model", "efficientnet_lite0", "--layers", "stage3,pre_logits",
-           "--batch-size", "4", "--checkpoint-seconds", "0", "--no-progress", "--workers", "2"]
+           "--batch-size", "4", "--checkpoint-seconds", "0", "--no-progress", "--threads", "2"]
 
 
 def _run(tree, features_dir, **kwargs):
