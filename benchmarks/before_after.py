@@ -3,7 +3,8 @@
 Each commit is checked out into its own temporary git worktree and runs there with this
 project's interpreter (the checkout's packages shadow the installed ones), so the two sides
 see the same machine, the same data and the same packages. Stages are interleaved (extract
-at A, extract at B, classify at A, classify at B), each a fresh process, wall-clock timed.
+at A, extract at B, classify at A, classify at B), each a fresh process, wall-clock timed,
+``--repeats`` times from empty stores; the medians are compared.
 Then ``results.csv`` rows are matched on (features, layer, classifier, protocol), and the
 largest change of top-1 (points) and the rows whose C changed are printed twice: for the
 two commits' features both probed by the ``--after`` code (what the features changed), and
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="2227daa")
     parser.add_argument("--after", default="HEAD")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs from empty stores; medians are compared")
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/flowers17"), help="a dataset spec or a folder")
     args = parser.parse_args()
     data = args.data if ":" in args.data or args.data in ("fashion-mnist",) else f"folder:{Path(args.data).resolve()}"
@@ -71,17 +75,23 @@ def main() -> None:
         tmp = Path(tmp)
         sides = {name: checkout(rev, tmp / name) for name, rev in (("before", args.before), ("after", args.after))}
         try:
-            seconds = {name: {} for name in sides}
-            for stage, command in (("extract", ["-m", "extract", "features", "--dataset", data, "--no-progress"]),
-                                   ("classify", ["-m", "classify", "probe", "--dataset", data, "--no-progress"])):
-                for name, cwd in sides.items():
-                    seconds[name][stage] = timed(command, cwd, tmp / f"{name}.log")
-                    print(f"{name:6s} {stage:8s} {seconds[name][stage]:7.1f} s", flush=True)
-            total = {name: sum(s.values()) for name, s in seconds.items()}
-            print(f"\nextract + classify: before {total['before']:.1f} s, after {total['after']:.1f} s, "
+            seconds = {name: {"extract": [], "classify": []} for name in sides}
+            for repeat in range(args.repeats):
+                for cwd in sides.values():  # from empty stores, every time
+                    for folder in ("features", "results"):
+                        shutil.rmtree(cwd / folder, ignore_errors=True)
+                for stage, command in (("extract", ["-m", "extract", "features", "--dataset", data, "--no-progress"]),
+                                       ("classify", ["-m", "classify", "probe", "--dataset", data, "--no-progress"])):
+                    for name, cwd in sides.items():
+                        seconds[name][stage].append(timed(command, cwd, tmp / f"{name}.log"))
+                        print(f"repeat {repeat + 1}: {name:6s} {stage:8s} {seconds[name][stage][-1]:7.1f} s  (load {os.getloadavg()[0]:.1f})", flush=True)
+            median = {name: {stage: statistics.median(t) for stage, t in s.items()} for name, s in seconds.items()}
+            total = {name: sum(s.values()) for name, s in median.items()}
+            print(f"\nmedians of {args.repeats}: extract + classify before {total['before']:.1f} s, after {total['after']:.1f} s, "
                   f"after/before = {total['after'] / total['before']:.2f} "
-                  f"(extract {seconds['after']['extract'] / seconds['before']['extract']:.2f}, "
-                  f"classify {seconds['after']['classify'] / seconds['before']['classify']:.2f})")
+                  f"(extract {median['before']['extract']:.1f} -> {median['after']['extract']:.1f} s = "
+                  f"{median['after']['extract'] / median['before']['extract']:.2f}, classify {median['before']['classify']:.1f} -> "
+                  f"{median['after']['classify']:.1f} s = {median['after']['classify'] / median['before']['classify']:.2f})")
             name = Path(data.split(":", 1)[-1]).name if data.startswith("folder:") else data
             # the features of each side, probed by today's classify (so only the features differ)
             rechecked = tmp / "before-features-after-probes"
