@@ -15,6 +15,8 @@ from extract.images import MISSING, RESIZES, ImageDecodeError
 from extract.pipeline import CHECKPOINT_SECONDS
 from extract.store import DISK_ERRNOS
 
+DTYPES = ("float32", "bfloat16")  # extract.extractor.DTYPES, without importing Keras to parse a command line
+
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="fashion-mnist", help=f"{', '.join(DATASETS)}, folder:PATH or csv:FILE")
@@ -45,7 +47,7 @@ def cmd_features(args) -> None:
     dataset = dataset_from(args)
     featurizer = CNNFeaturizer(
         args.model, layers=args.layers, pooling=args.pooling, weights=args.weights, seed=args.seed,
-        batch_size=args.batch_size, crop_pct=args.crop_pct, resize=dataset.resize,
+        batch_size=args.batch_size, crop_pct=args.crop_pct, resize=dataset.resize, dtype=args.dtype,
     )
     path = extract_to_store(
         dataset, featurizer, store_path(args.features_dir, dataset, featurizer),
@@ -128,6 +130,9 @@ def main(argv=None) -> int:
     features.add_argument("--weights", default="imagenet", help="imagenet, random, or a weights file")
     features.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction of the shorter side (default 1.0; ImageNet evaluation used 0.875)")
     features.add_argument("--batch-size", type=int, default=32)
+    features.add_argument("--dtype", default="float32", choices=DTYPES,
+                          help="the model's weights and arithmetic; bfloat16 is faster on GPUs, features are stored as float32 "
+                               "either way (and the dtype is recorded: a store is never mixed across dtypes)")
     features.add_argument("--workers", type=int, default=None, help="image decoding threads")
     features.set_defaults(func=cmd_features)
 

