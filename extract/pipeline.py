@@ -50,8 +50,22 @@ def store_path(features_dir: str | Path, dataset: ImageDataset, featurizer) -> P
     return Path(features_dir) / dataset.name / f"{featurizer.name}.h5"
 
 
+def host_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or ``taskset`` narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 2
+
+
+def decode_threads() -> int:
+    """Decoding threads by default: one per core, plus two that cover waits on file reads.
+    A GPU host has many cores and a model that needs none of them: every one decodes."""
+    return host_cores() + 2
+
+
 def decode_pool(workers: int | None = None) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 2) + 2), thread_name_prefix="decode")
+    return ThreadPoolExecutor(workers or decode_threads(), thread_name_prefix="decode")
 
 
 _WORKER_JOBS: dict[str, object] = {}
