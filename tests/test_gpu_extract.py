@@ -52,6 +52,7 @@ def test_gpu_benchmark_runs_on_jax_without_tensorflow_and_fills_its_stores(tmp_p
     assert [s["dtype"] for s in results["files_to_store"]] == ["float32", "bfloat16"]
     for stored in results["files_to_store"]:
         assert stored["images_per_s"] > 0 and stored["ratio_to_model_only"] > 0 and stored["store_rows"] == images
+        assert 0 <= stored["assembly_s"] < stored["seconds"]
         with h5py.File(stored["store"], "r") as f:
             assert {len(f["layers"][tap]) for tap in f["layers"]} == {images}
             assert json.loads(f.attrs["fingerprint"]).get("dtype") == (None if stored["dtype"] == "float32" else "bfloat16")
