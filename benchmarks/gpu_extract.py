@@ -8,7 +8,7 @@ images/s of
     features back in host memory (the featurizer's compiled call, as the pipeline calls it);
   * files -> store, for each dtype at ``--store-batch``: the real ``extract_to_store`` path
     (decode threads, model, HDF5 store), checked afterwards to hold one row per file, with the
-    seconds spent assembling the store after the last batch (gzip, one thread) shown apart;
+    seconds spent assembling the store after the last batch (gzip) shown apart;
 and the ratio files -> store / model only. With ``--out`` everything also goes to a JSON file.
 
 Every measurement is time-boxed: decode only and model only run ``--seconds`` (model only
