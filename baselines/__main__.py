@@ -46,7 +46,7 @@ def run_baselines(dataset, names, *, features_dir, preset: str = DEFAULT_PRESET,
     extra = {} if checkpoint_seconds is None else {"checkpoint_seconds": checkpoint_seconds}
     with ExitStack() as stack:
         pool = stack.enter_context(process_pool(processes)) if local and processes > 0 else None
-        fit_codebooks(dataset, [featurizers[i] for i in local], [codebook_path(paths[i]) for i in local], pool=pool, workers=threads)
+        fit_codebooks(dataset, [featurizers[i] for i in local], [codebook_path(paths[i]) for i in local], pool=pool, threads=threads)
         groups: dict = {}
         for i, featurizer in enumerate(featurizers):
             groups.setdefault(featurizer.min_side, []).append(i)

@@ -269,7 +269,7 @@ def sample_rows(dataset: ImageDataset, split: str, *, images: int, seed: int) ->
     return np.sort(np.random.default_rng(seed).permutation(candidates)[:images])
 
 
-def fit_codebooks(dataset: ImageDataset, featurizers, paths, *, processes: int = 0, pool=None, workers: int | None = None) -> None:
+def fit_codebooks(dataset: ImageDataset, featurizers, paths, *, processes: int = 0, pool=None, threads: int | None = None) -> None:
     """Learn (or reuse) each featurizer's codebook on a seeded sample of its split's images.
 
     Featurizers sharing a descriptor spec, split, seed and sample size are fitted on one
@@ -287,7 +287,7 @@ def fit_codebooks(dataset: ImageDataset, featurizers, paths, *, processes: int =
         log.info("describing %d %s images of %s once for the codebooks of %s", len(rows), split, dataset.name, ", ".join(f.name for f, _ in members))
         sampler = _SampleDescriptors(specs, max(1, n_descriptors // max(len(rows), 1)), seed)
         started = time.monotonic()
-        with ImageMapper(_WithRow(dataset), sampler, min_side=min_side, processes=processes, pool=pool, workers=workers) as mapper:
+        with ImageMapper(_WithRow(dataset), sampler, min_side=min_side, processes=processes, pool=pool, threads=threads) as mapper:
             results = [future.result() for future in [mapper.submit(r) for r in rows]]
         for row, result in zip(rows, results):
             if isinstance(result, ImageDecodeError):

@@ -16,6 +16,8 @@ from extract.images import MISSING, RESIZES, ImageDecodeError
 from extract.pipeline import CHECKPOINT_SECONDS
 from extract.store import DISK_ERRNOS
 
+DTYPES = ("float32", "bfloat16")  # extract.extractor.DTYPES, without importing Keras to parse a command line
+
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="fashion-mnist", help=f"{', '.join(DATASETS)}, folder:PATH or csv:FILE")
@@ -62,7 +64,7 @@ def cmd_features(args) -> None:
     dataset = dataset_from(args)
     featurizer = CNNFeaturizer(
         args.model, layers=args.layers, pooling=args.pooling, weights=args.weights, seed=args.seed,
-        batch_size=args.batch_size, crop_pct=args.crop_pct, resize=dataset.resize,
+        batch_size=args.batch_size, crop_pct=args.crop_pct, resize=dataset.resize, dtype=args.dtype,
     )
     path = extract_to_store(
         dataset, featurizer, store_path(args.features_dir, dataset, featurizer),
@@ -95,7 +97,7 @@ def cmd_fetch(args) -> None:
     print(f"{args.dataset}: {fetch_dataset(args.dataset, progress=not args.no_progress)}")
 
 
-def unreadable_images(dataset, *, workers: int | None = None, progress: bool = True) -> list[tuple[str, str]]:
+def unreadable_images(dataset, *, threads: int | None = None, progress: bool = True) -> list[tuple[str, str]]:
     """(path, reason) of every image that is missing or does not decode, in dataset order."""
     from extract.pipeline import decode_pool
     from tqdm.auto import tqdm
@@ -107,7 +109,7 @@ def unreadable_images(dataset, *, workers: int | None = None, progress: bool = T
             return dataset.paths[i], error.reason
         return None
 
-    with decode_pool(workers) as pool:
+    with decode_pool(threads) as pool:
         found = list(tqdm(pool.map(check, range(len(dataset))), total=len(dataset), desc="checking images", disable=not progress))
     return [f for f in found if f is not None]
 
@@ -145,6 +147,9 @@ def main(argv=None) -> int:
     features.add_argument("--weights", default="imagenet", help="imagenet, random, or a weights file")
     features.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction of the shorter side (default 1.0; ImageNet evaluation used 0.875)")
     features.add_argument("--batch-size", type=int, default=32)
+    features.add_argument("--dtype", default="float32", choices=DTYPES,
+                          help="the model's weights and arithmetic; bfloat16 is faster on GPUs, features are stored as float32 "
+                               "either way (and the dtype is recorded: a store is never mixed across dtypes)")
     add_scaling_arguments(features)
     features.set_defaults(func=cmd_features)
 

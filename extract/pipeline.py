@@ -51,8 +51,22 @@ def store_path(features_dir: str | Path, dataset: ImageDataset, featurizer) -> P
     return Path(features_dir) / dataset.name / f"{featurizer.name}.h5"
 
 
-def decode_pool(workers: int | None = None) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 2) + 2), thread_name_prefix="decode")
+def host_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or ``taskset`` narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 2
+
+
+def decode_threads() -> int:
+    """Decoding threads by default: one per core, plus two that cover waits on file reads.
+    A GPU host has many cores and a model that needs none of them: every one decodes."""
+    return host_cores() + 2
+
+
+def decode_pool(threads: int | None = None) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads or decode_threads(), thread_name_prefix="decode")
 
 
 _WORKER_JOBS: dict[str, object] = {}
@@ -93,10 +107,10 @@ class ImageMapper:
     picklable; it is pickled once to a temporary file that each worker reads once. A context manager.
     """
 
-    def __init__(self, dataset: ImageDataset, job, *, min_side, workers: int | None = None, processes: int = 0, pool=None):
+    def __init__(self, dataset: ImageDataset, job, *, min_side, threads: int | None = None, processes: int = 0, pool=None):
         self.dataset, self.job, self.min_side = dataset, job, min_side
         self._stack = ExitStack()
-        self.threads = self._stack.enter_context(decode_pool(workers))
+        self.threads = self._stack.enter_context(decode_pool(threads))
         self.pool = pool
         if pool is None and processes:
             self.pool = self._stack.enter_context(process_pool(processes))
@@ -274,7 +288,7 @@ def extract_group(
 def _local_batches(dataset, featurizers, todo, prepare, batches, *, threads, processes, pool):
     """Batches decoded in threads and prepared in this process (or spawned ones), in order;
     featurized by the stores' jobs here."""
-    with ImageMapper(dataset, prepare, min_side=featurizers[0].min_side, workers=threads, processes=processes, pool=pool) as mapper:
+    with ImageMapper(dataset, prepare, min_side=featurizers[0].min_side, threads=threads, processes=processes, pool=pool) as mapper:
         queue: deque = deque()
         batch_iter = iter(batches)
 
