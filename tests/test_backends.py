@@ -11,20 +11,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, WITHOUT_TENSORFLOW
 from extract.extractor import CNNFeaturizer
 
 pytest.importorskip("jax", reason="jax is in the test extra; install it to check the JAX backend")
 
-JAX_RUN = textwrap.dedent('''
-    import importlib.abc, sys
-
-    class NoTensorFlow(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "tensorflow" or name.startswith("tensorflow."):
-                raise ModuleNotFoundError(f"No module named {name!r}")
-
-    sys.meta_path.insert(0, NoTensorFlow())
+JAX_RUN = WITHOUT_TENSORFLOW + textwrap.dedent('''
     import keras
     import numpy as np
     from extract.extractor import CNNFeaturizer

@@ -12,20 +12,14 @@ import textwrap
 import h5py
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, WITHOUT_TENSORFLOW
 
 pytest.importorskip("jax", reason="jax is in the test extra; the GPU benchmark runs on JAX")
 
 # TensorFlow is unimportable in the run, as on the GPU machines.
-WITHOUT_TENSORFLOW = textwrap.dedent('''
-    import importlib.abc, runpy, sys
+RUN_WITHOUT_TENSORFLOW = WITHOUT_TENSORFLOW + textwrap.dedent('''
+    import runpy
 
-    class NoTensorFlow(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "tensorflow" or name.startswith("tensorflow."):
-                raise ModuleNotFoundError(f"No module named {name!r}")
-
-    sys.meta_path.insert(0, NoTensorFlow())
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name="__main__")
     assert "tensorflow" not in sys.modules
@@ -37,7 +31,7 @@ WITHOUT_TENSORFLOW = textwrap.dedent('''
 def test_gpu_benchmark_runs_on_jax_without_tensorflow_and_fills_its_stores(tmp_path):
     images = 12
     out = tmp_path / "out" / "gpu_extract.json"
-    command = [sys.executable, "-c", WITHOUT_TENSORFLOW, "benchmarks/gpu_extract.py", "--images", str(images), "--unique", "5",
+    command = [sys.executable, "-c", RUN_WITHOUT_TENSORFLOW, "benchmarks/gpu_extract.py", "--images", str(images), "--unique", "5",
                "--batch-sizes", "4,8", "--store-batch", "8", "--seconds", "0.2", "--work-dir", str(tmp_path / "work"), "--out", str(out)]
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
