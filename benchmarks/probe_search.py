@@ -99,7 +99,7 @@ def main() -> None:
             single_s = time.perf_counter() - start
             total_ours, total_grid, total_single = total_ours + ours_s, total_grid + grid_s, total_single + single_s
             print(f"{layer:<12} {ours_s:>8.1f} {grid_s:>15.1f} {single_s:>11.1f} {grid_s / ours_s:>6.1f}x {ours.best_C_:>8.0e} "
-                  f"{grid.best_params_['clf__C']:>8.0e} {100 * ours.score(X_test, y_test):>7.2f} {100 * grid.score(X_test, y_test):>7.2f}")
+                  f"{grid.best_params_['clf__C']:>8.0e} {100 * ours.score(X_test, y_test):>7.2f} {100 * grid.best_estimator_.score(X_test, y_test):>7.2f}")
         print(f"{'total':<12} {total_ours:>8.1f} {total_grid:>15.1f} {total_single:>11.1f} {total_grid / total_ours:>6.1f}x")
 
 
