@@ -122,6 +122,11 @@ class _Featurize:
                 raise UserError(f"a Ray worker on {socket.gethostname()} would compute {featurizer.name} with other settings than the driver: "
                                 + "; ".join(fingerprint_differences(expected, found)) + ". Install the same packages and weights on every node")
         self.ship_bytes = ship_bytes
+        # A batch's images are decoded and prepared in threads, as in one process (its share of
+        # the cores plus two for file reads): a GPU worker would otherwise wait on one core decoding.
+        from extract.pipeline import decode_pool
+
+        self.threads = decode_pool(threads + 2)
 
     def _read(self, row: int, kind: str | None, data: bytes | None) -> np.ndarray:
         if kind == "array":
@@ -131,20 +136,26 @@ class _Featurize:
                 return self.dataset.read(row, min_side=self.min_side)
         return self.dataset.read(row, min_side=self.min_side)
 
+    def _prepared(self, row: int, kind: str | None, data: bytes | None):
+        """One image's prepared items (one per store), or its decode error."""
+        try:
+            image = self._read(row, kind, data)
+        except ImageDecodeError as error:
+            return error
+        prepared = self.prepare(image)
+        return [prepared[p] for p in self.positions]
+
     def __call__(self, batch: dict) -> dict:
         rows = [int(r) for r in batch["row"]]
         kinds = batch["kind"] if self.ship_bytes else [None] * len(rows)
         blobs = batch["data"] if self.ship_bytes else [None] * len(rows)
         good, items, errors = [], [], []
-        for row, kind, data in zip(rows, kinds, blobs):
-            try:
-                image = self._read(row, kind, data)
-            except ImageDecodeError as error:
-                errors.append((row, error.path, error.reason))
-                continue
-            prepared = self.prepare(image)
-            items.append([prepared[p] for p in self.positions])
-            good.append(row)
+        for row, result in zip(rows, self.threads.map(self._prepared, rows, kinds, blobs)):
+            if isinstance(result, ImageDecodeError):
+                errors.append((row, result.path, result.reason))
+            else:
+                items.append(result)
+                good.append(row)
         parts = [f([item[j] for item in items]) if items else None for j, f in enumerate(self.featurizers)]
         record = pickle.dumps((rows, good, parts, errors, socket.gethostname()), protocol=5)
         return {"record": np.array([record], dtype=object)}
