@@ -47,27 +47,19 @@ def main() -> None:
     built = time.perf_counter()
     seconds = {"decode": 0.0, "resize": 0.0, "first batch": 0.0, "model": 0.0, "write": 0.0, "finalize": 0.0}
 
-    def cpu_timed(key, fn):
+    def timed(key, fn, clock=time.perf_counter):
+        """``fn``, adding the ``clock`` seconds of each call to ``seconds[key]``."""
         def run(*a, **k):
-            start = time.thread_time()
+            start = clock()
             try:
                 return fn(*a, **k)
             finally:
-                seconds[key] += time.thread_time() - start
-        return run
-
-    def wall_timed(key, fn):
-        def run(*a, **k):
-            start = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                seconds[key] += time.perf_counter() - start
+                seconds[key] += clock() - start
         return run
 
     dataset = load_dataset(args.data)
-    dataset = dataclasses.replace(dataset, read=cpu_timed("decode", dataset.read))
-    featurizer.prepare = cpu_timed("resize", featurizer.prepare)
+    dataset = dataclasses.replace(dataset, read=timed("decode", dataset.read, time.thread_time))
+    featurizer.prepare = timed("resize", featurizer.prepare, time.thread_time)
     forward, calls = featurizer.__class__.__call__, [0]
 
     class Timed:  # the featurizer, with its batches timed (the first one traces the graph)
@@ -81,8 +73,8 @@ def main() -> None:
             calls[0] += 1
             return result
 
-    store.StoreWriter.write_shard = wall_timed("write", store.StoreWriter.write_shard)
-    store.StoreWriter.finalize = wall_timed("finalize", store.StoreWriter.finalize)
+    store.StoreWriter.write_shard = timed("write", store.StoreWriter.write_shard)
+    store.StoreWriter.finalize = timed("finalize", store.StoreWriter.finalize)
     with tempfile.TemporaryDirectory() as tmp:
         begin = time.perf_counter()
         extract_to_store(dataset, Timed(), store_path(tmp, dataset, featurizer), progress=False)
