@@ -86,16 +86,10 @@ def plan(resources: dict, workers: int | None) -> tuple[int, dict, int]:
 
 def _limit_threads(threads: int) -> None:
     """This worker's share of the machine: TensorFlow's, BLAS/OpenMP's and OpenCV's thread pools."""
-    from threadpoolctl import threadpool_limits
+    from extract.pipeline import limit_native_threads
 
     threads = max(1, min(threads, os.cpu_count() or threads))
-    threadpool_limits(threads)
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
+    limit_native_threads(threads)
     if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
         try:
             import tensorflow as tf

@@ -72,17 +72,23 @@ def decode_pool(threads: int | None = None) -> ThreadPoolExecutor:
 _WORKER_JOBS: dict[str, object] = {}
 
 
-def _init_worker() -> None:
-    """Spawned workers: one BLAS/OpenMP thread each (the pool supplies the parallelism)."""
+def limit_native_threads(blas: int) -> None:
+    """A worker process's BLAS/OpenMP pools to ``blas`` threads and OpenCV's to one: the worker's
+    callers (a process pool, Ray) supply the parallelism."""
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(1)
+    threadpool_limits(blas)
     try:
         import cv2
 
         cv2.setNumThreads(1)
     except ImportError:
         pass
+
+
+def _init_worker() -> None:
+    """Spawned workers: one BLAS/OpenMP thread each (the pool supplies the parallelism)."""
+    limit_native_threads(1)
 
 
 def _run_job(job_file: str, image: np.ndarray):
