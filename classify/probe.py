@@ -24,7 +24,6 @@ of the training rows.
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 
@@ -40,6 +39,7 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.svm import LinearSVC
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
+from extract import host_cores
 from extract.errors import UserError
 
 CLASSIFIERS = ("logreg", "svm")
@@ -182,10 +182,6 @@ def _fit_split(classifier, scoring, max_iter, seed, X_train, y_train, X_val, y_v
     return score, loss, (model.coef_, model.intercept_)
 
 
-def default_jobs() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-
 class LinearProbe(ClassifierMixin, BaseEstimator):
     """Normalise, then a linear classifier whose C is searched on the training rows.
 
@@ -241,7 +237,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         stopped early, ``patience`` grid points past the best of the selection criterion."""
         scores, losses = np.full((len(Cs), len(splits)), np.nan), np.full((len(Cs), len(splits)), np.nan)
         states = [None] * len(splits)
-        jobs = min(len(splits), self.n_jobs or default_jobs()) if len(X) >= PARALLEL_MIN_ROWS else 1
+        jobs = min(len(splits), self.n_jobs or host_cores()) if len(X) >= PARALLEL_MIN_ROWS else 1
         with Parallel(n_jobs=jobs) as parallel:
             prepared = parallel(delayed(_prepare_split)(self.normalization, X[tr], X[va]) for tr, va in splits)
             for i, C in enumerate(Cs):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import os
 import pickle
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from extract import host_cores
 from extract.datasets import ImageDataset
 from extract.images import ImageDecodeError
 from extract.store import StoreWriter
@@ -49,14 +49,6 @@ PREFETCH_BATCHES = 2
 
 def store_path(features_dir: str | Path, dataset: ImageDataset, featurizer) -> Path:
     return Path(features_dir) / dataset.name / f"{featurizer.name}.h5"
-
-
-def host_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which a container or ``taskset`` narrows)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 2
 
 
 def decode_threads() -> int:

@@ -71,6 +71,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from extract import host_cores
 from extract.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -103,13 +104,6 @@ def _shuffle_deflate(chunk: np.ndarray, level: int = GZIP_LEVEL) -> bytes:
     h5py would store for it (``shuffle=True, compression="gzip"``)."""
     raw = np.ascontiguousarray(chunk).view(np.uint8).reshape(-1, chunk.dtype.itemsize)
     return zlib.compress(np.ascontiguousarray(raw.T).tobytes(), level)
-
-
-def _compress_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 class _ChunkWriter:
@@ -672,7 +666,7 @@ class StoreWriter:
                 f.create_dataset("index/multilabel", data=ds.targets[keep].astype(np.int8))
             layers = f.create_group("layers")
             writers: dict[str, _ChunkWriter] = {}
-            with ThreadPoolExecutor(_compress_threads(), thread_name_prefix="gzip") as pool:
+            with ThreadPoolExecutor(host_cores(), thread_name_prefix="gzip") as pool:
                 for shard in shards:
                     with np.load(shard["path"]) as data:
                         skipped_rows.extend(data["skipped_rows"].tolist())
