@@ -25,22 +25,25 @@ only), which is what the report ranks by; and ``selection``, what chose C. A row
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 from sklearn.metrics import accuracy_score
 from tqdm.auto import tqdm
 
 from classify.metrics import mean_average_precision, mean_per_class_accuracy
 from classify.persist import save_probe
-from classify.probe import CLASSIFIERS, DEFAULT_CS, LinearProbe, StreamingSGDProbe
+from classify.probe import CLASSIFIERS, DEFAULT_CS, PARALLEL_MIN_ROWS, LinearProbe, StreamingSGDProbe
 from classify.results import cached_rows
+from extract import host_cores
 from extract.datasets.base import choose_splits
 from extract.errors import UserError
 from extract.store import FeatureStore, StoreMismatchError, canonical_json, fingerprint_differences
@@ -164,22 +167,52 @@ class Evaluation:
             taps = store.taps if layers is None else [t for t in store.taps if t in set(layers)]
             jobs = [(tap, clf) for tap in taps for clf in self.settings.classifiers]
             self._store_columns = self._columns_of(store)
-            rows = []
-            for tap, classifier in tqdm(jobs, desc=f"{self.protocol.name} {store.extractor}", disable=not progress):
-                found = self._cached(store, tap, classifier)
-                if found is not None:
-                    self.cached += 1
-                    rows += found
-                elif store.multilabel is not None:
-                    rows.append(self._multilabel(store, tap, classifier))
-                elif self.protocol.repeated:
-                    rows += self._repeated(store, tap, classifier)
-                else:
-                    rows.append(self._single(store, tap, classifier))
+            found = {job: self._cached(store, *job) for job in jobs}
+            images = len(store)
+        todo = [job for job in jobs if found[job] is None]
+        self.cached = len(jobs) - len(todo)
+        bar = tqdm(total=len(todo), desc=f"{self.protocol.name} {self._store_columns['features']}", disable=not progress)
+        with bar:
+            fitted = self._fit_jobs(todo, images, bar)
+            rows = [row for job in jobs for row in (found[job] if found[job] is not None else next(fitted))]
         if self.cached:
             log.info("%s %s: %d of %d probes cached in results.csv (same store, settings and seed)",
                      self.protocol.name, self.path.stem, self.cached, len(jobs))
         return rows
+
+    def _fit_jobs(self, jobs, images: int, bar):
+        """The rows of each (layer, classifier) job, in order. Two or more jobs on a store of
+        ``PARALLEL_MIN_ROWS`` images or more run in worker processes, one job each, every probe's C
+        search in its worker: on 2 cores the nine Lite0 layers of Flowers-17 took 5.5 s instead of
+        9.5 s with the search's three folds spread over two processes layer after layer (the idle
+        core waited through every final fit). Each fit is single-threaded either way: the same numbers."""
+        processes = min(len(jobs), self.settings.n_jobs or host_cores()) if images >= PARALLEL_MIN_ROWS else 1
+        if processes < 2:
+            for job in jobs:
+                yield self._job(*job)
+                bar.update()
+            return
+        worker = copy.copy(self)
+        worker.settings = replace(self.settings, n_jobs=1)  # one process per job, not per fold too
+        worker.results, worker.fitted = None, None if self.fitted is None else {}
+        for rows, fitted, records in Parallel(n_jobs=processes, return_as="generator")(
+                delayed(_job_in_worker)(worker, *job) for job in jobs):
+            for record in records:  # the worker's warnings, as if logged here
+                logger = logging.getLogger(record["name"])
+                if logger.isEnabledFor(record["levelno"]):
+                    logger.handle(logging.makeLogRecord(record))
+            if fitted:
+                self.fitted.update(fitted)
+            bar.update()
+            yield rows
+
+    def _job(self, tap, classifier) -> list[dict]:
+        with FeatureStore(self.path) as store:
+            if store.multilabel is not None:
+                return [self._multilabel(store, tap, classifier)]
+            if self.protocol.repeated:
+                return self._repeated(store, tap, classifier)
+            return [self._single(store, tap, classifier)]
 
     def _cached(self, store, tap, classifier) -> list[dict] | None:
         if self.results is None or self.save_probes or self.fitted is not None or self.protocol.other_dataset:
@@ -351,6 +384,30 @@ class Evaluation:
                 "mean_per_class_acc_std": float(np.std([d["balanced"] for d in draws])),
             })
         return rows
+
+
+class _Collected(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append({**record.__dict__, "msg": record.getMessage(), "args": None, "exc_info": None})
+
+
+def _job_in_worker(evaluation: Evaluation, tap: str, classifier: str):
+    """``Evaluation._job`` in a worker process: its rows, the probes it fitted (when asked for)
+    and its log records (for the parent's handlers)."""
+    root, collected = logging.getLogger(), _Collected()
+    level = root.level
+    root.addHandler(collected)
+    root.setLevel(logging.INFO)
+    try:
+        rows = evaluation._job(tap, classifier)
+    finally:
+        root.removeHandler(collected)
+        root.setLevel(level)
+    return rows, evaluation.fitted, collected.records
 
 
 def store_paths(features_dir: str | Path, dataset: str, features=None) -> list[Path]:

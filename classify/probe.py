@@ -54,7 +54,8 @@ SELECT_BY = ("loss", "score")
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-5, 3, 9))
 DEFAULT_VAL_FRACTION = 0.2
 # Below this many training rows a split's fit takes milliseconds, less than handing it to a
-# worker process costs: such searches (few-shot draws, small datasets) run in this process.
+# worker process costs: such searches (few-shot draws, small datasets) run in this process, and
+# so do the layers of a store of fewer images (``classify.evaluate`` spreads larger stores' layers).
 # Narrow layers are no cheaper: 32 values of 1,088 Flowers-17 images take many L-BFGS steps
 # at large C, and the nine Lite0 layers' searches ran 1.3x faster in processes (8.4 -> 6.5 s).
 PARALLEL_MIN_ROWS = 500

@@ -417,3 +417,34 @@ def test_wide_features_are_fitted_in_the_span_of_the_training_rows(classifier, m
     np.testing.assert_array_equal(reduced.predict(X_test), full.predict(X_test))
     # equal up to the solver's tolerance (L-BFGS stops at a gradient of 1e-4: about 1e-2 in scores of about 4 at C = 1)
     np.testing.assert_allclose(reduced.decision_function(X_test), full.decision_function(X_test), atol=2e-2)
+
+
+def test_layers_of_a_large_store_are_probed_in_worker_processes_with_the_same_numbers(tmp_path, caplog):
+    """Two or more jobs on a store of PARALLEL_MIN_ROWS images go to worker processes, one job each:
+    the rows, the fitted probes and the warnings are those of the same jobs run here one by one."""
+    import os
+
+    from classify.probe import PARALLEL_MIN_ROWS
+
+    X, y = _blobs(n_per_class=PARALLEL_MIN_ROWS // 3 + 10, spread=0.4)
+    splits = np.where((np.arange(len(y)) % 4 == 0) | (y == 2), "test", "train")  # class c never trains: a warning
+    rng = np.random.default_rng(3)
+    layers = {name: X + rng.normal(0, noise, X.shape).astype(np.float32) for name, noise in (("low", 2.0), ("mid", 1.0), ("high", 0.0))}
+    path = _store(tmp_path / "big.h5", X, y, splits, layers=layers)
+    runs = {}
+    for jobs in (1, None):  # one process, then one per core
+        caplog.clear()
+        fitted = {}
+        rows = Evaluation(path, parse_protocol("given"), ProbeSettings(("logreg", "svm"), Cs=(0.01, 1.0, 100.0), n_jobs=jobs),
+                          fitted=fitted).run(progress=False)
+        warned = [r for r in caplog.records if "test classes have no training image" in r.getMessage()]
+        runs[jobs] = rows, fitted, {r.process for r in warned}
+        assert len(warned) == 6  # one per (layer, classifier), through the parent's handlers
+    (serial, serial_fits, here), (parallel, parallel_fits, there) = runs[1], runs[None]
+    assert here == {os.getpid()} and os.getpid() not in there  # the second run's jobs ran elsewhere
+    columns = ("layer", "classifier", "C", "cv_score", "top1", "mean_per_class_acc", "selection", "converged")
+    assert [[r[c] for c in columns] for r in parallel] == [[r[c] for c in columns] for r in serial]
+    assert [r["layer"] for r in parallel] == ["low", "low", "mid", "mid", "high", "high"]
+    assert serial_fits.keys() == parallel_fits.keys() and len(serial_fits) == 6
+    for job, probe in serial_fits.items():
+        np.testing.assert_array_equal(probe.pipeline_["classify"].coef_, parallel_fits[job].pipeline_["classify"].coef_)
