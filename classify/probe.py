@@ -24,6 +24,7 @@ of the training rows.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 
@@ -38,7 +39,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 from sklearn.utils.validation import check_is_fitted
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 from extract import host_cores
 from extract.errors import UserError
 
@@ -139,10 +140,21 @@ class RowSpan:
         return ((coef @ (self.U / self.root).T) @ self.X.astype(np.float64)).astype(coef.dtype)
 
 
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """``threadpool_limits(1)`` as a context, without finding the loaded BLAS/OpenMP libraries again
+    at every call: that search took 4 ms, and a layer's C search makes some 30 fits."""
+    return _threadpools().limit(limits=1)
+
+
 def _prepare_split(normalization, X_train, X_val):
     """Normalise a split by its training part and, for wide features, express both parts in the
     training rows' span (``RowSpan``): the fits of every C then run on at most n_train features."""
-    with threadpool_limits(1):
+    with one_blas_thread():
         normalizer = make_normalizer(normalization).fit(X_train)
         X_train, X_val = normalizer.transform(X_train), normalizer.transform(X_val)
         if not RowSpan.worthwhile(X_train):
@@ -170,7 +182,7 @@ def _fit_split(classifier, scoring, max_iter, seed, X_train, y_train, X_val, y_v
     """Fit one prepared split at one C, warm-started from ``state`` (the previous C's weights). Returns
     its held-out score (accuracy, or average precision of a binary probe of a multi-label dataset),
     its held-out loss (``held_out_loss``) and the weights."""
-    with threadpool_limits(1):
+    with one_blas_thread():
         model = make_classifier(classifier, C=C, max_iter=max_iter, seed=seed)
         if state is not None and classifier == "logreg":
             model.coef_, model.intercept_ = state
@@ -289,7 +301,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.n_splits_ = len(splits)
         normalizer = make_normalizer(self.normalization)
         model = make_classifier(self.classifier, C=self.best_C_, max_iter=self.max_iter, seed=self.seed)
-        with threadpool_limits(1):
+        with one_blas_thread():
             X = normalizer.fit_transform(X)
             span = RowSpan(X) if RowSpan.worthwhile(X) else None
             self.converged_ = _fit_quietly(model, X if span is None else span.train, y)
