@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 
 from baselines.registry import DEFAULT_PRESET, PRESETS, build_baseline, list_baselines
-from extract.cli import add_dataset_arguments, add_scaling_arguments, dataset_from, run_command, scaling_options
+from extract.cli import add_dataset_arguments, add_scaling_arguments, dataset_from, exit_process, run_command, scaling_options
 from extract.pipeline import extract_group, process_pool, store_path
 
 log = logging.getLogger(__name__)
@@ -86,4 +85,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

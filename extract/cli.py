@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import logging
 import os
 import sys
@@ -190,6 +191,15 @@ def run_command(func, args) -> int:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def exit_process(code: int):
+    """``sys.exit(code)`` at the end of a command's process (``python -m ...``), without the
+    interpreter's last garbage collections over every object still alive: after TensorFlow's
+    import they took 1.3 s of each command's wall time (0.13 s frozen), 0.4 s after scikit-learn's.
+    Atexit handlers, stream flushes and the freeing of each module's objects still happen."""
+    gc.freeze()
+    sys.exit(code)
 
 
 def disk_error_message(error: OSError) -> str:

@@ -502,3 +502,18 @@ def test_train_only_folder_holds_out_a_seeded_stratified_test_split(tmp_path, ca
     again = load_dataset(f"folder:{tree}")
     assert again.splits == dataset.splits and again.digest() == dataset.digest()  # seeded: a rerun resumes the same store
     assert load_dataset(f"folder:{tree}", seed=1).splits != dataset.splits
+
+
+def test_a_command_process_exits_with_its_code_output_and_atexit_handlers_but_no_final_collection(tmp_path):
+    """``exit_process`` (every ``python -m`` entry point) skips only the interpreter's last garbage
+    collections: the exit code, buffered output and atexit handlers (Ray, loky, h5py close there) stay."""
+    script = (
+        "import atexit, gc, sys\n"
+        "from extract.cli import exit_process\n"
+        "atexit.register(lambda: open(sys.argv[1], 'w').write(str(gc.get_freeze_count())))\n"
+        "print('buffered, not yet flushed', end='')\n"
+        "exit_process(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "frozen.txt")], capture_output=True, text=True, cwd=ROOT)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "buffered, not yet flushed", "")
+    assert int((tmp_path / "frozen.txt").read_text()) > 1000  # the objects alive at exit were frozen, not collected

@@ -1,5 +1,4 @@
-import sys
-
 from transfer.cli import main
+from extract.cli import exit_process
 
-sys.exit(main())
+exit_process(main())
