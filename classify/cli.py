@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     probe.add_argument("--cv", type=int, default=3, help="cross-validation folds on the training split")
     probe.add_argument("--repeats", type=int, default=5, help="few-shot draws per k")
     probe.add_argument("--seed", type=int, default=0)
-    probe.add_argument("--jobs", type=int, default=None, help="parallel processes for the C search (default: all cores)")
+    probe.add_argument("--jobs", type=int, default=None, help="worker processes: one probe (layer, classifier) each, or the C search's folds when a store has one probe to fit (default: all cores)")
     probe.add_argument("--save-probes", action="store_true", help="save each probe to results/<dataset>/probes/ (npz)")
     probe.add_argument("--refit", action="store_true", help="fit every probe again, even those whose rows results.csv already holds")
     probe.add_argument("--no-progress", action="store_true")
