@@ -152,7 +152,8 @@ def _unseen_classes(train_labels, test_labels) -> int:
 
 class Evaluation:
     """Runs one protocol on one store; rows go to ``rows``, predictions and probes under ``out_dir``.
-    Jobs whose rows are already in ``results`` (same key) are taken from there, not refitted."""
+    Jobs whose rows are already in ``results`` (same key) are taken from there, not refitted; the
+    others run one (layer, classifier) job per worker process on stores large enough to gain (``_fit_jobs``)."""
 
     def __init__(self, path, protocol: Protocol, settings: ProbeSettings, *, out_dir: Path | None = None,
                  features_dir: Path | None = None, save_probes: bool = False, fitted: dict | None = None,
