@@ -15,7 +15,7 @@ from conftest import ROOT, make_image_tree
 from extract.backbones import get_backbone, tap_tensor
 from transfer.finetune import trainable_block_patterns
 from transfer.layers import set_trainable
-from transfer.rule_of_thumb import cut_layer, freeze_batchnorm
+from transfer.rule_of_thumb import RuleSettings, Trainable, _fit, cut_layer, freeze_batchnorm
 
 
 def test_training_the_top_block_on_cached_activations_is_training_the_frozen_network():
@@ -50,6 +50,33 @@ def test_training_the_top_block_on_cached_activations_is_training_the_frozen_net
     assert len(trained) < len(start) // 4  # ... and nothing below the cut
     for before, after_whole, after_cached in zip(start, *results):
         np.testing.assert_allclose(after_cached, after_whole, rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_gives_the_same_weights_whatever_ran_before_it_in_the_process():
+    """A regime's compiled model serves every (size, seed) run after ``reset(seed)``: weights, optimizer
+    and dropout's random state all go back, so a resumed or a one-size run repeats an uninterrupted one."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(48, 16)).astype("float32"), np.arange(48) % 3
+
+    def compiled() -> Trainable:
+        keras.utils.set_random_seed(0)
+        inputs, head = keras.Input((16,)), keras.layers.Dense(3, activation="softmax")
+        model = keras.Model(inputs, head(keras.layers.Dropout(0.5)(inputs)))
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy", jit_compile=False)
+        return Trainable("head", model, head, x, "cut", 4, model.get_weights())
+
+    def run(trainable: Trainable, seed: int) -> list:
+        trainable.reset(seed)
+        _fit(trainable.model, x, y, seed, 3, RuleSettings())
+        return trainable.model.get_weights()
+
+    alone = run(compiled(), 1)
+    used = compiled()
+    other = run(used, 0)
+    run(used, 2)
+    for a, b in zip(alone, run(used, 1)):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(alone, other))  # the seed does matter
 
 
 @pytest.mark.slow

@@ -64,6 +64,9 @@ CSV_NAME = "rule_of_thumb.csv"
 COLUMNS = ["dataset", "model", "regime", "per_class", "seed", "layer", "n_train", "n_test", "top1", "mean_per_class_acc",
            "val_score", "epochs", "selection", "train_seconds", "trainable_params", "settings", "created"]
 KEY = ["dataset", "model", "regime", "per_class", "seed", "settings"]
+# Changes when the same settings give other numbers, so older rows are not taken as done:
+# 2 = dropout's random state reset with every run (before, it carried over from the previous run).
+RUNS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class RuleSettings:
     def settings_id(self, dataset_digest: str) -> str:
         """What a row's numbers depend on besides (regime, size, seed): the training settings and the images."""
         fixed = {k: v for k, v in asdict(self).items() if k not in ("regimes", "sizes", "repeats", "seed", "model")}
-        return hashlib.sha256(f"{sorted(fixed.items())}{dataset_digest}".encode()).hexdigest()[:12]
+        return hashlib.sha256(f"{sorted(fixed.items())}{dataset_digest}{RUNS_VERSION}".encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -323,11 +326,22 @@ class Trainable:
     start: list  # the model's weights as built: pretrained backbone, initial head
     scratch: tuple | None = None  # (spec, backbone) of scratch: the backbone's random weights are drawn per run
 
+    def __post_init__(self):
+        # Variables that are not weights: the random-number states of Dropout's seed generators.
+        # set_weights leaves them where the previous run left them, so a run's dropout masks
+        # (and its numbers) depended on which runs came before it in the same process.
+        weights = {id(v) for v in self.model.weights}
+        self.random_states = [v for v in self.model.variables if id(v) not in weights]
+        self.random_start = [v.numpy() for v in self.random_states]
+
     def reset(self, seed: int) -> None:
-        """Start weights (seeded: the head, and for scratch the whole network), zero optimizer state;
-        the compiled training function is kept, so nothing is traced again."""
+        """Start weights (seeded: the head, and for scratch the whole network), dropout's random
+        states seeded by ``seed``, zero optimizer state; the compiled training function is kept,
+        so nothing is traced again. A run's numbers depend on its seed, not on the runs before it."""
         keras.utils.set_random_seed(seed)
         self.model.set_weights(self.start)
+        for variable, start in zip(self.random_states, self.random_start):
+            variable.assign(start + np.asarray([seed, 0], start.dtype))
         if self.scratch is not None:
             spec, backbone = self.scratch
             fresh, _ = spec.build("random")
