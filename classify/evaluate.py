@@ -41,9 +41,8 @@ from tqdm.auto import tqdm
 
 from classify.metrics import mean_average_precision, mean_per_class_accuracy
 from classify.persist import save_probe
-from classify.probe import CLASSIFIERS, DEFAULT_CS, PARALLEL_MIN_ROWS, LinearProbe, StreamingSGDProbe
+from classify.probe import CLASSIFIERS, DEFAULT_CS, LinearProbe, StreamingSGDProbe, worker_processes
 from classify.results import cached_rows
-from extract import host_cores
 from extract.datasets.base import choose_splits
 from extract.errors import UserError
 from extract.store import FeatureStore, StoreMismatchError, canonical_json, fingerprint_differences
@@ -187,7 +186,7 @@ class Evaluation:
         search in its worker: on 2 cores the nine Lite0 layers of Flowers-17 took 5.5 s instead of
         9.5 s with the search's three folds spread over two processes layer after layer (the idle
         core waited through every final fit). Each fit is single-threaded either way: the same numbers."""
-        processes = min(len(jobs), self.settings.n_jobs or host_cores()) if images >= PARALLEL_MIN_ROWS else 1
+        processes = worker_processes(len(jobs), images, self.settings.n_jobs)
         if processes < 2:
             for job in jobs:
                 yield self._job(*job)

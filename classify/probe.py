@@ -62,6 +62,12 @@ DEFAULT_VAL_FRACTION = 0.2
 PARALLEL_MIN_ROWS = 500
 
 
+def worker_processes(tasks: int, rows: int, n_jobs: int | None = None) -> int:
+    """How many worker processes ``tasks`` independent fits on ``rows`` training rows get: one per
+    task up to ``n_jobs`` (default: the cores), or none (1, this process) below ``PARALLEL_MIN_ROWS``."""
+    return min(tasks, n_jobs or host_cores()) if rows >= PARALLEL_MIN_ROWS else 1
+
+
 def parse_cs(text: str) -> tuple[float, ...]:
     """``"1e-4:1e2:7"`` (log-spaced) or ``"0.01,0.1,1"``."""
     if ":" in text:
@@ -250,7 +256,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         stopped early, ``patience`` grid points past the best of the selection criterion."""
         scores, losses = np.full((len(Cs), len(splits)), np.nan), np.full((len(Cs), len(splits)), np.nan)
         states = [None] * len(splits)
-        jobs = min(len(splits), self.n_jobs or host_cores()) if len(X) >= PARALLEL_MIN_ROWS else 1
+        jobs = worker_processes(len(splits), len(X), self.n_jobs)
         with Parallel(n_jobs=jobs) as parallel:
             prepared = parallel(delayed(_prepare_split)(self.normalization, X[tr], X[va]) for tr, va in splits)
             for i, C in enumerate(Cs):

@@ -32,6 +32,7 @@ from contextlib import ExitStack
 
 import numpy as np
 
+from extract import host_cores
 from extract.errors import UserError
 from extract.images import MISSING, ImageDecodeError, decode_array, encoded_image, shipped_bytes
 
@@ -88,7 +89,7 @@ def _limit_threads(threads: int) -> None:
     """This worker's share of the machine: TensorFlow's, BLAS/OpenMP's and OpenCV's thread pools."""
     from extract.pipeline import limit_native_threads
 
-    threads = max(1, min(threads, os.cpu_count() or threads))
+    threads = max(1, min(threads, host_cores()))
     limit_native_threads(threads)
     if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
         try:
