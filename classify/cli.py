@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
 from classify.evaluate import ALL_CLASSIFIERS, PROTOCOL_HELP, Evaluation, ProbeSettings, parse_protocol, store_paths
 from classify.persist import SavedProbe
-from classify.probe import CLASSIFIERS, DEFAULT_CS, NORMALIZATIONS, SEARCHES, SELECT_BY, parse_cs
+from classify.probe import CLASSIFIERS, NORMALIZATIONS, SEARCHES, SELECT_BY, parse_cs
+from classify.recipe import DEFAULT_RECIPE, RECIPES
 from classify.results import read_results, update_results
 from extract.cli import run_command
 from extract.datasets import CROPS, DATASETS, dataset_slug
@@ -34,31 +38,66 @@ def protocols_for(args) -> list:
     return [parse_protocol(p) for p in (spec.protocols if spec else ("given",))]
 
 
+def probe_settings(args) -> ProbeSettings:
+    """The recipe's settings (``--recipe``), with any option given on the command line instead; the
+    rows carry the recipe's name, or "custom" where an option changed it."""
+    recipe = RECIPES[args.recipe]
+    chosen = {
+        "classifiers": None if args.classifier is None else
+        {"both": CLASSIFIERS, "auto": RECIPES["best"].classifiers, "all": ALL_CLASSIFIERS}.get(args.classifier, (args.classifier,)),
+        "normalizations": None if args.normalization is None else
+        (RECIPES["best"].normalizations if args.normalization == "auto" else (args.normalization,)),
+        "Cs": args.cs, "cv_repeats": args.cv_repeats,
+        "fuse": None if args.fuse is None else parse_fuse(args.fuse),
+    }
+    fields = recipe.probe_settings()
+    given = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in chosen.items() if v is not None}
+    if any(fields[k] != v for k, v in given.items()):
+        fields = {**fields, **given, "recipe": "custom"}
+    return ProbeSettings(**fields, search=args.search, cv=args.cv, select_by=args.select_by, seed=args.seed,
+                         repeats=args.repeats, n_jobs=args.jobs)
+
+
+def parse_fuse(text: str) -> tuple[int, ...]:
+    """``auto`` (the top 2 and top 3 taps), ``none``, or sizes ``2,3,4``."""
+    if text == "auto":
+        return RECIPES["best"].fuse
+    if text == "none":
+        return ()
+    try:
+        sizes = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise UserError(f"--fuse {text!r}: give auto, none, or how many taps to join, e.g. 2,3") from None
+    if not sizes or min(sizes) < 2:
+        raise UserError(f"--fuse {text!r}: a fused layer joins at least 2 taps, e.g. 2,3")
+    return sizes
+
+
 def cmd_probe(args) -> None:
-    classifiers = {"both": CLASSIFIERS, "all": ALL_CLASSIFIERS}.get(args.classifier, (args.classifier,))
-    settings = ProbeSettings(
-        classifiers=tuple(classifiers), Cs=args.cs, search=args.search, cv=args.cv, select_by=args.select_by, normalization=args.normalization,
-        seed=args.seed, repeats=args.repeats, n_jobs=args.jobs,
-    )
+    settings = probe_settings(args)
+    # The best recipe's ablation opens with the plain probe: its rows too (cached where they exist).
+    runs = [replace(settings, **RECIPES["plain"].probe_settings()), settings] if settings.recipe == "best" else [settings]
     out = results_dir(args)
     started = time.monotonic()
     previous = None if args.refit else read_results(out / "results.csv")
     rows, cached = [], 0
+    # Each fitted job's rows are merged as soon as they are done: a killed run keeps them.
+    merge = functools.partial(update_results, out / "results.csv")
     for path in store_paths(args.features_dir, dataset_slug(args.dataset, args.crop), _split_list(args.features)):
-        for protocol in protocols_for(args):
-            evaluation = Evaluation(path, protocol, settings, out_dir=out, features_dir=Path(args.features_dir),
-                                    save_probes=args.save_probes, results=previous)
+        for protocol, run in itertools.product(protocols_for(args), runs):
+            evaluation = Evaluation(path, protocol, run, out_dir=out, features_dir=Path(args.features_dir),
+                                    save_probes=args.save_probes, results=previous, on_rows=merge)
             rows += evaluation.run(layers=_split_list(args.layers), progress=not args.no_progress)
             cached += evaluation.cached
     if not rows:
         raise UserError(f"no store of {args.dataset} has any of the layers {args.layers}")
-    update_results(out / "results.csv", rows)
     for row in rows:
         spread = f" ± {100 * row['top1_std']:.2f}" if row["repeats"] > 1 else ""
         score = (f"mAP {100 * row['mAP']:6.2f}%" if pd.notna(row.get("mAP")) else
                  f"top-1 {100 * row['top1']:6.2f}%{spread}  mean/class {100 * row['mean_per_class_acc']:6.2f}%")
         cv = f"cv {100 * row['cv_score']:6.2f}%" if pd.notna(row["cv_score"]) else "cv    -   "
-        print(f"{row['features']:>24} {row['layer']:<12} {row['classifier']:<7} {row['protocol']:<22} C={row['C']:<8.3g} {cv}  {score}")
+        print(f"{row['features']:>24} {row['layer']:<12} {row['classifier']:<7} {row['normalization']:<8} {row['protocol']:<22} "
+              f"C={row['C']:<8.3g} {cv}  {score}")
     print(f"results: {out / 'results.csv'} ({len(rows)} rows, {cached} probe jobs cached; {time.monotonic() - started:.1f} s)")
 
 
@@ -66,7 +105,7 @@ def cmd_predict(args) -> None:
     probe = SavedProbe.load(args.probe)
     with FeatureStore(args.store) as store:
         probe.check_store(store)
-        predicted = probe.predict(store.features(probe.layer))
+        predicted = probe.predict(probe.read_features(store))
         table = pd.DataFrame({"path": store.paths, "split": store.splits, "predicted": predicted})
     out = Path(args.out or Path(args.store).with_suffix(f".{Path(args.probe).stem}.predictions.csv"))
     table.to_csv(out, index=False)
@@ -121,16 +160,26 @@ def main(argv=None) -> int:
 
     probe = sub.add_parser("probe", parents=[common], help="fit linear probes on every store and layer; update results.csv")
     probe.add_argument("--features", default=None, help="comma-separated store names (default: every store of the dataset)")
-    probe.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
-    probe.add_argument("--classifier", default="logreg", choices=(*ALL_CLASSIFIERS, "both", "all"), help="both: logreg and svm")
+    probe.add_argument("--layers", default=None, help="comma-separated layer names, a+b for a fused layer (default: all)")
+    probe.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
+                       help="plain: one probe per layer (standardised, logistic regression); best: also fused layers, "
+                            "every normalisation and classifier, a wider C range and repeated CV, all chosen by CV "
+                            "(the options below override it)")
+    probe.add_argument("--classifier", default=None, choices=(*ALL_CLASSIFIERS, "both", "auto", "all"),
+                       help="both / auto: logistic regression and linear SVM, each a candidate (default: the recipe's)")
     probe.add_argument("--protocol", default=None,
                        help=f"{PROTOCOL_HELP} (default: the dataset's standard protocols)")
-    probe.add_argument("--normalization", default="standard", choices=NORMALIZATIONS)
+    probe.add_argument("--normalization", default=None, choices=(*NORMALIZATIONS, "auto"),
+                       help="auto: standard, l2 and sqrt, each a candidate (default: the recipe's)")
+    probe.add_argument("--fuse", default=None,
+                       help="fused layers from the best taps by CV: auto (top 2 and top 3), none, or sizes 2,3 "
+                            "(default: the recipe's); LAYERS=a+b names one")
     probe.add_argument("--search", default="cv", choices=SEARCHES, help="C chosen by k-fold CV or on a held-out validation split")
     probe.add_argument("--select-by", default="loss", choices=SELECT_BY,
                        help="C with the lowest mean held-out loss (stable under tiny feature changes), or the highest held-out accuracy")
-    probe.add_argument("--cs", type=parse_cs, default=DEFAULT_CS, help="C grid: LOW:HIGH:COUNT (log-spaced) or a,b,c")
+    probe.add_argument("--cs", type=parse_cs, default=None, help="C grid: LOW:HIGH:COUNT (log-spaced) or a,b,c (default: the recipe's)")
     probe.add_argument("--cv", type=int, default=3, help="cross-validation folds on the training split")
+    probe.add_argument("--cv-repeats", type=int, default=None, help="repeat the k-fold CV on this many seeded partitions (default: the recipe's)")
     probe.add_argument("--repeats", type=int, default=5, help="few-shot draws per k")
     probe.add_argument("--seed", type=int, default=0)
     probe.add_argument("--jobs", type=int, default=None, help="worker processes: one probe (layer, classifier) each, or the C search's folds when a store has one probe to fit (default: all cores)")

@@ -39,10 +39,11 @@ from joblib import Parallel, delayed
 from sklearn.metrics import accuracy_score
 from tqdm.auto import tqdm
 
+from classify import fusion
 from classify.metrics import mean_average_precision, mean_per_class_accuracy
 from classify.persist import save_probe
-from classify.probe import CLASSIFIERS, DEFAULT_CS, LinearProbe, StreamingSGDProbe, worker_processes
-from classify.results import cached_rows
+from classify.probe import CLASSIFIERS, DEFAULT_CS, NORMALIZATIONS, LinearProbe, StreamingSGDProbe, worker_processes
+from classify.results import cached_rows, output_stem
 from extract.datasets.base import choose_splits
 from extract.errors import UserError
 from extract.store import FeatureStore, StoreMismatchError, canonical_json, fingerprint_differences
@@ -59,20 +60,47 @@ SAMPLED_SMALL_DOMAIN_SHOTS = 8
 
 @dataclass(frozen=True)
 class ProbeSettings:
+    """What a run fits: every (layer, classifier, normalisation) is a candidate and a row of its own;
+    ``fuse`` adds the fused layers of the top k single layers by CV score for each k (``classify.fusion``);
+    ``cv_repeats`` repeats the k-fold CV on other seeded partitions. ``recipe`` names the settings
+    (``classify.recipe``) in the rows."""
+
     classifiers: tuple[str, ...] = ("logreg",)
     Cs: tuple[float, ...] = DEFAULT_CS
     search: str = "cv"
     cv: int = 3
+    cv_repeats: int = 1
     select_by: str = "loss"
-    normalization: str = "standard"
+    normalizations: tuple[str, ...] = ("standard",)
+    fuse: tuple[int, ...] = ()
     seed: int = 0
     repeats: int = 5
     n_jobs: int | None = None
+    recipe: str = "plain"
 
     def __post_init__(self):
         unknown = [c for c in self.classifiers if c not in ALL_CLASSIFIERS]
         if unknown:
             raise UserError(f"classifiers {unknown} are not among {ALL_CLASSIFIERS}")
+        unknown = [n for n in self.normalizations if n not in NORMALIZATIONS]
+        if unknown or not self.normalizations:
+            raise UserError(f"normalizations {list(self.normalizations)} must be some of {NORMALIZATIONS}")
+        if self.cv_repeats < 1:
+            raise UserError(f"cv_repeats={self.cv_repeats} must be at least 1")
+        if any(k < 2 for k in self.fuse):
+            raise UserError(f"fuse={list(self.fuse)}: a fused layer joins at least 2 taps")
+
+    @property
+    def search_name(self) -> str:
+        """The ``search`` column: cv3, cv3x3 (3-fold CV repeated on 3 partitions), val."""
+        if self.search == "val":
+            return "val"
+        return f"cv{self.cv}" + (f"x{self.cv_repeats}" if self.cv_repeats > 1 else "")
+
+    def jobs(self, layers) -> list[tuple[str, str, str]]:
+        """(layer, classifier, normalisation) of every candidate; the streaming SGD probe standardises only."""
+        return [(layer, classifier, normalization) for layer in layers for classifier in self.classifiers
+                for normalization in (("standard",) if classifier == "sgd" else self.normalizations)]
 
 
 @dataclass(frozen=True)
@@ -128,20 +156,24 @@ def few_shot_rows(labels: np.ndarray, candidates: np.ndarray, shots: int, seed: 
     return np.sort(np.concatenate(chosen))
 
 
-def _fit(settings: ProbeSettings, classifier: str, store, tap, rows, labels, seed, scoring: str = "accuracy"):
+def _fit(settings: ProbeSettings, job, store, rows, labels, seed, scoring: str = "accuracy"):
+    layer, classifier, normalization = job
     if classifier == "sgd":
-        return StreamingSGDProbe(Cs=settings.Cs, seed=seed).fit_store(store, tap, rows, labels)
-    probe = LinearProbe(classifier, Cs=settings.Cs, search=settings.search, cv=settings.cv, scoring=scoring,
-                        select_by=settings.select_by, normalization=settings.normalization, seed=seed, n_jobs=settings.n_jobs)
-    return probe.fit(store.features(tap, rows), labels[rows])
+        if fusion.is_fused(layer):
+            raise UserError(f"the streaming SGD probe reads one tap at a time; fit fused layers ({layer}) with logreg or svm")
+        return StreamingSGDProbe(Cs=settings.Cs, seed=seed).fit_store(store, layer, rows, labels)
+    probe = LinearProbe(classifier, Cs=settings.Cs, search=settings.search, cv=settings.cv, cv_repeats=settings.cv_repeats,
+                        scoring=scoring, select_by=settings.select_by, normalization=normalization,
+                        blocks=fusion.blocks(store, layer), seed=seed, n_jobs=settings.n_jobs)
+    return probe.fit(fusion.features(store, layer, rows), labels[rows])
 
 
-def _predict(probe, store, tap, rows) -> np.ndarray:
-    return np.concatenate([probe.predict(X) for _, X in store.iter_chunks(tap, rows)]) if len(rows) else np.zeros(0, int)
+def _predict(probe, store, layer, rows) -> np.ndarray:
+    return np.concatenate([probe.predict(X) for _, X in fusion.iter_chunks(store, layer, rows)]) if len(rows) else np.zeros(0, int)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+class StoreChangedError(UserError):
+    """The store at a path was replaced (rebuilt, overwritten) while it was being probed."""
 
 
 def _unseen_classes(train_labels, test_labels) -> int:
@@ -152,73 +184,104 @@ def _unseen_classes(train_labels, test_labels) -> int:
 class Evaluation:
     """Runs one protocol on one store; rows go to ``rows``, predictions and probes under ``out_dir``.
     Jobs whose rows are already in ``results`` (same key) are taken from there, not refitted; the
-    others run one (layer, classifier) job per worker process on stores large enough to gain (``_fit_jobs``)."""
+    others run one (layer, classifier, normalisation) job per worker process on stores large enough
+    to gain (``_fit_jobs``). ``on_rows`` receives each fitted job's rows as soon as it is done (the
+    command merges them into results.csv then, so a killed run keeps them). The store is pinned: a
+    job that finds another file at the path (rebuilt while this ran) stops with ``StoreChangedError``."""
 
     def __init__(self, path, protocol: Protocol, settings: ProbeSettings, *, out_dir: Path | None = None,
                  features_dir: Path | None = None, save_probes: bool = False, fitted: dict | None = None,
-                 results: pd.DataFrame | None = None):
+                 results: pd.DataFrame | None = None, on_rows=None):
         self.path, self.protocol, self.settings = Path(path), protocol, settings
         self.out_dir, self.features_dir = out_dir, features_dir
         self.save_probes, self.fitted, self.results = save_probes, fitted, results
+        self.on_rows = on_rows
         self.cached = 0
 
     def run(self, layers=None, progress: bool = True) -> list[dict]:
+        """Rows of every candidate: the store's taps (or those of ``layers`` it has; names joined by
+        ``+`` are fused layers), then, with ``settings.fuse``, the fused layers of its best taps."""
         with FeatureStore(self.path) as store:
-            taps = store.taps if layers is None else [t for t in store.taps if t in set(layers)]
-            jobs = [(tap, clf) for tap in taps for clf in self.settings.classifiers]
+            self._identity = self._identity_of(store)
             self._store_columns = self._columns_of(store)
-            found = {job: self._cached(store, *job) for job in jobs}
-            images = len(store)
+            self._taps, images = store.taps, len(store)
+            wanted = self._taps if layers is None else [t for t in self._taps if t in set(layers)]
+            for name in [] if layers is None else [n for n in layers if fusion.is_fused(n)]:
+                if all(tap in self._taps for tap in fusion.parts(name)):
+                    fusion.check_layer(store, name)
+                    wanted.append(fusion.fused_name(fusion.parts(name), self._taps))
+        jobs = self.settings.jobs(dict.fromkeys(wanted))
+        rows = self._rows(jobs, images, progress)
+        if self.settings.fuse:
+            fused = [name for name in fusion.candidates(rows, self.settings.fuse, self._taps) if name not in wanted]
+            rows += self._rows(self.settings.jobs(fused), images, progress)
+        return rows
+
+    def _rows(self, jobs, images: int, progress: bool) -> list[dict]:
+        with FeatureStore(self.path) as store:
+            self._check_identity(store)
+            found = {job: self._cached(store, job) for job in jobs}
         todo = [job for job in jobs if found[job] is None]
-        self.cached = len(jobs) - len(todo)
-        bar = tqdm(total=len(todo), desc=f"{self.protocol.name} {self._store_columns['features']}", disable=not progress)
+        self.cached += len(jobs) - len(todo)
+        bar = tqdm(total=len(todo), desc=f"{self.protocol.name} {self._store_columns['features']}", disable=not progress or not todo)
         with bar:
             fitted = self._fit_jobs(todo, images, bar)
             rows = [row for job in jobs for row in (found[job] if found[job] is not None else next(fitted))]
-        if self.cached:
+        if len(jobs) > len(todo):
             log.info("%s %s: %d of %d probes cached in results.csv (same store, settings and seed)",
-                     self.protocol.name, self.path.stem, self.cached, len(jobs))
+                     self.protocol.name, self.path.stem, len(jobs) - len(todo), len(jobs))
         return rows
 
     def _fit_jobs(self, jobs, images: int, bar):
-        """The rows of each (layer, classifier) job, in order. Two or more jobs on a store of
-        ``PARALLEL_MIN_ROWS`` images or more run in worker processes, one job each, every probe's C
-        search in its worker: on 2 cores the nine Lite0 layers of Flowers-17 took 5.5 s instead of
-        9.5 s with the search's three folds spread over two processes layer after layer (the idle
-        core waited through every final fit). Each fit is single-threaded either way: the same numbers."""
+        """The rows of each job, in order, each handed to ``on_rows`` when done. Two or more jobs on a
+        store of ``PARALLEL_MIN_ROWS`` images or more run in worker processes, one job each, every
+        probe's C search in its worker (spreading each layer's folds over the cores instead left one
+        core idle through every final fit). Each fit is single-threaded either way: the same numbers."""
         processes = worker_processes(len(jobs), images, self.settings.n_jobs)
         if processes < 2:
-            for job in jobs:
-                yield self._job(*job)
-                bar.update()
-            return
-        worker = copy.copy(self)
-        worker.settings = replace(self.settings, n_jobs=1)  # one process per job, not per fold too
-        worker.results, worker.fitted = None, None if self.fitted is None else {}
-        for rows, fitted, records in Parallel(n_jobs=processes, return_as="generator")(
-                delayed(_job_in_worker)(worker, *job) for job in jobs):
-            for record in records:  # the worker's warnings, as if logged here
+            done = ((self._job(job), None, []) for job in jobs)
+        else:
+            worker = copy.copy(self)
+            worker.settings = replace(self.settings, n_jobs=1)  # one process per job, not per fold too
+            worker.results, worker.on_rows, worker.fitted = None, None, None if self.fitted is None else {}
+            done = Parallel(n_jobs=processes, return_as="generator")(delayed(_job_in_worker)(worker, job) for job in jobs)
+        for rows, fitted, records in done:
+            for record in records:  # a worker's warnings, as if logged here
                 logger = logging.getLogger(record["name"])
                 if logger.isEnabledFor(record["levelno"]):
                     logger.handle(logging.makeLogRecord(record))
             if fitted:
                 self.fitted.update(fitted)
+            if self.on_rows is not None:
+                self.on_rows(rows)
             bar.update()
             yield rows
 
-    def _job(self, tap, classifier) -> list[dict]:
+    def _job(self, job) -> list[dict]:
         with FeatureStore(self.path) as store:
+            self._check_identity(store)
             if store.multilabel is not None:
-                return [self._multilabel(store, tap, classifier)]
+                return [self._multilabel(store, job)]
             if self.protocol.repeated:
-                return self._repeated(store, tap, classifier)
-            return [self._single(store, tap, classifier)]
+                return self._repeated(store, job)
+            return [self._single(store, job)]
 
-    def _cached(self, store, tap, classifier) -> list[dict] | None:
+    @staticmethod
+    def _identity_of(store) -> tuple:
+        """The open file (device, inode) and what it holds (the fingerprint id)."""
+        return (*store.file_identity, store_fingerprint_id(store.fingerprint, store.dataset_digest))
+
+    def _check_identity(self, store) -> None:
+        if self._identity_of(store) != self._identity:
+            raise StoreChangedError(
+                f"{self.path} was replaced while it was being probed (another `make extract` or `make baselines` "
+                "rebuilt it); the rows of the old store are not written: rerun the same `make classify`")
+
+    def _cached(self, store, job) -> list[dict] | None:
         if self.results is None or self.save_probes or self.fitted is not None or self.protocol.other_dataset:
             return None  # probes to save or hand back must be fitted; a cross row depends on the other store too
         names = [f"{k}-shot" for k in self.protocol.shots] if self.protocol.name == "fewshot" else [self.protocol.name]
-        base = self._base_row(store, tap, classifier)
+        base = self._base_row(store, job)
         return cached_rows(self.results, [{**base, "protocol": name} for name in names])
 
     @staticmethod
@@ -226,24 +289,25 @@ class Evaluation:
         """The result columns that depend on the store only, read once per run."""
         return {
             "dataset": store.dataset, "features": store.extractor,
-            "kind": store.kind,
+            "kind": store.kind, "views": store.fingerprint.get("views", "centre") if store.kind == "cnn" else "",
             "store_fingerprint": store_fingerprint_id(store.fingerprint, store.dataset_digest),
             # images whose local descriptors came out empty (all-zero features), e.g. blank ones
             "images_without_features": int(np.sum(store.stat("n_descriptors") == 0)) if "n_descriptors" in store.stats else 0,
         }
 
-    def _base_row(self, store, tap, classifier) -> dict:
+    def _base_row(self, store, job) -> dict:
         """The columns known before fitting: the store's, and the settings that make up the key."""
+        layer, classifier, normalization = job
         settings = self.settings
         sgd = classifier == "sgd"
         return {
-            **self._store_columns, "layer": tap, "layer_depth": store.taps.index(tap),
-            "classifier": classifier, "normalization": "standard" if sgd else settings.normalization,
-            "search": "val" if sgd or settings.search == "val" else f"cv{settings.cv}",
+            **self._store_columns, "layer": layer, "layer_depth": fusion.depth(store, layer),
+            "classifier": classifier, "normalization": normalization,
+            "search": "val" if sgd else settings.search_name,
             "select_by": "loss" if sgd else settings.select_by,
             "Cs": ",".join(f"{c:g}" for c in settings.Cs), "seed": settings.seed,
-            "repeats": settings.repeats if self.protocol.repeated else 1,
-            "n_features": store.dim(tap), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "repeats": settings.repeats if self.protocol.repeated else 1, "recipe": settings.recipe,
+            "n_features": fusion.dim(store, layer), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
     @staticmethod
@@ -256,46 +320,48 @@ class Evaluation:
                 "selection": probes[0].selection_ + how, "converged": all(bool(p.converged_) for p in probes),
                 "cv_splits": probes[0].n_splits_, "fit_seconds": round(float(np.mean([p.fit_seconds_ for p in probes])), 3)}
 
-    def _single(self, store, tap, classifier) -> dict:
+    def _single(self, store, job) -> dict:
         """Fit on the training split; test on this store's test split, or on another dataset's store.
         Metrics compare class names, which is what matches across stores."""
+        layer, classifier, _ = job
         labels, splits = store.labels, store.splits
         train, test_split = choose_splits(splits, self.protocol.train_split, None if self.protocol.other_dataset else self.protocol.test_split)
         train_rows = np.flatnonzero(splits == train)
-        probe = _fit(self.settings, classifier, store, tap, train_rows, labels, self.settings.seed)
+        probe = _fit(self.settings, job, store, train_rows, labels, self.settings.seed)
         if self.protocol.other_dataset:
             test_store, test_rows, test_split = self._cross_target(store)
         else:  # this store stays open for the caller
             test_store, test_rows = contextlib.nullcontext(store), np.flatnonzero(splits == test_split)
         with test_store as target:
-            predicted = _predict(probe, target, tap, test_rows)
+            predicted = _predict(probe, target, layer, test_rows)
             paths = target.paths[test_rows]
             # ``classes`` reads the store each time it is asked: once per store, not once per image.
             true_names = np.asarray(target.classes)[target.labels[test_rows]]
         class_names = np.asarray(store.classes)
         predicted_names = class_names[np.asarray(predicted, dtype=np.int64)]
-        unseen = self._check_fit(store, tap, classifier, probe, class_names[labels[train_rows]].tolist(), true_names)
+        unseen = self._check_fit(store, job, probe, class_names[labels[train_rows]].tolist(), true_names)
         if self.fitted is not None:
-            self.fitted[(tap, classifier)] = probe
-        if self.out_dir is not None:
-            name = f"{tap}__{classifier}__{_slug(self.protocol.name)}"
-            predictions = self.out_dir / "predictions" / store.extractor / f"{name}.csv"
-            predictions.parent.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame({"path": paths, "label": true_names, "predicted": predicted_names}).to_csv(predictions, index=False)
-            if self.save_probes:
-                save_probe(self.out_dir / "probes" / store.extractor / f"{tap}__{classifier}.npz", probe,
-                           class_names=store.classes, layer=tap, features=store.extractor, fingerprint=store.fingerprint)
-        return {
-            **self._base_row(store, tap, classifier), **self._probe_columns([probe]), "protocol": self.protocol.name,
+            self.fitted[job] = probe
+        row = {
+            **self._base_row(store, job), **self._probe_columns([probe]), "protocol": self.protocol.name,
             "train_split": train, "test_split": test_split, "n_train": len(train_rows), "n_test": len(test_rows),
             "classes_unseen_in_train": unseen,
             "top1": float(accuracy_score(true_names, predicted_names)), "top1_std": 0.0,
             "mean_per_class_acc": mean_per_class_accuracy(true_names, predicted_names), "mean_per_class_acc_std": 0.0,
         }
+        if self.out_dir is not None:
+            predictions = self.out_dir / "predictions" / store.extractor / f"{output_stem(row)}.csv"
+            predictions.parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame({"path": paths, "label": true_names, "predicted": predicted_names}).to_csv(predictions, index=False)
+            if self.save_probes:
+                save_probe(self.out_dir / "probes" / store.extractor / f"{output_stem(row)}.npz", probe,
+                           class_names=store.classes, layer=layer, features=store.extractor, fingerprint=store.fingerprint)
+        return row
 
-    def _check_fit(self, store, tap, classifier, probe, train_names, test_names) -> int:
+    def _check_fit(self, store, job, probe, train_names, test_names) -> int:
         """Warn about what makes a number weaker than it looks; returns the count of unseen test classes."""
-        where = f"{store.extractor}/{tap} {classifier} {self.protocol.name}"
+        layer, classifier, normalization = job
+        where = f"{store.extractor}/{layer} {classifier} {normalization} {self.protocol.name}"
         if not probe.converged_:
             log.warning("%s: the solver did not converge at C=%g", where, probe.best_C_)
         if probe.n_splits_ == 0:
@@ -305,30 +371,26 @@ class Evaluation:
             log.warning("%s: %d test classes have no training image, and every test image of them counts as wrong", where, unseen)
         return unseen
 
-    def _multilabel(self, store, tap, classifier) -> dict:
+    def _multilabel(self, store, job) -> dict:
+        layer, classifier, _ = job
         if self.protocol.repeated or self.protocol.other_dataset:
             raise UserError(f"{store.path} is multi-label: use protocol given or transfer:A->B, not {self.protocol.name}")
         targets, splits = store.multilabel, store.splits
         train, test_split = choose_splits(splits, self.protocol.train_split, self.protocol.test_split)
         train_rows, test_rows = np.flatnonzero(splits == train), np.flatnonzero(splits == test_split)
-        X_test = store.features(tap, test_rows)
+        X_test = fusion.features(store, layer, test_rows)
         scores = np.zeros((len(test_rows), targets.shape[1]))
         probes = []
         for c in range(targets.shape[1]):
             rows = train_rows[targets[train_rows, c] >= 0]
             if len(np.unique(targets[rows, c])) < 2:
                 raise UserError(f"{store.path}: class {store.classes[c]!r} has no positive or no negative training image in {train!r}")
-            probe = _fit(self.settings, classifier, store, tap, rows, targets[:, c], self.settings.seed, scoring="average_precision")
+            probe = _fit(self.settings, job, store, rows, targets[:, c], self.settings.seed, scoring="average_precision")
             scores[:, c] = probe.decision_function(X_test).ravel()
             probes.append(probe)
         truth = targets[test_rows]
-        if self.out_dir is not None:
-            name = f"{tap}__{classifier}__{_slug(self.protocol.name)}"
-            scores_csv = self.out_dir / "predictions" / store.extractor / f"{name}.scores.csv"
-            scores_csv.parent.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(scores, columns=store.classes).assign(path=store.paths[test_rows]).to_csv(scores_csv, index=False)
-        return {
-            **self._base_row(store, tap, classifier), "protocol": self.protocol.name, "train_split": train,
+        row = {
+            **self._base_row(store, job), "protocol": self.protocol.name, "train_split": train,
             "test_split": test_split,
             # cv_score: the cross-validated mAP, each class's probe's mean validation AP at its chosen C
             **self._probe_columns(probes, ", per class"),
@@ -337,6 +399,11 @@ class Evaluation:
             "mAP": mean_average_precision(truth, scores), "mAP_voc07": mean_average_precision(truth, scores, eleven_point=True),
             "fit_seconds": round(sum(p.fit_seconds_ for p in probes), 3),  # all classes' fits together
         }
+        if self.out_dir is not None:
+            scores_csv = self.out_dir / "predictions" / store.extractor / f"{output_stem(row)}.scores.csv"
+            scores_csv.parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(scores, columns=store.classes).assign(path=store.paths[test_rows]).to_csv(scores_csv, index=False)
+        return row
 
     def _cross_target(self, store):
         """The other dataset's store of the same extractor (open), its test rows, and the split's label."""
@@ -357,9 +424,10 @@ class Evaluation:
             raise
         return target, rows, f"{self.protocol.other_dataset}:{test_split}"
 
-    def _repeated(self, store, tap, classifier) -> list[dict]:
+    def _repeated(self, store, job) -> list[dict]:
         """Few-shot (k per class from the training split, for each k) and sampled (k per class from
         the source domain): ``repeats`` seeded draws each, tested on the same test rows."""
+        layer = job[0]
         labels, splits = store.labels, store.splits
         train, test_split = choose_splits(splits, self.protocol.train_split, self.protocol.test_split)
         candidates, test_rows = np.flatnonzero(splits == train), np.flatnonzero(splits == test_split)
@@ -369,13 +437,13 @@ class Evaluation:
             for repeat in range(self.settings.repeats):
                 seed = self.settings.seed + repeat
                 train_rows = few_shot_rows(labels, candidates, shots, seed)
-                probe = _fit(self.settings, classifier, store, tap, train_rows, labels, seed)
-                predicted = _predict(probe, store, tap, test_rows)
+                probe = _fit(self.settings, job, store, train_rows, labels, seed)
+                predicted = _predict(probe, store, layer, test_rows)
                 draws.append({"top1": accuracy_score(labels[test_rows], predicted),
                               "balanced": mean_per_class_accuracy(labels[test_rows], predicted), "probe": probe})
-            unseen = self._check_fit(store, tap, classifier, probe, labels[train_rows], labels[test_rows])
+            unseen = self._check_fit(store, job, probe, labels[train_rows], labels[test_rows])
             rows.append({
-                **self._base_row(store, tap, classifier), "protocol": self.protocol.name if self.protocol.sampled else f"{shots}-shot",
+                **self._base_row(store, job), "protocol": self.protocol.name if self.protocol.sampled else f"{shots}-shot",
                 "train_split": train, "test_split": test_split,
                 **self._probe_columns([d["probe"] for d in draws], f", per draw ({shots} per class)"),
                 "n_train": len(train_rows), "n_test": len(test_rows), "classes_unseen_in_train": unseen,
@@ -395,7 +463,7 @@ class _Collected(logging.Handler):
         self.records.append({**record.__dict__, "msg": record.getMessage(), "args": None, "exc_info": None})
 
 
-def _job_in_worker(evaluation: Evaluation, tap: str, classifier: str):
+def _job_in_worker(evaluation: Evaluation, job):
     """``Evaluation._job`` in a worker process: its rows, the probes it fitted (when asked for)
     and its log records (for the parent's handlers)."""
     root, collected = logging.getLogger(), _Collected()
@@ -403,7 +471,7 @@ def _job_in_worker(evaluation: Evaluation, tap: str, classifier: str):
     root.addHandler(collected)
     root.setLevel(logging.INFO)
     try:
-        rows = evaluation._job(tap, classifier)
+        rows = evaluation._job(job)
     finally:
         root.removeHandler(collected)
         root.setLevel(level)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from classify.probe import signed_sqrt
+from classify import fusion
+from classify.probe import BlockNormalizer, signed_sqrt
 from extract.store import FeatureStore, StoreMismatchError, canonical_json, fingerprint_differences
 from extract.errors import UserError
 
@@ -25,9 +26,14 @@ def save_probe(path: str | Path, probe, *, class_names, layer: str, features: st
     path = Path(path)
     normalizer, model = probe.pipeline_["normalize"], probe.pipeline_["classify"]
     normalization = probe.normalization
+    # A fused layer's blocks are normalised one by one, then weighted (classify.probe.BlockNormalizer).
+    parts = normalizer.normalizers_ if isinstance(normalizer, BlockNormalizer) else [normalizer]
     stats = {}
+    if isinstance(normalizer, BlockNormalizer):
+        stats = {"blocks": np.asarray(normalizer.blocks, np.int64), "block_weights": np.asarray(normalizer.weights_, np.float64)}
     if normalization == "standard":
-        stats = {"mean": normalizer.mean_.astype(np.float64), "scale": normalizer.scale_.astype(np.float64)}
+        stats |= {"mean": np.concatenate([p.mean_ for p in parts]).astype(np.float64),
+                  "scale": np.concatenate([p.scale_ for p in parts]).astype(np.float64)}
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
         path,
@@ -59,6 +65,8 @@ class SavedProbe:
     dim: int
     mean: np.ndarray | None = None
     scale: np.ndarray | None = None
+    blocks: np.ndarray | None = None
+    block_weights: np.ndarray | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> SavedProbe:
@@ -70,6 +78,8 @@ class SavedProbe:
                 normalization=str(data["normalization"]), C=float(data["C"]), layer=str(data["layer"]),
                 features=str(data["features"]), fingerprint=json.loads(str(data["fingerprint"])), dim=int(data["dim"]),
                 mean=data["mean"] if "mean" in data else None, scale=data["scale"] if "scale" in data else None,
+                blocks=data["blocks"] if "blocks" in data else None,
+                block_weights=data["block_weights"] if "block_weights" in data else None,
             )
 
     def check_store(self, store: FeatureStore) -> None:
@@ -78,17 +88,27 @@ class SavedProbe:
             raise StoreMismatchError(
                 f"{store.path} holds features made otherwise than this probe's ({self.features}):\n  " + "\n  ".join(differences)
             )
-        if self.layer not in store.taps:
-            raise StoreMismatchError(f"{store.path} has no layer {self.layer!r}; it has {store.taps}")
-        if store.dim(self.layer) != self.dim:
-            raise StoreMismatchError(f"{store.path} layer {self.layer} has {store.dim(self.layer)} dimensions; the probe expects {self.dim}")
+        fusion.check_layer(store, self.layer)
+        if fusion.dim(store, self.layer) != self.dim:
+            raise StoreMismatchError(f"{store.path} layer {self.layer} has {fusion.dim(store, self.layer)} dimensions; the probe expects {self.dim}")
+
+    def read_features(self, store: FeatureStore) -> np.ndarray:
+        """The store's features of this probe's layer (a tap, or the taps of a fused layer side by side)."""
+        return fusion.features(store, self.layer)
 
     def normalize(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.dim:
             raise UserError(f"the probe expects (n, {self.dim}) features. Received: {X.shape}")
         if self.normalization == "standard":
-            return (X - self.mean) / self.scale
+            X = (X - self.mean) / self.scale
+        if self.blocks is None:
+            return self._rows(X)
+        edges = np.cumsum([0, *self.blocks])
+        return np.concatenate([self._rows(X[:, a:b]) * w for a, b, w in zip(edges[:-1], edges[1:], self.block_weights)], axis=1)
+
+    def _rows(self, X: np.ndarray) -> np.ndarray:
+        """The row-wise part of the normalisation (signed square root, l2) of one block."""
         if self.normalization == "sqrt":
             X = signed_sqrt(X)
         if self.normalization in ("l2", "sqrt"):

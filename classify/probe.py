@@ -30,11 +30,11 @@ import warnings
 
 import numpy as np
 from joblib import Parallel, delayed
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.metrics import average_precision_score, log_loss
-from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
+from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedKFold, StratifiedShuffleSplit
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
@@ -53,6 +53,9 @@ SCORINGS = ("accuracy", "average_precision")
 # of the features moved the chosen C by four decades and top-1 by 1.5 points.
 SELECT_BY = ("loss", "score")
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-5, 3, 9))
+# The range Kornblith et al. (CVPR 2019) searched, one value per decade: l2-normalised rows (norm 1)
+# want C in the thousands, standardised wide layers (squared norm ~ d) a thousandth.
+WIDE_CS = tuple(float(c) for c in np.logspace(-6, 5, 12))
 DEFAULT_VAL_FRACTION = 0.2
 # Below this many training rows a split's fit takes milliseconds, less than handing it to a
 # worker process costs: such searches (few-shot draws, small datasets) run in this process, and
@@ -80,9 +83,12 @@ def signed_sqrt(x):
     return np.sign(x) * np.sqrt(np.abs(x))
 
 
-def make_normalizer(normalization: str):
+def make_normalizer(normalization: str, blocks: tuple[int, ...] | None = None):
     """standard: zero mean, unit variance; l2: unit-length rows ("CNN features off-the-shelf");
-    sqrt: signed square root then l2 (power normalisation); none."""
+    sqrt: signed square root then l2 (power normalisation); none. With ``blocks`` (the widths of
+    the taps joined into a fused layer), each block is normalised on its own (``BlockNormalizer``)."""
+    if blocks is not None and len(blocks) > 1:
+        return BlockNormalizer(normalization, blocks)
     if normalization == "standard":
         return StandardScaler()
     if normalization == "l2":
@@ -92,6 +98,42 @@ def make_normalizer(normalization: str):
     if normalization == "none":
         return FunctionTransformer()
     raise UserError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}")
+
+
+class BlockNormalizer(TransformerMixin, BaseEstimator):
+    """The columns of a fused layer, one block per tap, each normalised on its own and then scaled to
+    unit mean squared norm over the training rows, so that every tap weighs alike in the joined
+    vector whatever its width (a standardised 1,280-value block would otherwise outweigh a 320-value
+    one four to one; l2 and sqrt blocks have norm 1 already). The hypercolumn recipe: normalise
+    each layer, then concatenate (Hariharan et al., CVPR 2015; Razavian et al., 2014)."""
+
+    def __init__(self, normalization: str = "standard", blocks: tuple[int, ...] = ()):
+        self.normalization = normalization
+        self.blocks = blocks
+
+    def _edges(self):
+        return np.cumsum([0, *self.blocks])
+
+    def fit(self, X, y=None):
+        edges = self._edges()
+        if X.shape[1] != edges[-1]:
+            raise UserError(f"a fused layer of blocks {list(self.blocks)} has {edges[-1]} columns. Received {X.shape[1]}")
+        self.normalizers_, self.weights_ = [], []
+        for start, stop in zip(edges[:-1], edges[1:]):
+            normalizer = make_normalizer(self.normalization).fit(X[:, start:stop])
+            block = normalizer.transform(X[:, start:stop])
+            mean_square = float(np.mean(np.sum(np.square(block, dtype=np.float64), axis=1)))
+            self.normalizers_.append(normalizer)
+            self.weights_.append(1.0 / np.sqrt(mean_square) if mean_square > 0 else 1.0)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def transform(self, X):
+        check_is_fitted(self, "normalizers_")
+        edges = self._edges()
+        return np.concatenate([(normalizer.transform(X[:, start:stop]) * weight).astype(np.float32)
+                               for normalizer, weight, start, stop in zip(self.normalizers_, self.weights_, edges[:-1], edges[1:])],
+                              axis=1)
 
 
 def make_classifier(classifier: str, *, C: float, max_iter: int, seed: int):
@@ -157,11 +199,11 @@ def one_blas_thread():
     return _threadpools().limit(limits=1)
 
 
-def _prepare_split(normalization, X_train, X_val):
+def _prepare_split(normalization, blocks, X_train, X_val):
     """Normalise a split by its training part and, for wide features, express both parts in the
     training rows' span (``RowSpan``): the fits of every C then run on at most n_train features."""
     with one_blas_thread():
-        normalizer = make_normalizer(normalization).fit(X_train)
+        normalizer = make_normalizer(normalization, blocks).fit(X_train)
         X_train, X_val = normalizer.transform(X_train), normalizer.transform(X_val)
         if not RowSpan.worthwhile(X_train):
             return X_train, X_val
@@ -220,6 +262,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         cv: int = 3,
         val_fraction: float = DEFAULT_VAL_FRACTION,
         normalization: str = "standard",
+        blocks: tuple[int, ...] | None = None,
+        cv_repeats: int = 1,
         scoring: str = "accuracy",
         max_iter: int = 1000,
         patience: int | None = 2,
@@ -233,6 +277,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.cv = cv
         self.val_fraction = val_fraction
         self.normalization = normalization
+        self.blocks = blocks
+        self.cv_repeats = cv_repeats
         self.scoring = scoring
         self.max_iter = max_iter
         self.patience = patience
@@ -243,7 +289,11 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def _splits(self, X, y, smallest_class: int):
         if self.search == "cv":
             folds = min(self.cv, smallest_class)
-            return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.seed).split(X, y)) if folds >= 2 else []
+            if folds < 2:
+                return []
+            if self.cv_repeats > 1:  # other seeded partitions of the same rows: a less noisy estimate
+                return list(RepeatedStratifiedKFold(n_splits=folds, n_repeats=self.cv_repeats, random_state=self.seed).split(X, y))
+            return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.seed).split(X, y))
         if self.search == "val":
             n_val = max(len(self.classes_), round(self.val_fraction * len(y)))
             if smallest_class < 2 or len(y) - n_val < len(self.classes_):
@@ -258,7 +308,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         states = [None] * len(splits)
         jobs = worker_processes(len(splits), len(X), self.n_jobs)
         with Parallel(n_jobs=jobs) as parallel:
-            prepared = parallel(delayed(_prepare_split)(self.normalization, X[tr], X[va]) for tr, va in splits)
+            prepared = parallel(delayed(_prepare_split)(self.normalization, self.blocks, X[tr], X[va]) for tr, va in splits)
             for i, C in enumerate(Cs):
                 results = parallel(
                     delayed(_fit_split)(self.classifier, self.scoring, self.max_iter, self.seed, X_tr, y[tr], X_va, y[va], C, state)
@@ -295,17 +345,21 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             self.cv_scores_, self.cv_losses_ = self._search_path(X, y, splits, Cs)
             best = self._best(self.cv_scores_, self.cv_losses_)
             self.best_C_, self.cv_score_ = float(Cs[best]), float(self.cv_scores_[best].mean())
+            self.cv_loss_ = float(self.cv_losses_[best].mean())
             criterion = ("lowest held-out " + ("log-loss" if self.classifier == "logreg" else "squared hinge loss")
                          if self.select_by == "loss" else f"highest {self.scoring}")
-            self.selection_ = (f"C by {len(splits)}-fold CV" if self.search == "cv"
+            repeats = self.cv_repeats if self.search == "cv" else 1
+            folds = len(splits) // repeats
+            self.selection_ = (f"C by {folds}-fold CV" + (f" x {repeats}" if repeats > 1 else "") if self.search == "cv"
                                else f"C by a {self.val_fraction:.0%} validation split") + f" ({criterion})"
         else:  # too few images per class to hold any out: the middle of the grid
             self.cv_scores_ = self.cv_losses_ = np.zeros((len(Cs), 0))
             self.best_C_, self.cv_score_ = float(Cs[len(Cs) // 2]), float("nan")
+            self.cv_loss_ = float("nan")
             self.selection_ = ("C fixed at the grid's middle (too few images per class to hold any out)" if len(Cs) > 1
                                else "C fixed (one value given)")
         self.n_splits_ = len(splits)
-        normalizer = make_normalizer(self.normalization)
+        normalizer = make_normalizer(self.normalization, self.blocks)
         model = make_classifier(self.classifier, C=self.best_C_, max_iter=self.max_iter, seed=self.seed)
         with one_blas_thread():
             X = normalizer.fit_transform(X)

@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
 
+from classify import fusion
 from classify.evaluate import store_fingerprint_id
-from classify.results import PROBE_KINDS, best_per, live_rows, read_results, select_best
+from classify.recipe import ablation, chosen_among
+from classify.results import PROBE_KINDS, best_per, live_rows, output_stem, read_results, select_best
 from extract import package_versions
 from extract.errors import UserError
 from extract.store import FeatureStore, StoreError
@@ -35,7 +37,10 @@ def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "to
     fig, ax = plt.subplots(figsize=(12, 5.5), constrained_layout=True)
     styles = {"logreg": "-", "svm": "--"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    curves = table[table["kind"] == "cnn"]
+    single = ~table["layer"].astype(str).map(fusion.is_fused)
+    # One point per tap and classifier: its normalisation chosen by CV where several were tried.
+    curves = table[(table["kind"] == "cnn") & single]
+    curves = best_per(curves, ["features", "layer", "classifier"]) if len(curves) else curves
     cnn = list(curves["features"].unique())
     tap_lists = {tuple(rows.sort_values("layer_depth")["layer"].unique()) for _, rows in curves.groupby("features")}
     shared_taps = len(tap_lists) == 1
@@ -55,8 +60,8 @@ def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "to
                 for xi, yi, name in zip(x, 100 * rows[metric], rows["layer"]):
                     ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7,
                                 color=colors[i % len(colors)])
-    lines = table[table["kind"] != "cnn"]
-    if len(lines):  # one line per baseline variant (its classifier chosen by CV score) or trained model
+    lines = table[(table["kind"] != "cnn") | ~single]
+    if len(lines):  # one line per baseline variant or fused layer (its classifier chosen by CV score) or trained model
         best_lines = chosen_per(lines, ["features", "layer"]).sort_values(metric, ascending=False)
         for j, record in enumerate(best_lines.itertuples()):
             value = 100 * getattr(record, metric)
@@ -150,22 +155,21 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 
 def _predictions_path(results_dir: Path, record) -> Path:
-    name = f"{record['layer']}__{record['classifier']}__{record['protocol']}"
-    return results_dir / "predictions" / str(record["features"]) / f"{name}.csv"
+    return results_dir / "predictions" / str(record["features"]) / f"{output_stem(record)}.csv"
 
 
 def _mean_over_protocols(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per (features, layer, classifier): metrics averaged over the protocols."""
-    keys = ["dataset", "features", "kind", "layer", "layer_depth", "classifier", "normalization"]
+    keys = ["dataset", "features", "kind", "views", "recipe", "layer", "layer_depth", "classifier", "normalization", "search", "Cs"]
     numeric = ["top1", "mean_per_class_acc", "cv_score", "C", "n_train", "n_test", "n_features", "fit_seconds",
                "images_without_features", "classes_unseen_in_train"]
-    mean = rows.groupby(keys, as_index=False)[numeric].mean()
+    mean = rows.groupby(keys, as_index=False, dropna=False)[numeric].mean()
     counts = ["n_train", "n_test", "n_features", "images_without_features", "classes_unseen_in_train"]
     mean[counts] = mean[counts].round().astype(int)
-    count = rows.groupby(keys)["protocol"].nunique().iloc[0]
+    count = rows.groupby(keys, dropna=False)["protocol"].nunique().iloc[0]
     return mean.assign(protocol=f"mean of {count} transfers", train_split="source", test_split="target",
-                       converged=rows.groupby(keys)["converged"].all().to_numpy(), mAP=np.nan, mAP_voc07=np.nan,
-                       selection=rows.groupby(keys)["selection"].first().astype(str).to_numpy() + " on each source domain")
+                       converged=rows.groupby(keys, dropna=False)["converged"].all().to_numpy(), mAP=np.nan, mAP_voc07=np.nan,
+                       selection=rows.groupby(keys, dropna=False)["selection"].first().astype(str).to_numpy() + " on each source domain")
 
 
 def _scores(record, metric: str) -> str:
@@ -389,6 +393,13 @@ def main_rows(results: pd.DataFrame) -> pd.DataFrame:
     return _mean_over_protocols(transfers) if given.empty and len(transfers) else given
 
 
+def describe(row) -> str:
+    """features / layer / classifier, and the normalisation where it is not the standard one."""
+    normalization = row.get("normalization")
+    extra = f" ({normalization})" if isinstance(normalization, str) and normalization not in ("standard", "none") else ""
+    return f"{row['features']} / {row['layer']} / {row['classifier']}{extra}"
+
+
 def headline(rows: pd.DataFrame, metric: str) -> tuple[pd.Series, list[str]]:
     """The row chosen by cross-validation score, and the lines that state it (with the test-best as an
     oracle, labelled so, when it differs)."""
@@ -396,16 +407,42 @@ def headline(rows: pd.DataFrame, metric: str) -> tuple[pd.Series, list[str]]:
     if best is None:
         raise UserError("no result has a cross-validation score (cv_score) to choose by; rerun `make classify` "
                         "(results.csv from an older offshelf lacks it)")
+    among = rows["cv_score"].notna().sum()
     lines = [
-        f"Best by cross-validation on the training data: **{best['features']} / {best['layer']} / {best['classifier']}** "
-        f"(CV {_percent(best['cv_score'])}), {_scores(best, metric)} on the test split "
+        f"Best by cross-validation on the training data: **{describe(best)}** "
+        f"(CV {_percent(best['cv_score'])}, the highest of {among} candidates), {_scores(best, metric)} on the test split "
         f"(trained on `{best['train_split']}`, {best['n_train']} images; tested on `{best['test_split']}`, {best['n_test']} images).",
     ]
     oracle = rows.loc[rows[metric].idxmax()]
-    if (oracle["features"], oracle["layer"], oracle["classifier"]) != (best["features"], best["layer"], best["classifier"]):
-        lines.append(f"Oracle, for reference only (picked on the test split, not a result): {oracle['features']} / {oracle['layer']} / "
-                     f"{oracle['classifier']}, {METRIC_LABELS[metric]} {100 * oracle[metric]:.2f}%.")
+    if oracle.name != best.name:
+        lines.append(f"Oracle, for reference only (picked on the test split, not a result): {describe(oracle)}, "
+                     f"{METRIC_LABELS[metric]} {100 * oracle[metric]:.2f}%.")
     return best, lines
+
+
+def ablation_section(rows: pd.DataFrame, metric: str) -> list[str]:
+    """What each step of ``RECIPE=best`` bought: the choice by CV with the steps added one at a time."""
+    measure = "mAP" if metric == "mAP" else "mean_per_class_acc"
+    table = ablation(rows, measure)
+    if table.empty:
+        return []
+    shown = pd.DataFrame({
+        "backbone": table["backbone"], "step": table["step"], "candidates": table["candidates"],
+        "chosen by CV": [f"{r.features} / {r.layer} / {r.classifier} ({r.normalization}), C {r.C:g}" for r in table.itertuples()],
+        "CV %": (100 * table["cv_score"]).round(2),
+        **({"mAP %": (100 * table["mAP"]).round(2)} if metric == "mAP" else
+           {"top-1 %": (100 * table["top1"]).round(2), "mean per-class %": (100 * table["mean_per_class_acc"]).round(2)}),
+        f"change vs plain ({METRIC_LABELS[measure]}, points)": (100 * table["change"]).round(2),
+    })
+    first, last = table.iloc[0], table.iloc[-1]
+    return ["## What each step bought (ablation)", "",
+            "The choice by cross-validation on the training images, with the steps of `RECIPE=best` added one at a time "
+            "(each line chooses among its candidates and those of the lines above, but for the first, today's plain probe). "
+            "CV % is what chose the line; the test columns are what it gave. Choosing among more candidates makes the "
+            f"winner's CV score more optimistic: here CV - test {METRIC_LABELS[measure]} is "
+            f"{100 * (first['cv_score'] - first[measure]):+.2f} points for the plain probe and "
+            f"{100 * (last['cv_score'] - last[measure]):+.2f} for the full recipe.", "",
+            _markdown_table(shown), ""]
 
 
 def _percent(value) -> str:
@@ -456,23 +493,25 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
         metric = "mAP" if results["mAP"].notna().any() else "top1"
     report_dir.mkdir(parents=True, exist_ok=True)
     dataset = ", ".join(sorted(results["dataset"].astype(str).unique()))
-    given = main_rows(results)
-    if given.empty:
+    every = main_rows(results)
+    if every.empty:
         raise UserError(f"{results_csv} has no results of the given split or of transfers; run `make classify` first")
+    given = chosen_among(every)
     best, headline_lines = headline(given, metric)
     plot = plot_accuracy_by_layer(given, report_dir / "accuracy_by_layer.png", metric=metric,
                                   title=f"{dataset}: linear-probe {METRIC_LABELS[metric]} by layer")
     bars = plot_best_per_method(given, report_dir / "best_per_method.png", metric=metric,
                                 title=f"{dataset}: each feature set at its layer chosen by CV")
 
-    table = given.sort_values(["features", "layer_depth", "classifier"]).copy()
+    table = every.sort_values(["features", "layer_depth", "layer", "classifier", "normalization"]).copy()
     rows = []
-    for record in table.itertuples(index=False):
-        is_best = (record.features, record.layer, record.classifier) == (best["features"], best["layer"], best["classifier"])
+    for index, record in zip(table.index, table.itertuples(index=False)):
+        is_best = index == best.name
         cell = lambda v: f"**{100 * v:.2f}**" if is_best else f"{100 * v:.2f}"  # noqa: E731
         rows.append({
             "features": record.features, "layer": record.layer, "classifier": record.classifier,
-            "normalisation": record.normalization, "C chosen by": record.selection, "C": f"{record.C:g}",
+            "normalisation": record.normalization, "recipe": record.recipe if isinstance(record.recipe, str) else "-",
+            "C chosen by": record.selection, "C": f"{record.C:g}",
             "CV %": _percent(record.cv_score), "converged": "yes" if record.converged else "no",
             **({"mAP %": cell(record.mAP), "VOC07 mAP %": f"{100 * record.mAP_voc07:.2f}"} if metric == "mAP" else
                {"top-1 %": cell(record.top1), "mean per-class %": cell(record.mean_per_class_acc)}),
@@ -485,7 +524,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
     lines = [f"# {dataset}: off-the-shelf features vs hand-crafted baselines", "", *headline_lines]
     if top_baseline is not None:
         lines.append(
-            f"Best hand-crafted baseline (by CV): {top_baseline['features']} / {top_baseline['layer']} / {top_baseline['classifier']}, "
+            f"Best hand-crafted baseline (by CV): {describe(top_baseline)}, "
             f"{METRIC_LABELS[metric]} {100 * top_baseline[metric]:.2f}% ({100 * (best[metric] - top_baseline[metric]):+.2f} points for the best)."
         )
     unseen = given[given["classes_unseen_in_train"].fillna(0) > 0]
@@ -493,6 +532,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
         lines.append(f"Warning: {int(unseen['classes_unseen_in_train'].max())} test classes have no training image; "
                      "every test image of them counts as wrong.")
     lines += ["", f"![accuracy by layer]({plot.name})", "", f"![each feature set at its chosen layer]({bars.name})", ""]
+    lines += ablation_section(every, metric)
     lines += domain_section(results)
 
     predictions = _predictions_path(results_csv.parent, best)
@@ -500,8 +540,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
         frame = pd.read_csv(predictions, dtype=str, keep_default_na=False)
         classes = sorted(set(frame["label"]) | set(frame["predicted"]))
         counts = confusion_matrix(frame["label"], frame["predicted"], labels=classes)
-        matrix = plot_confusion(counts, classes, report_dir / "confusion_best.png",
-                                title=f"{best['features']} / {best['layer']} / {best['classifier']}")
+        matrix = plot_confusion(counts, classes, report_dir / "confusion_best.png", title=describe(best))
         totals = counts.sum(axis=1)
         accuracy = np.divide(np.diag(counts), totals, out=np.full(len(classes), np.nan), where=totals > 0)
         per_class = pd.DataFrame({"class": classes, "test images": totals,

@@ -17,7 +17,9 @@ picks "the best" of a set of rows; the test metric never takes part in it.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import re
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -26,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from classify import fusion
+
 RESULT_COLUMNS = [
-    "dataset", "features", "kind", "layer", "layer_depth", "classifier", "protocol", "train_split", "test_split",
+    "dataset", "features", "kind", "views", "recipe", "layer", "layer_depth", "classifier", "protocol", "train_split", "test_split",
     "normalization", "search", "select_by", "Cs", "selection", "C", "cv_score", "converged", "cv_splits", "seed", "repeats",
     "n_train", "n_test", "n_features", "classes_unseen_in_train",
     "top1", "top1_std", "mean_per_class_acc", "mean_per_class_acc_std", "mAP", "mAP_voc07", "images_without_features", "fit_seconds",
@@ -35,7 +39,9 @@ RESULT_COLUMNS = [
 ]
 # What determines a row's numbers; a row with the same key is the same experiment.
 RESULT_KEY = ["dataset", "features", "store_fingerprint", "layer", "classifier", "protocol", "normalization", "search", "select_by", "Cs", "seed", "repeats"]
-SORT_ORDER = ["features", "layer_depth", "classifier", "protocol"]
+SORT_ORDER = ["features", "layer_depth", "layer", "classifier", "normalization", "protocol"]
+# The settings besides layer, classifier and protocol that tell two rows of one store apart.
+SETTING_COLUMNS = ["normalization", "search", "select_by", "Cs", "seed", "repeats"]
 PROBE_KINDS = ("cnn", "baseline")  # rows of linear probes on a store; other kinds are trained models
 
 
@@ -67,6 +73,9 @@ def update_csv(path: str | Path, merge: Callable[[pd.DataFrame | None], pd.DataF
     """Under the file's lock: read it (None when absent), ``merge`` it, write the result atomically."""
     path = Path(path)
     with locked(path):
+        # Under the lock no other writer has a temporary file open: any left is from a killed one.
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+            stale.unlink(missing_ok=True)
         merged = merge(pd.read_csv(path) if path.is_file() else None)
         write_atomically(merged, path, **to_csv)
     return merged
@@ -87,6 +96,15 @@ def merge_rows(old: pd.DataFrame | None, new: pd.DataFrame, *, key, sort_by, dro
             keep &= ~drop(old)
         new = pd.concat([old[keep], new], ignore_index=True) if keep.any() else new
     return new.sort_values(sort_by, kind="stable")
+
+
+def output_stem(row) -> str:
+    """The file name (without suffix) of a row's predictions and saved probe, one per result key:
+    ``<layer>__<classifier>__<protocol>__<id of the other settings>``."""
+    values = ["" if pd.isna(row.get(c)) else str(row.get(c)) for c in SETTING_COLUMNS]  # as results.csv reads back
+    settings = hashlib.sha256("|".join(values).encode()).hexdigest()[:8]
+    name = f"{row['layer']}__{row['classifier']}__{row['protocol']}"
+    return f"{re.sub(r'[^A-Za-z0-9._+-]+', '_', name)}__{settings}"
 
 
 def read_results(csv_path: str | Path) -> pd.DataFrame | None:
@@ -138,13 +156,14 @@ def best_per(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 
 
 def live_rows(results: pd.DataFrame, stores: dict[str, dict] | None) -> pd.DataFrame:
-    """Rows of probes whose store still exists with the same fingerprint and layer; trained models'
-    rows (no store) are kept. ``stores``: extractor -> {"fingerprint_id", "taps"}; None keeps all."""
+    """Rows of probes whose store still exists with the same fingerprint and layer (every tap of a fused
+    layer); trained models' rows (no store) are kept. ``stores``: extractor -> {"fingerprint_id", "taps"}; None keeps all."""
     if stores is None:
         return results
     probe = results["kind"].isin(PROBE_KINDS)
     alive = [
-        not is_probe or (features in stores and str(fingerprint) == stores[features]["fingerprint_id"] and layer in stores[features]["taps"])
+        not is_probe or (features in stores and str(fingerprint) == stores[features]["fingerprint_id"]
+                         and set(fusion.parts(str(layer))) <= set(stores[features]["taps"]))
         for is_probe, features, fingerprint, layer in zip(probe, results["features"], results["store_fingerprint"], results["layer"])
     ]
     return results[np.asarray(alive, bool)]

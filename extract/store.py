@@ -370,6 +370,13 @@ class FeatureStore:
         self._file.close()
 
     @property
+    def file_identity(self) -> tuple[int, int]:
+        """(device, inode) of the open file: what a path pointed to when it was opened, even after the
+        path is replaced (a rebuilt store is renamed over the old one)."""
+        status = os.fstat(self._file.id.get_vfd_handle())
+        return status.st_dev, status.st_ino
+
+    @property
     def dataset(self) -> str:
         return str(self._file.attrs["dataset"])
 

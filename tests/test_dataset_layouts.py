@@ -266,7 +266,9 @@ def test_voc_map_probe_on_classes_present(tmp_path):
     # cats are red and dogs blue: both test images are ranked right for cat and dog
     from classify.metrics import average_precision
 
-    scores = pd.read_csv(tmp_path / "out" / "predictions" / "color" / "hsv256__logreg__given.scores.csv")
+    from classify.results import output_stem
+
+    scores = pd.read_csv(tmp_path / "out" / "predictions" / "color" / f"{output_stem(rows[0])}.scores.csv")
     truth = dataset.targets[np.asarray(dataset.splits) == "test"]
     assert [average_precision(truth[:, c], scores[name]) for c, name in enumerate(("cat", "dog"))] == [1.0, 1.0]
     person = average_precision(truth[:, 2], scores["person"])

@@ -128,7 +128,7 @@ def test_poisoned_test_rows_change_nothing_in_the_fit(tmp_path):
     settings = ProbeSettings(Cs=(0.001, 0.1, 10.0))
     clean_rows = Evaluation(_store(tmp_path / "clean.h5", X, y, splits), parse_protocol("given"), settings, fitted=clean_fit).run(progress=False)
     Evaluation(_store(tmp_path / "poisoned.h5", poisoned, y, splits), parse_protocol("given"), settings, fitted=poisoned_fit).run(progress=False)
-    clean, dirty = clean_fit[("layer", "logreg")], poisoned_fit[("layer", "logreg")]
+    clean, dirty = clean_fit[("layer", "logreg", "standard")], poisoned_fit[("layer", "logreg", "standard")]
     assert clean.best_C_ == dirty.best_C_
     np.testing.assert_array_equal(clean.cv_scores_, dirty.cv_scores_)
     np.testing.assert_array_equal(clean.pipeline_["normalize"].mean_, dirty.pipeline_["normalize"].mean_)
@@ -320,7 +320,7 @@ def test_the_report_labels_a_differing_test_best_as_an_oracle(tmp_path):
     ])
     best, lines = headline(rows, "top1")
     assert (best["layer"], best["top1"]) == ("x", 0.70)  # not the test-best y, never the unscored z
-    assert lines[0].startswith("Best by cross-validation on the training data: **a / x / logreg** (CV 90.00%), top-1 70.00%")
+    assert lines[0].startswith("Best by cross-validation on the training data: **a / x / logreg** (CV 90.00%, the highest of 2 candidates), top-1 70.00%")
     assert lines[1].startswith("Oracle, for reference only (picked on the test split, not a result): b / z / softmax")
 
 

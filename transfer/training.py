@@ -14,7 +14,7 @@ from sklearn.metrics import accuracy_score
 from tqdm.auto import tqdm
 
 from classify.metrics import mean_per_class_accuracy
-from classify.results import update_results
+from classify.results import output_stem, update_results
 from extract.datasets import ImageDataset
 from extract.datasets.base import choose_splits
 from extract.images import fit_to_input
@@ -83,10 +83,7 @@ def score_row(model: keras.Model, data: LabelledImages, classes, *, dataset: str
     predicted = np.argmax(model.predict(x_test, batch_size=64, verbose=0), axis=1) if len(x_test) else np.zeros(0, int)
     true_names = np.asarray([classes[i] for i in y_test])
     predicted_names = np.asarray([classes[i] for i in predicted])
-    out = predictions_dir / features / f"{layer}__{classifier}__given.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"path": data.test_paths, "label": true_names, "predicted": predicted_names}).to_csv(out, index=False)
-    return {
+    row = {
         "dataset": dataset, "features": features, "kind": kind, "layer": layer, "layer_depth": 0, "classifier": classifier,
         "protocol": "given", "train_split": data.train_split, "test_split": data.test_split, "normalization": "none", "search": "none",
         "Cs": "", "selection": "fixed schedule, nothing chosen on held-out data", "C": float("nan"), "cv_score": float("nan"),
@@ -97,6 +94,10 @@ def score_row(model: keras.Model, data: LabelledImages, classes, *, dataset: str
         "mAP": np.nan, "mAP_voc07": np.nan, "images_without_features": 0, "fit_seconds": round(seconds, 3),
         "store_fingerprint": "", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    out = predictions_dir / features / f"{output_stem(row)}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"path": data.test_paths, "label": true_names, "predicted": predicted_names}).to_csv(out, index=False)
+    return row
 
 
 def record(results_dir: Path, rows: list[dict]) -> Path:
