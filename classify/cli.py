@@ -1,4 +1,4 @@
-"""Command line: ``python -m classify {probe,predict,report}``."""
+"""Command line: ``python -m classify {probe,predict,tsne,projector,summary,report}``."""
 
 from __future__ import annotations
 
@@ -73,8 +73,16 @@ def cmd_predict(args) -> None:
     print(f"predictions: {out}")
 
 
+def image_source(args):
+    """Where the thumbnails' images are read from: the dataset as `make extract` read it."""
+    from classify.thumbnails import ImageSource
+
+    return ImageSource(args.dataset, crop=args.crop, data_dir=args.data_dir)
+
+
 def cmd_tsne(args) -> None:
-    from classify.embed import embed_stores
+    from classify.embed import embed_stores, embeddings_path, StoreEmbedding
+    from classify.thumbnails import ensure_thumbnails
 
     slug = dataset_slug(args.dataset, args.crop)
     paths = store_paths(args.features_dir, slug, _split_list(args.features))
@@ -86,6 +94,8 @@ def cmd_tsne(args) -> None:
     table = embed_stores(paths, out_dir=results_dir(args), report_dir=Path(args.reports_dir) / slug, n=args.n, seed=args.seed,
                          layers=_split_list(args.layers), progress=not args.no_progress)
     print(table[["features", "layer", "knn_acc_features", "knn_acc_tsne", "silhouette", "probe_top1"]].to_string(index=False))
+    sampled = {str(p) for f in table["features"].unique() for p in StoreEmbedding.load(embeddings_path(results_dir(args), f)).paths}
+    ensure_thumbnails(Path(args.reports_dir) / slug, sorted(sampled), image_source(args), progress=not args.no_progress)
     print(f"layers: {results_dir(args) / 'layers.csv'}; pictures: {Path(args.reports_dir) / slug / 'tsne_grid.png'}")
 
 
@@ -102,11 +112,14 @@ def cmd_summary(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from classify.page import write_page
     from classify.report import write_report  # matplotlib: imported only where a report is drawn
 
-    report = write_report(results_dir(args) / "results.csv", Path(args.reports_dir) / dataset_slug(args.dataset, args.crop),
-                          features_dir=Path(args.features_dir))
+    report_dir = Path(args.reports_dir) / dataset_slug(args.dataset, args.crop)
+    report = write_report(results_dir(args) / "results.csv", report_dir, features_dir=Path(args.features_dir))
     print(f"report: {report}")
+    page = write_page(results_dir(args), report_dir, features_dir=Path(args.features_dir), images=image_source(args))
+    print(f"page: {page} (open it in a browser; it needs no server)")
 
 
 def main(argv=None) -> int:
@@ -118,6 +131,7 @@ def main(argv=None) -> int:
     common.add_argument("--features-dir", default="features")
     common.add_argument("--results-dir", default="results")
     common.add_argument("--reports-dir", default="reports")
+    common.add_argument("--data-dir", default=None, help="where the dataset's images are, as for `make extract` (thumbnails)")
 
     probe = sub.add_parser("probe", parents=[common], help="fit linear probes on every store and layer; update results.csv")
     probe.add_argument("--features", default=None, help="comma-separated store names (default: every store of the dataset)")
