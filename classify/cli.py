@@ -99,6 +99,17 @@ def cmd_tsne(args) -> None:
     print(f"layers: {results_dir(args) / 'layers.csv'}; pictures: {Path(args.reports_dir) / slug / 'tsne_grid.png'}")
 
 
+def cmd_projector(args) -> None:
+    from classify.projector import write_projector
+
+    slug = dataset_slug(args.dataset, args.crop)
+    store = store_paths(args.features_dir, slug, [args.features])[0]
+    report_dir = Path(args.reports_dir) / slug
+    out = write_projector(store, args.layer, report_dir / "projector" / f"{args.features}__{args.layer}", report_dir=report_dir,
+                          n=args.n, seed=args.seed, images=image_source(args), pca=args.pca)
+    print(f"projector: {out} (`tensorboard --logdir {out}`, or load its projector_config.json in the standalone projector)")
+
+
 def _is_baseline(path: Path) -> bool:
     with FeatureStore(path) as store:
         return store.kind == "baseline"
@@ -167,6 +178,14 @@ def main(argv=None) -> int:
     tsne.add_argument("--seed", type=int, default=0)
     tsne.add_argument("--no-progress", action="store_true")
     tsne.set_defaults(func=cmd_tsne)
+
+    projector = sub.add_parser("projector", parents=[common], help="TensorBoard Embedding Projector files of one layer")
+    projector.add_argument("--features", required=True, help="the store's name, e.g. efficientnet_lite0")
+    projector.add_argument("--layer", required=True, help="one of its layers")
+    projector.add_argument("--n", type=int, default=1000, help="images: the seeded, class-balanced sample of `make tsne`")
+    projector.add_argument("--seed", type=int, default=0)
+    projector.add_argument("--pca", type=int, default=None, help="standardise and reduce to this many dimensions (wide layers)")
+    projector.set_defaults(func=cmd_projector)
 
     summary = sub.add_parser("summary", help="reports/summary.md: the best CNN layer and baseline of several datasets")
     summary.add_argument("--datasets", required=True, help="space-separated dataset specs, as in DATASETS=")
