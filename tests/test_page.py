@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import ROOT, WITHOUT_TENSORFLOW
+from conftest import ROOT, WITHOUT_TENSORFLOW, make_image_tree
 
 from classify.embed import StoreEmbedding, embeddings_path, nearest_neighbours
 from classify.page import write_page
@@ -31,25 +31,7 @@ from classify.thumbnails import ImageSource, thumb_name
 XSS = '<img src=x onerror="window.pwned=1">'
 CLASSES = {XSS: (200, 40, 40), "blue | *shape* 'q'": (40, 40, 200), 'red\'s "twin"': (185, 40, 60)}
 BLUE = 1
-SIZE = 40
 BROWSER_MISSING = "no Chromium here: install it with `make browser` (as root: apt-get install chromium chromium-driver)"
-
-
-def planted_tree(root: Path, per_class=(("train", 20), ("test", 12)), classes=CLASSES, size=SIZE, seed=0) -> Path:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    for split, count in per_class:
-        for name, colour in classes.items():
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for n in range(count):
-                image = rng.integers(25, 35, (size, size, 3)).astype(np.uint8)
-                cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
-                r = rng.integers(size // 5, size // 3)
-                mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2 if rng.random() < 0.5 else (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
-                image[mask] = np.clip(np.asarray(colour) + rng.integers(-25, 26, 3), 0, 255)
-                Image.fromarray(image).save(folder / f"{n:03d}.png")
-    return root
 
 
 def _classify(*args) -> None:
@@ -65,7 +47,7 @@ def planted(tmp_path_factory):
     from extract.datasets import load_dataset
 
     base = tmp_path_factory.mktemp("page")
-    tree = planted_tree(base / "planted")
+    tree = make_image_tree(base / "planted", colours=CLASSES, per_class={"train": 20, "test": 12}, size=40, background=(25, 35))
     spec = f"folder:{tree}"
     run_baselines(load_dataset(spec), ["hog", "color"], features_dir=base / "features", processes=0, progress=False)
     dirs = ["--dataset", spec, "--features-dir", str(base / "features"), "--results-dir", str(base / "results"),
@@ -219,6 +201,7 @@ class Page:
         from selenium.webdriver.common.actions.action_builder import ActionBuilder
 
         self.hover(i)
+        time.sleep(0.35)  # a person's pace: two clicks closer in time are a double tap to Bokeh
         action = ActionBuilder(self.browser)
         action.pointer_action.click()
         action.perform()
@@ -277,16 +260,17 @@ def test_browser_hover_click_layers_and_confusions(planted, browser, tmp_path):
     train_point = int(np.flatnonzero(np.asarray(data["images"]["split"]) == "train")[0])
     assert page.hover(train_point)["prediction"] == "training image: the probe was fitted on it"
 
-    # click at the colour layer: k neighbours, loaded, all blue for a blue image; at HOG (blind to colour) far fewer
-    blues = np.flatnonzero(labels == BLUE)[:3]
+    # click at the colour layer: k neighbours, loaded, nine in ten blue for blue images; at HOG (blind to colour) about chance
+    blues = np.flatnonzero(labels == BLUE)[:6]
     same = {}
     for name in ("color / hsv256", "hog / hog"):
         page.choose_layer(name)
         found = [page.click(int(i)) for i in blues]
         page.shot(f"neighbours {name.replace(' / ', '_')}")
-        assert all(len(f) == 9 and f[0]["kind"] == "thumb query" and all(n["width"] > 0 for n in f) for f in found)
+        assert all(len(f) == 9 and f[0]["kind"] == "thumb query" and f[0]["index"] == i and all(n["width"] > 0 for n in f)
+                   for i, f in zip(blues, found))
         same[name] = np.mean([n["label"] == classes[BLUE] for f in found for n in f[1:]])
-    assert same["color / hsv256"] >= 0.95 and same["hog / hog"] < 0.6, same
+    assert same["color / hsv256"] >= 0.9 and same["hog / hog"] < 0.5, same  # chance: 1/3
 
     # switching the layer moves the points and keeps the images
     page.choose_layer("color / hsv256")
@@ -353,7 +337,7 @@ def test_page_of_500_classes_and_a_layer_of_40000_values_opens_in_seconds(browse
     from extract.store import StoreWriter
 
     names = {f"class {i:03d}": tuple(int(v) for v in np.random.default_rng(i).integers(40, 255, 3)) for i in range(500)}
-    tree = planted_tree(tmp_path / "many", per_class=(("train", 1), ("test", 1)), classes=names, size=24)
+    tree = make_image_tree(tmp_path / "many", colours=names, per_class={"train": 1, "test": 1}, size=24)
     dataset = load_dataset(f"folder:{tree}")
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(500, 40_000)).astype(np.float32)

@@ -95,10 +95,17 @@
     tip.style.top = Math.max(0, top) + "px";
   }
 
+  /* Of the points under the pointer, the one nearest to it. */
+  function nearest(hits, geometry) {
+    const layer = data.layers[api.layer];
+    const distance = (i) => (layer.x[i] - geometry.x) ** 2 + (layer.y[i] - geometry.y) ** 2;
+    return hits.reduce((best, i) => (distance(i) < distance(best) ? i : best));
+  }
+
   api.hover = function (cb) {
     const hits = cb.index.indices.filter(shown);
     if (!hits.length) { hideTip(); return; }
-    showTip(hits[0], cb.geometry.sx, cb.geometry.sy);
+    showTip(nearest(hits, cb.geometry), cb.geometry.sx, cb.geometry.sy);
   };
 
   function thumb(i, kind) {
@@ -138,9 +145,10 @@
     showNeighbours(i);
   };
 
-  api.tap = function () {
+  api.tap = function (cb) {
     const hits = source.selected.indices.filter(shown);
-    if (hits.length) api.select(hits[0]);
+    const where = cb && cb.geometries;
+    if (hits.length) api.select(where && where.x !== undefined ? nearest(hits, where) : hits[0]);
   };
 
   function syncLegend() {
@@ -211,7 +219,7 @@
     plot.scatter({field: "x"}, {field: "y"}, {source: source, size: 8, fill_color: {field: "colour"}, line_color: {field: "colour"},
       fill_alpha: 0.8, selection_line_color: "black", selection_line_width: 1.5, nonselection_fill_alpha: 0.2, nonselection_line_alpha: 0.2});
     plot.add_tools(new Bokeh.HoverTool({tooltips: null, callback: {execute: (_, cb) => api.hover(cb)}}),
-      new Bokeh.TapTool({callback: {execute: () => api.tap()}}));
+      new Bokeh.TapTool({mode: "replace", callback: {execute: (_, cb) => api.tap(cb)}}));
     return plt.show(plot, "#scatter-plot").then((view) => {
       scatterView = view;
       wireEmbedding();
