@@ -81,7 +81,8 @@ def image_source(args):
 
 
 def cmd_tsne(args) -> None:
-    from classify.embed import embed_stores, embeddings_path, StoreEmbedding
+    from classify.embed import StoreEmbedding, embed_stores, embeddings_path
+    from classify.page import collect
     from classify.thumbnails import ensure_thumbnails
 
     slug = dataset_slug(args.dataset, args.crop)
@@ -94,8 +95,13 @@ def cmd_tsne(args) -> None:
     table = embed_stores(paths, out_dir=results_dir(args), report_dir=Path(args.reports_dir) / slug, n=args.n, seed=args.seed,
                          layers=_split_list(args.layers), progress=not args.no_progress)
     print(table[["features", "layer", "knn_acc_features", "knn_acc_tsne", "silhouette", "probe_top1"]].to_string(index=False))
-    sampled = {str(p) for f in table["features"].unique() for p in StoreEmbedding.load(embeddings_path(results_dir(args), f)).paths}
-    ensure_thumbnails(Path(args.reports_dir) / slug, sorted(sampled), image_source(args), progress=not args.no_progress)
+    # The page's thumbnails, now that the dataset is read anyway: the sample, and the confusion strips
+    # of the probe chosen so far (`make report` then reads no image).
+    report_dir = Path(args.reports_dir) / slug
+    wanted = {str(p) for f in table["features"].unique() for p in StoreEmbedding.load(embeddings_path(results_dir(args), f)).paths}
+    if (results_dir(args) / "results.csv").is_file():
+        wanted |= set(collect(results_dir(args), report_dir, features_dir=args.features_dir).thumbnail_paths())
+    ensure_thumbnails(report_dir, sorted(wanted), image_source(args), progress=not args.no_progress)
     print(f"layers: {results_dir(args) / 'layers.csv'}; pictures: {Path(args.reports_dir) / slug / 'tsne_grid.png'}")
 
 

@@ -396,12 +396,28 @@ def read_embeddings(results_dir: Path, stores: list[dict]) -> list[StoreEmbeddin
     return found
 
 
-def write_page(results_dir: str | Path, report_dir: str | Path, *, features_dir: str | Path, images: ImageSource | None = None) -> Path:
-    """Write ``report_dir/index.html`` (and the thumbnails it lacks) from results.csv, the stores'
-    embeddings (``make tsne``) and the chosen probe's predictions."""
+@dataclass
+class PageParts:
+    """What the page shows, before it is drawn."""
+
+    dataset: str
+    metric: str
+    given: pd.DataFrame
+    best: pd.Series | None
+    view: dict | None
+    confusion: Confusions | None
+
+    def thumbnail_paths(self) -> list[str]:
+        """The images the page shows: the embedding's sample and the confusion strips."""
+        strips = [] if self.confusion is None else [p for pair in self.confusion.pairs for _, _, paths in pair["strips"] for p in paths]
+        return ([] if self.view is None else self.view["images"]["path"]) + strips
+
+
+def collect(results_dir: str | Path, report_dir: str | Path, *, features_dir: str | Path) -> PageParts:
+    """The page's data from results.csv (rows of live stores), the stores' embeddings (``make tsne``)
+    and the chosen probe's predictions."""
     from classify.report import main_rows, read_stores
 
-    started = time.perf_counter()
     results_dir, report_dir = Path(results_dir), Path(report_dir)
     results = read_results(results_dir / "results.csv")
     if results is None:
@@ -412,24 +428,30 @@ def write_page(results_dir: str | Path, report_dir: str | Path, *, features_dir:
     given = main_rows(results)
     best = select_best(given) if len(given) else None
     dataset = ", ".join(sorted(results["dataset"].astype(str).unique())) or report_dir.name
-
     embeddings = read_embeddings(results_dir, stores)
-    view, confusion, wanted = None, None, []
-    if embeddings:
-        view = embedding_data(embeddings, thumb_name)
-        attach_probes(view, given, results_dir, metric)
-        attach_numbers(view, results_dir / "layers.csv")
-        names = [(layer["features"], layer["layer"]) for layer in view["layers"]]
-        view["selected"] = (names.index((best["features"], best["layer"])) if best is not None and (best["features"], best["layer"]) in names
-                            else max((i for i, layer in enumerate(view["layers"]) if layer["kind"] == "cnn"), default=0))
-        wanted += view["images"]["path"]
-        frame = None if best is None else _read_predictions(_predictions_file(results_dir, best))
-        if frame is not None:
-            confusion = confusions(frame, view["classes"], f"{best['features']} / {best['layer']} / {best['classifier']}")
-            wanted += [p for pair in confusion.pairs for _, _, paths in pair["strips"] for p in paths]
+    if not embeddings:
+        return PageParts(dataset, metric, given, best, None, None)
+    view = embedding_data(embeddings, thumb_name)
+    attach_probes(view, given, results_dir, metric)
+    attach_numbers(view, results_dir / "layers.csv")
+    names = [(layer["features"], layer["layer"]) for layer in view["layers"]]
+    view["selected"] = (names.index((best["features"], best["layer"])) if best is not None and (best["features"], best["layer"]) in names
+                        else max((i for i, layer in enumerate(view["layers"]) if layer["kind"] == "cnn"), default=0))
+    frame = None if best is None else _read_predictions(_predictions_file(results_dir, best))
+    confusion = None if frame is None else confusions(frame, view["classes"], f"{best['features']} / {best['layer']} / {best['classifier']}")
+    return PageParts(dataset, metric, given, best, view, confusion)
+
+
+def write_page(results_dir: str | Path, report_dir: str | Path, *, features_dir: str | Path, images: ImageSource | None = None) -> Path:
+    """Write ``report_dir/index.html``, and the thumbnails it lacks (``make tsne`` wrote those it knew of)."""
+    started = time.perf_counter()
+    report_dir = Path(report_dir)
+    parts = collect(results_dir, report_dir, features_dir=features_dir)
+    wanted = parts.thumbnail_paths()
     ensure_thumbnails(report_dir, wanted, images)
-    text = render_page(title=f"{dataset}: offshelf", header=_header(dataset, best, metric, report_dir), embedding=view,
-                       accuracy=accuracy_data(given, metric, best) if len(given) else None, confusion=confusion, url=thumb_name)
+    text = render_page(title=f"{parts.dataset}: offshelf", header=_header(parts.dataset, parts.best, parts.metric, report_dir),
+                       embedding=parts.view, accuracy=accuracy_data(parts.given, parts.metric, parts.best) if len(parts.given) else None,
+                       confusion=parts.confusion, url=thumb_name)
     path = report_dir / PAGE
     path.write_text(text, encoding="utf-8")
     log.info("%s: %.0f KB, %d thumbnails, in %.2f s", path, path.stat().st_size / 1024, len(set(wanted)), time.perf_counter() - started)
