@@ -97,6 +97,28 @@ def test_page_holds_every_layer_over_the_same_images_and_its_thumbnails(planted)
     assert "[index.html](index.html)" in (reports / "report.md").read_text()
 
 
+def test_accuracy_chart_takes_each_layers_best_cv_row_and_draws_fused_layers_as_lines():
+    from classify.page import accuracy_data
+    from classify.results import RESULT_COLUMNS, select_best
+
+    def row(features, kind, layer, depth, normalization, cv, top1):
+        return {**{c: 0 for c in RESULT_COLUMNS}, "dataset": "d", "features": features, "kind": kind, "layer": layer, "layer_depth": depth,
+                "classifier": "logreg", "protocol": "given", "normalization": normalization, "C": 1.0, "cv_score": cv, "top1": top1,
+                "mean_per_class_acc": top1, "mAP": np.nan}
+
+    rows = pd.DataFrame([row("efficientnet_lite0", "cnn", "stem", 0, "standard", 0.5, 0.52), row("efficientnet_lite0", "cnn", "stem", 0, "l2", 0.6, 0.40),
+                         row("efficientnet_lite0", "cnn", "pre_logits", 1, "standard", 0.9, 0.88), row("efficientnet_lite0", "cnn", "pre_logits", 1, "l2", 0.8, 0.95),
+                         row("efficientnet_lite0", "cnn", "stage6+pre_logits", 2, "standard", 0.92, 0.90), row("hog", "baseline", "hog", 0, "standard", 0.7, 0.7)],
+                        columns=RESULT_COLUMNS)
+    chart = accuracy_data(rows, "top1", select_best(rows))
+    curve, = chart["curves"]
+    assert chart["ticks"] == ["stem", "pre_logits"] and curve["data"]["x"] == [0.0, 1.0]
+    assert curve["data"]["y"] == [40.0, 88.0]  # per layer the best CV score's row, never the best test score's
+    assert curve["data"]["classifier"] == ["logreg (l2)", "logreg (standard)"]
+    assert [line["name"] for line in chart["lines"]] == ["efficientnet_lite0 / stage6+pre_logits: 90.0%", "hog / hog: 70.0%"]
+    assert chart["chosen"]["name"] == ["efficientnet_lite0 / stage6+pre_logits"] and chart["chosen"]["cv"] == ["92.00%"]
+
+
 def test_page_leaves_out_embeddings_of_a_rebuilt_store(planted, tmp_path):
     spec, reports, results = planted
     copy = tmp_path / "results" / "planted"
