@@ -22,7 +22,7 @@ quote = '$(subst ','\'',$(1))'
 q = $(call quote,$(value $(1)))
 opt = $(if $(value $(2)),$(1) $(call q,$(2)))
 # Not into the recipes' environment either: exporting expands a value (and runs any $(shell) in it).
-unexport DATASET DATASETS DATA_DIR MODEL LAYERS POOLING WEIGHTS DTYPE LIMIT FULL OVERWRITE ON_ERROR CROP RESIZE SEED \
+unexport DATASET DATASETS DATA_DIR MODEL LAYER LAYERS POOLING WEIGHTS DTYPE LIMIT FULL OVERWRITE ON_ERROR CROP RESIZE SEED \
 	CHECKPOINT_SECONDS WORKERS RAY_ADDRESS SHIP_BYTES CLASSIFIER BASELINES BASELINES_PRESET CODEBOOK_SPLIT FEATURES REPEATS REGIMES SIZES PROTOCOL N TRAIN EPOCHS FEATURES_DIR RESULTS_DIR REPORTS_DIR
 
 # Where stores, results and reports go (default: features/, results/, reports/ here).
@@ -35,7 +35,7 @@ DATA_ARGS = $(DATASET_ARGS) --seed $(call q,SEED) $(call opt,--resize,RESIZE) \
 # (one worker per GPU where it has GPUs); SHIP_BYTES=1: send images' bytes to workers that cannot read the paths.
 SCALE_ARGS = $(call opt,--workers,WORKERS) $(call opt,--ray-address,RAY_ADDRESS) $(if $(value SHIP_BYTES),--ship-bytes)
 
-.PHONY: setup data fetch extract layers baselines classify tsne report benchmark data-info finetune pretrain recipe rule-of-thumb test
+.PHONY: setup data fetch extract layers baselines classify tsne report projector benchmark data-info finetune pretrain recipe rule-of-thumb browser test
 
 setup: $(STAMP) data
 
@@ -72,10 +72,16 @@ classify: setup
 		$(call opt,--features,FEATURES) $(call opt,--layers,LAYERS) $(call opt,--protocol,PROTOCOL) $(call opt,--repeats,REPEATS)
 
 tsne: setup
-	$(PY) -m classify tsne $(DATASET_ARGS) $(RESULT_DIRS) --seed $(call q,SEED) --model $(call q,MODEL) $(call opt,--n,N)
+	$(PY) -m classify tsne $(DATASET_ARGS) $(RESULT_DIRS) $(call opt,--data-dir,DATA_DIR) --seed $(call q,SEED) --model $(call q,MODEL) $(call opt,--n,N)
 
+# report.md and index.html (the interactive page; thumbnails from the images, read once).
 report: setup
-	$(PY) -m classify report $(DATASET_ARGS) $(RESULT_DIRS)
+	$(PY) -m classify report $(DATASET_ARGS) $(RESULT_DIRS) $(call opt,--data-dir,DATA_DIR)
+
+# TensorBoard Embedding Projector files of one layer: FEATURES=<store> LAYER=<tap> [N=1000].
+projector: setup
+	$(PY) -m classify projector $(DATASET_ARGS) $(RESULT_DIRS) $(call opt,--data-dir,DATA_DIR) --features $(call q,FEATURES) \
+		--layer $(call q,LAYER) --seed $(call q,SEED) $(call opt,--n,N)
 
 # DATASETS="a b c": the whole benchmark for each, then reports/summary.md across them.
 ifdef DATASETS
@@ -102,5 +108,16 @@ rule-of-thumb: setup
 	$(PY) -m transfer rule-of-thumb $(DATA_ARGS) $(call opt,--results-dir,RESULTS_DIR) --model $(call q,MODEL) \
 		$(call opt,--regimes,REGIMES) $(call opt,--sizes,SIZES) $(call opt,--repeats,REPEATS) $(call opt,--max-epochs,EPOCHS)
 
-test: setup
+# The browser tests drive Debian's Chromium: installed here when missing and apt-get can (root), a no-op
+# otherwise (the tests then skip, saying how to install it).
+BROWSER_PACKAGES := chromium chromium-driver
+browser:
+	@if command -v chromedriver >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PACKAGES) >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PACKAGES) >/dev/null 2>&1; } || \
+		echo "could not install $(BROWSER_PACKAGES) with apt-get: the browser tests will skip"; \
+	else echo "no chromium: the browser tests will skip (as root: apt-get install $(BROWSER_PACKAGES))"; fi
+
+test: setup browser
 	$(PY) -m pytest

@@ -1,4 +1,4 @@
-"""Command line: ``python -m classify {probe,predict,report}``."""
+"""Command line: ``python -m classify {probe,predict,tsne,projector,summary,report}``."""
 
 from __future__ import annotations
 
@@ -112,8 +112,17 @@ def cmd_predict(args) -> None:
     print(f"predictions: {out}")
 
 
+def image_source(args):
+    """Where the thumbnails' images are read from: the dataset as `make extract` read it."""
+    from classify.thumbnails import ImageSource
+
+    return ImageSource(args.dataset, crop=args.crop, data_dir=args.data_dir)
+
+
 def cmd_tsne(args) -> None:
-    from classify.embed import embed_stores
+    from classify.embed import StoreEmbedding, embed_stores, embeddings_path
+    from classify.page import collect
+    from classify.thumbnails import ensure_thumbnails
 
     slug = dataset_slug(args.dataset, args.crop)
     paths = store_paths(args.features_dir, slug, _split_list(args.features))
@@ -125,7 +134,25 @@ def cmd_tsne(args) -> None:
     table = embed_stores(paths, out_dir=results_dir(args), report_dir=Path(args.reports_dir) / slug, n=args.n, seed=args.seed,
                          layers=_split_list(args.layers), progress=not args.no_progress)
     print(table[["features", "layer", "knn_acc_features", "knn_acc_tsne", "silhouette", "probe_top1"]].to_string(index=False))
+    # The page's thumbnails, now that the dataset is read anyway: the sample, and the confusion strips
+    # of the probe chosen so far (`make report` then reads no image).
+    report_dir = Path(args.reports_dir) / slug
+    wanted = {str(p) for f in table["features"].unique() for p in StoreEmbedding.load(embeddings_path(results_dir(args), f)).paths}
+    if (results_dir(args) / "results.csv").is_file():
+        wanted |= set(collect(results_dir(args), report_dir, features_dir=args.features_dir).thumbnail_paths())
+    ensure_thumbnails(report_dir, sorted(wanted), image_source(args), progress=not args.no_progress)
     print(f"layers: {results_dir(args) / 'layers.csv'}; pictures: {Path(args.reports_dir) / slug / 'tsne_grid.png'}")
+
+
+def cmd_projector(args) -> None:
+    from classify.projector import write_projector
+
+    slug = dataset_slug(args.dataset, args.crop)
+    store = store_paths(args.features_dir, slug, [args.features])[0]
+    report_dir = Path(args.reports_dir) / slug
+    out = write_projector(store, args.layer, report_dir / "projector" / f"{args.features}__{args.layer}", report_dir=report_dir,
+                          n=args.n, seed=args.seed, images=image_source(args), pca=args.pca)
+    print(f"projector: {out} (`tensorboard --logdir {out}`, or load its projector_config.json in the standalone projector)")
 
 
 def _is_baseline(path: Path) -> bool:
@@ -141,11 +168,14 @@ def cmd_summary(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from classify.page import write_page
     from classify.report import write_report  # matplotlib: imported only where a report is drawn
 
-    report = write_report(results_dir(args) / "results.csv", Path(args.reports_dir) / dataset_slug(args.dataset, args.crop),
-                          features_dir=Path(args.features_dir))
+    report_dir = Path(args.reports_dir) / dataset_slug(args.dataset, args.crop)
+    report = write_report(results_dir(args) / "results.csv", report_dir, features_dir=Path(args.features_dir))
     print(f"report: {report}")
+    page = write_page(results_dir(args), report_dir, features_dir=Path(args.features_dir), images=image_source(args))
+    print(f"page: {page} (open it in a browser; it needs no server)")
 
 
 def main(argv=None) -> int:
@@ -157,6 +187,7 @@ def main(argv=None) -> int:
     common.add_argument("--features-dir", default="features")
     common.add_argument("--results-dir", default="results")
     common.add_argument("--reports-dir", default="reports")
+    common.add_argument("--data-dir", default=None, help="where the dataset's images are, as for `make extract` (thumbnails)")
 
     probe = sub.add_parser("probe", parents=[common], help="fit linear probes on every store and layer; update results.csv")
     probe.add_argument("--features", default=None, help="comma-separated store names (default: every store of the dataset)")
@@ -202,6 +233,14 @@ def main(argv=None) -> int:
     tsne.add_argument("--seed", type=int, default=0)
     tsne.add_argument("--no-progress", action="store_true")
     tsne.set_defaults(func=cmd_tsne)
+
+    projector = sub.add_parser("projector", parents=[common], help="TensorBoard Embedding Projector files of one layer")
+    projector.add_argument("--features", required=True, help="the store's name, e.g. efficientnet_lite0")
+    projector.add_argument("--layer", required=True, help="one of its layers")
+    projector.add_argument("--n", type=int, default=1000, help="images: the seeded, class-balanced sample of `make tsne`")
+    projector.add_argument("--seed", type=int, default=0)
+    projector.add_argument("--pca", type=int, default=None, help="standardise and reduce to this many dimensions (wide layers)")
+    projector.set_defaults(func=cmd_projector)
 
     summary = sub.add_parser("summary", help="reports/summary.md: the best CNN layer and baseline of several datasets")
     summary.add_argument("--datasets", required=True, help="space-separated dataset specs, as in DATASETS=")

@@ -11,14 +11,23 @@ TSNE when openTSNE is missing). ``results/<dataset>/layers.csv`` gets, per layer
 * ``probe_top1``: the test accuracy of the layer's linear probe from results.csv (of the
   classifier with the better cross-validation score, when there are several).
 
+``results/<dataset>/embeddings/<features>.npz`` keeps what the HTML page (``classify.page``) and
+the projector files show: the sample's rows, paths, labels and splits, and per layer the 2-D
+embedding and each image's ``NEIGHBOURS`` nearest others in the standardised features (not in
+the picture), under the store's fingerprint id: a store rebuilt since is never shown with them.
+
 Low layers of a CNN give generic features whose classes overlap; high layers cluster by
 meaning. These columns show that trend in numbers.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -31,6 +40,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from classify.evaluate import store_fingerprint_id
 from classify.results import best_per, read_results, update_csv
 from extract.store import FeatureStore
 
@@ -41,6 +51,8 @@ DEFAULT_SAMPLES = 1000
 PCA_DIMENSIONS = 50
 KNN_K = 10
 PERPLEXITY = 30.0
+NEIGHBOURS = 8  # nearest images per point that the page shows on a click
+EMBEDDINGS = "embeddings"  # results/<dataset>/embeddings/<features>.npz
 LAYER_COLUMNS = [
     "dataset", "features", "kind", "layer", "layer_depth", "n_samples", "n_classes", "seed", "knn_k",
     "knn_acc_features", "knn_acc_tsne", "silhouette", "probe_top1", "tsne", "seconds",
@@ -75,17 +87,26 @@ def tsne_2d(X: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
         return TSNE(perplexity=perplexity, init="pca", random_state=seed).fit_transform(X), "scikit-learn"
 
 
-def knn_accuracy(X: np.ndarray, y: np.ndarray, k: int = KNN_K) -> float:
-    """Leave-one-out k-NN accuracy: each point is classified by the majority of its k nearest
-    others (ties go to the class of the nearest among the tied)."""
+def nearest_neighbours(X: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` nearest other rows (Euclidean), nearest first: (n, min(k, n - 1)) indices.
+    A row is left out of its own list even when another row has the same features (and so may
+    come first)."""
     k = min(k, len(X) - 1)
     if k < 1:
+        return np.zeros((len(X), 0), np.int64)
+    _, found = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X)
+    others = found != np.arange(len(X))[:, None]
+    first = np.argsort(~others, axis=1, kind="stable")[:, :k]  # the columns that are not the row itself, in order
+    return np.take_along_axis(found, first, axis=1)
+
+
+def vote_accuracy(neighbours: np.ndarray, y: np.ndarray) -> float:
+    """Each point classified by the majority of its neighbours' labels (ties go to the class of the
+    nearest among the tied): the fraction right."""
+    if neighbours.shape[1] < 1:
         return float("nan")
-    _, neighbours = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X)
-    neighbours = neighbours[:, 1:]  # drop each point itself
-    votes = y[neighbours]
     correct = 0
-    for row, true in zip(votes, y):
+    for row, true in zip(y[neighbours], y):
         counts = np.bincount(row)
         tied = np.flatnonzero(counts == counts.max())
         predicted = next(label for label in row if label in tied)
@@ -93,8 +114,15 @@ def knn_accuracy(X: np.ndarray, y: np.ndarray, k: int = KNN_K) -> float:
     return correct / len(y)
 
 
+def knn_accuracy(X: np.ndarray, y: np.ndarray, k: int = KNN_K) -> float:
+    """Leave-one-out k-NN accuracy: each point is classified by the majority of its k nearest
+    others (ties go to the class of the nearest among the tied)."""
+    return vote_accuracy(nearest_neighbours(X, k), y)
+
+
 def embed_layer(X: np.ndarray, labels: np.ndarray, seed: int) -> dict:
-    """Everything for one layer: 2-D embedding and the three cluster numbers."""
+    """Everything for one layer: 2-D embedding, each point's ``NEIGHBOURS`` nearest others in the
+    standardised features, and the three cluster numbers."""
     start = time.perf_counter()
     with threadpool_limits(1):
         standardised = StandardScaler().fit_transform(np.asarray(X, dtype=np.float64))
@@ -102,13 +130,68 @@ def embed_layer(X: np.ndarray, labels: np.ndarray, seed: int) -> dict:
         if standardised.shape[1] > PCA_DIMENSIONS and len(X) > PCA_DIMENSIONS:
             reduced = PCA(PCA_DIMENSIONS, random_state=seed).fit_transform(standardised)
         embedding, library = tsne_2d(reduced, seed)
+        neighbours = nearest_neighbours(standardised, max(KNN_K, NEIGHBOURS))
         several = len(np.unique(labels)) > 1
         return {
-            "embedding": embedding, "tsne": library,
-            "knn_acc_features": knn_accuracy(standardised, labels), "knn_acc_tsne": knn_accuracy(embedding, labels),
+            "embedding": embedding, "tsne": library, "neighbours": neighbours[:, :NEIGHBOURS],
+            "knn_acc_features": vote_accuracy(neighbours[:, :KNN_K], labels), "knn_acc_tsne": knn_accuracy(embedding, labels),
             "silhouette": float(silhouette_score(standardised, labels)) if several else float("nan"),
             "seconds": time.perf_counter() - start,
         }
+
+
+@dataclass
+class StoreEmbedding:
+    """The t-SNE sample of one store: which images, and per layer (in the store's tap order) their
+    2-D positions and nearest neighbours (indices into the sample). ``fingerprint_id`` names the
+    store's settings and image list it was computed from."""
+
+    features: str
+    kind: str
+    fingerprint_id: str
+    seed: int
+    classes: list[str]
+    rows: np.ndarray
+    paths: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    layers: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # tap -> (embedding, neighbours)
+
+    def same_sample(self, other: StoreEmbedding) -> bool:
+        return (self.fingerprint_id, self.seed) == (other.fingerprint_id, other.seed) and np.array_equal(self.rows, other.rows)
+
+    def save(self, path: Path) -> Path:
+        """Atomically (a temporary file renamed over ``path``)."""
+        meta = {"features": self.features, "kind": self.kind, "fingerprint_id": self.fingerprint_id, "seed": self.seed,
+                "classes": list(self.classes), "taps": list(self.layers)}
+        arrays = {"meta": np.array(json.dumps(meta)), "rows": self.rows, "paths": np.asarray(self.paths, dtype=str),
+                  "labels": self.labels, "splits": np.asarray(self.splits, dtype=str)}
+        for i, (embedding, neighbours) in enumerate(self.layers.values()):
+            arrays[f"embedding_{i}"] = np.asarray(embedding, np.float32)
+            arrays[f"neighbours_{i}"] = np.asarray(neighbours, np.int32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.npz")
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> StoreEmbedding | None:
+        """None when there is no such file."""
+        if not path.is_file():
+            return None
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            layers = {tap: (data[f"embedding_{i}"], data[f"neighbours_{i}"]) for i, tap in enumerate(meta["taps"])}
+            return cls(meta["features"], meta["kind"], meta["fingerprint_id"], int(meta["seed"]), meta["classes"], data["rows"],
+                       data["paths"], data["labels"], data["splits"], layers)
+
+
+def embeddings_path(out_dir: Path, features: str) -> Path:
+    return Path(out_dir) / EMBEDDINGS / f"{features}.npz"
 
 
 def _scatter(ax, embedding, labels, classes, title: str) -> None:
@@ -153,7 +236,7 @@ def _probe_accuracy(results_csv: Path) -> dict:
 def embed_stores(store_paths, *, out_dir: Path, report_dir: Path, n: int = DEFAULT_SAMPLES, seed: int = 0,
                  layers=None, progress: bool = True) -> pd.DataFrame:
     """t-SNE and numbers for every layer of every store; writes layers.csv, one PNG per layer
-    under ``report_dir/tsne/`` and ``report_dir/tsne_grid.png``."""
+    under ``report_dir/tsne/``, ``report_dir/tsne_grid.png`` and each store's embeddings file."""
     probe = _probe_accuracy(out_dir / "results.csv")
     records, panels = [], []
     jobs = []
@@ -161,6 +244,8 @@ def embed_stores(store_paths, *, out_dir: Path, report_dir: Path, n: int = DEFAU
         with FeatureStore(path) as store:
             jobs += [(path, tap) for tap in store.taps if layers is None or tap in set(layers)]
     (report_dir / "tsne").mkdir(parents=True, exist_ok=True)
+    embeddings: dict[Path, StoreEmbedding] = {}
+    taps: dict[Path, list[str]] = {}
     for path, tap in tqdm(jobs, desc="t-SNE", disable=not progress):
         with FeatureStore(path) as store:
             if store.dim(tap) == 0 or len(store) < 3:
@@ -171,9 +256,14 @@ def embed_stores(store_paths, *, out_dir: Path, report_dir: Path, n: int = DEFAU
             record = {
                 "dataset": store.dataset, "features": store.extractor, "kind": store.kind, "layer": tap,
                 "layer_depth": store.taps.index(tap), "n_samples": len(rows), "n_classes": len(np.unique(labels)), "seed": seed,
-                "knn_k": min(KNN_K, len(rows) - 1), **{k: v for k, v in result.items() if k != "embedding"},
+                "knn_k": min(KNN_K, len(rows) - 1), **{k: v for k, v in result.items() if k not in ("embedding", "neighbours")},
                 "probe_top1": probe.get((store.extractor, tap), float("nan")),
             }
+            if path not in embeddings:
+                embeddings[path] = StoreEmbedding(store.extractor, store.kind, store_fingerprint_id(store.fingerprint, store.dataset_digest),
+                                                  seed, classes, rows, store.paths[rows], labels, store.splits[rows])
+            embeddings[path].layers[tap] = (result["embedding"], result["neighbours"])
+            taps[path] = store.taps
         records.append(record)
         panels.append((record, result["embedding"], labels, classes))
         fig, ax = plt.subplots(figsize=(7.5, 6), constrained_layout=True)
@@ -181,6 +271,8 @@ def embed_stores(store_paths, *, out_dir: Path, report_dir: Path, n: int = DEFAU
         _legend(ax, classes, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="class", title_fontsize=8)
         fig.savefig(report_dir / "tsne" / f"{record['features']}__{tap}.png", dpi=110)
         plt.close(fig)
+    for path, embedding in embeddings.items():
+        save_embeddings(embedding, embeddings_path(out_dir, embedding.features), taps[path])
     table = pd.DataFrame(records, columns=LAYER_COLUMNS)
     def merge(old: pd.DataFrame | None) -> pd.DataFrame:  # this run's stores replace their rows; others stay
         if old is None:
@@ -193,6 +285,16 @@ def embed_stores(store_paths, *, out_dir: Path, report_dir: Path, n: int = DEFAU
     if panels:
         plot_grid(panels, report_dir / "tsne_grid.png")
     return table
+
+
+def save_embeddings(embedding: StoreEmbedding, path: Path, taps: list[str]) -> Path:
+    """Write ``embedding``, keeping the layers of the file already there that this run did not
+    embed when they come from the same sample of the same store."""
+    old = StoreEmbedding.load(path)
+    kept = old.layers if old is not None and old.same_sample(embedding) else {}
+    merged = {**kept, **embedding.layers}
+    embedding.layers = {tap: merged[tap] for tap in taps if tap in merged}
+    return embedding.save(path)
 
 
 def plot_grid(panels, path: Path, columns: int = 4) -> Path:

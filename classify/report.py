@@ -531,6 +531,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
     if len(unseen):
         lines.append(f"Warning: {int(unseen['classes_unseen_in_train'].max())} test classes have no training image; "
                      "every test image of them counts as wrong.")
+    lines += ["", "Explore it in a browser: [index.html](index.html), every layer's embedding image by image, neighbours and confusions (offline)."]
     lines += ["", f"![accuracy by layer]({plot.name})", "", f"![each feature set at its chosen layer]({bars.name})", ""]
     lines += ablation_section(every, metric)
     lines += domain_section(results)

@@ -38,25 +38,29 @@ def shared_data(name: str) -> Path:
     return path
 
 
-def make_image_tree(root: Path, *, classes=("circle", "square"), per_class: dict[str, int] | None = None, size=48, seed=0) -> Path:
+def make_image_tree(root: Path, *, classes=("circle", "square"), per_class: dict[str, int] | None = None, size=48, seed=0,
+                    colours: dict[str, tuple[int, int, int]] | None = None, background=(0, 60)) -> Path:
     """Write JPEGs of two visually distinct classes: ``root/<split>/<class>/<n>.jpg``.
 
     Circles and squares of random position, colour and size on a noisy background, so a
-    probe has something real to learn.
+    probe has something real to learn. With ``colours`` ({class: RGB}) the classes are those
+    and differ only in colour: a random circle or square of the class's colour (each channel
+    within 25 of it).
     """
     per_class = per_class or {"train": 8, "test": 4}
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     for split, count in per_class.items():
-        for label, name in enumerate(classes):
+        for label, name in enumerate(colours or classes):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for n in range(count):
-                image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+                image = rng.integers(*background, (size, size, 3)).astype(np.uint8)
                 cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
                 r = rng.integers(size // 6, size // 3)
-                mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2 if label == 0 else (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
-                image[mask] = rng.integers(150, 256, 3)
+                circle = rng.random() < 0.5 if colours else label == 0
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2 if circle else (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+                image[mask] = np.clip(np.asarray(colours[name]) + rng.integers(-25, 26, 3), 0, 255) if colours else rng.integers(150, 256, 3)
                 Image.fromarray(image).save(folder / f"{n:03d}.jpg", quality=92)
     return root
 

@@ -29,7 +29,7 @@ def _run_all(dataset: str, out: Path, *extract_args, baseline_args=()) -> pd.Dat
     _cli("classify", "probe", "--dataset", dataset, *outs, "--no-progress", "--cs", "0.01,1")
     _cli("classify", "tsne", "--dataset", dataset, *outs, "--no-progress", "--n", "60")
     printed = _cli("classify", "report", "--dataset", dataset, *outs)
-    assert "report:" in printed
+    assert "report:" in printed and "index.html" in printed
     return pd.read_csv(out / "results" / Path(dataset.split(":")[-1]).name / "results.csv")
 
 

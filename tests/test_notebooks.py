@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 
 import nbformat
 import numpy as np
@@ -43,13 +45,21 @@ def test_explore_embeddings_runs_on_a_small_store(tmp_path, monkeypatch):
     featurizer = CNNFeaturizer("efficientnet_lite0", layers="stage3,pre_logits", batch_size=8)
     store = extract_to_store(dataset, featurizer, tmp_path / "features" / "shapes" / "efficientnet_lite0.h5", progress=False)
     notebook = _run("explore_embeddings.ipynb", {"OFFSHELF_DATASET": f"folder:{tree}", "OFFSHELF_STORE": store,
-                                                 "OFFSHELF_SAMPLES": 36}, monkeypatch)
+                                                 "OFFSHELF_SAMPLES": 36, "OFFSHELF_THUMBS": tmp_path / "thumbs"}, monkeypatch)
     text = _text(notebook)
     assert "efficientnet_lite0 on shapes: 36 images, 2 classes" in text
     precision = float(text.split("precision@6 over these queries: ")[1].split()[0])
     assert precision >= 0.8  # circles find circles
     images = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
     assert len(images) >= 2  # the embedding and the retrieval grid
+    # the page's interactive view, inline: both layers over the same 36 images, thumbnails as data: URIs
+    assert "interactive view: 2 layers, 36 images, 36 thumbnails" in text
+    frames = [out["data"]["text/html"] for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+              if "<iframe srcdoc=" in out.get("data", {}).get("text/html", "")]
+    page = html.unescape(frames[0].split('srcdoc="')[1].split('"')[0])
+    view = json.loads(re.search(r'id="offshelf-data">(.*?)</script>', page, re.S).group(1))["embedding"]
+    assert [layer["name"] for layer in view["layers"]] == ["efficientnet_lite0 / stage3", "efficientnet_lite0 / pre_logits"]
+    assert len(view["images"]["thumb"]) == 36 and all(t.startswith("data:image/jpeg;base64,") for t in view["images"]["thumb"])
 
 
 @pytest.mark.slow
