@@ -416,7 +416,8 @@ class PageParts:
 def collect(results_dir: str | Path, report_dir: str | Path, *, features_dir: str | Path) -> PageParts:
     """The page's data from results.csv (rows of live stores), the stores' embeddings (``make tsne``)
     and the chosen probe's predictions."""
-    from classify.report import main_rows, read_stores
+    from classify.recipe import chosen_among
+    from classify.report import describe, main_rows, read_stores
 
     results_dir, report_dir = Path(results_dir), Path(report_dir)
     results = read_results(results_dir / "results.csv")
@@ -425,7 +426,7 @@ def collect(results_dir: str | Path, report_dir: str | Path, *, features_dir: st
     stores = read_stores(Path(features_dir), report_dir.name)
     results = live_rows(results, {s["extractor"]: s for s in stores})
     metric = "mAP" if results["mAP"].notna().any() else "top1"
-    given = main_rows(results)
+    given = chosen_among(main_rows(results))  # the rows the report's headline is chosen among
     best = select_best(given) if len(given) else None
     dataset = ", ".join(sorted(results["dataset"].astype(str).unique())) or report_dir.name
     embeddings = read_embeddings(results_dir, stores)
@@ -438,7 +439,7 @@ def collect(results_dir: str | Path, report_dir: str | Path, *, features_dir: st
     view["selected"] = (names.index((best["features"], best["layer"])) if best is not None and (best["features"], best["layer"]) in names
                         else max((i for i, layer in enumerate(view["layers"]) if layer["kind"] == "cnn"), default=0))
     frame = None if best is None else _read_predictions(_predictions_file(results_dir, best))
-    confusion = None if frame is None else confusions(frame, view["classes"], f"{best['features']} / {best['layer']} / {best['classifier']}")
+    confusion = None if frame is None else confusions(frame, view["classes"], describe(best))
     return PageParts(dataset, metric, given, best, view, confusion)
 
 

@@ -105,6 +105,7 @@ def ablation(rows: pd.DataFrame, metric: str = "mean_per_class_acc") -> pd.DataF
                           "normalization": chosen["normalization"], "classifier": chosen["classifier"], "C": chosen["C"],
                           "cv_score": chosen["cv_score"], "top1": chosen["top1"], "mean_per_class_acc": chosen["mean_per_class_acc"],
                           "mAP": chosen.get("mAP"), "change": chosen[metric] - plain[metric],
+                          "n_train": chosen["n_train"], "n_test": chosen["n_test"],
                           "candidates": int(chooses(group).sum())})
     return pd.DataFrame(lines)
 

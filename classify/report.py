@@ -596,22 +596,28 @@ def write_summary(results_root: str | Path, reports_root: str | Path, datasets: 
         if results is None:
             raise FileNotFoundError(f"{results_csv} is missing; run `make benchmark DATASET=...` for {slug} first")
         metric = "mAP" if results["mAP"].notna().any() else "top1"
-        main = main_rows(results)
-        for kind, label in (("cnn", "best CNN layer"), ("baseline", "best baseline")):
-            best = select_best(main[main["kind"] == kind].dropna(subset=[metric]))
+        every = main_rows(results)
+        main = chosen_among(every)
+        steps = ablation(every, "mAP" if metric == "mAP" else "mean_per_class_acc")
+        plain = [] if steps.empty else [("plain CNN probe", steps.iloc[0])]  # the same choice RECIPE=plain makes
+        chosen = [(label, select_best(main[main["kind"] == kind].dropna(subset=[metric])))
+                  for kind, label in (("cnn", "best CNN layer" if steps.empty else "best CNN (RECIPE=best)"), ("baseline", "best baseline"))]
+        for label, best in plain + chosen:
             if best is None:
                 continue
             rows.append({"dataset": slug, "method": label, "features": best["features"], "layer": best["layer"],
-                         "classifier": best["classifier"], "metric": METRIC_LABELS[metric], "CV %": round(100 * best["cv_score"], 2),
-                         "score %": round(100 * best[metric], 2), "n train / test": f"{int(best['n_train'])} / {int(best['n_test'])}"})
+                         "classifier": best["classifier"], "normalisation": best["normalization"], "metric": METRIC_LABELS[metric],
+                         "CV %": round(100 * best["cv_score"], 2), "score %": round(100 * best[metric], 2),
+                         "mean per-class %": round(100 * best["mean_per_class_acc"], 2) if metric != "mAP" else np.nan,
+                         "n train / test": f"{int(best['n_train'])} / {int(best['n_test'])}"})
     table = pd.DataFrame(rows)
     out = Path(reports_root)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "summary.csv", index=False)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(datasets) + 2), 4.5), constrained_layout=True)
     width = 0.38
-    for offset, (label, colour) in zip((-width / 2, width / 2), (("best CNN layer", "tab:blue"), ("best baseline", "tab:gray"))):
-        values = [table[(table["dataset"] == d) & (table["method"] == label)]["score %"].max() for d in datasets]
+    for offset, (label, colour) in zip((-width / 2, width / 2), (("best CNN", "tab:blue"), ("best baseline", "tab:gray"))):
+        values = [table[(table["dataset"] == d) & table["method"].str.startswith(label)]["score %"].max() for d in datasets]
         bars = ax.bar(np.arange(len(datasets)) + offset, np.nan_to_num(values), width, label=label, color=colour)
         ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
     ax.set_xticks(range(len(datasets)), datasets, rotation=20, ha="right")
@@ -632,7 +638,7 @@ def write_summary(results_root: str | Path, reports_root: str | Path, datasets: 
                    ""] if rule else [])
     lines = ["# Cross-dataset summary", "", "![best CNN vs best baseline per dataset](summary.png)", "",
              "Per dataset, the CNN layer and the baseline with the best cross-validation score on the training data; "
-             "score % is their test result.", "", _markdown_table(table), "",
+             "score % is their test result. Where `RECIPE=best` ran, its choice stands beside the plain probe's.", "", _markdown_table(table), "",
              *rule_lines, "Per-dataset reports: " + ", ".join(f"[{d}]({d}/report.md)" for d in datasets), ""]
     path = out / "summary.md"
     path.write_text("\n".join(lines))
