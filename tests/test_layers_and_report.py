@@ -65,7 +65,7 @@ def test_domain_report_ranks_by_the_mean_over_transfers(tmp_path):
     assert "| source -> target | efficientnet_lite0 | surf_bow |" in report
     assert "| amazon->webcam | 60.0 (pre_logits) | 20.0 (bow) |" in report
     summary = write_summary(tmp_path / "results", tmp_path / "reports", ["office31"]).read_text()
-    assert "| office31 | best CNN layer | efficientnet_lite0 | pre_logits | logreg | top-1 accuracy | 95.0 | 75.0 |" in summary
+    assert "| office31 | best CNN layer | efficientnet_lite0 | pre_logits | logreg | standard | top-1 accuracy | 95.0 | 75.0 | 75.0 |" in summary
 
 
 def test_multilabel_report_uses_map(tmp_path):
