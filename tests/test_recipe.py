@@ -111,10 +111,10 @@ def test_repeated_cv_scores_each_c_on_every_partition():
     assert not np.array_equal(thrice.cv_scores_[:, :3], thrice.cv_scores_[:, 3:6])  # other partitions
 
 
-def _recipe_rows(path, *, stores=()):
+def _recipe_rows(path, *, stores=(), classifiers=RECIPES["best"].classifiers):
     """The rows `make classify RECIPE=best` writes for these stores: the plain pass and the best one."""
-    best = ProbeSettings(**{**RECIPES["best"].probe_settings(), "Cs": (1e-3, 1e-1, 10.0)})
-    plain = ProbeSettings(**{**RECIPES["plain"].probe_settings(), "Cs": (1e-3, 1e-1, 10.0)})
+    best = ProbeSettings(**{**RECIPES["best"].probe_settings(), "classifiers": classifiers})
+    plain = ProbeSettings(**RECIPES["plain"].probe_settings())
     return [row for store in (path, *stores) for settings in (plain, best) for row in Evaluation(store, GIVEN, settings).run(progress=False)]
 
 
@@ -125,7 +125,7 @@ def test_the_ablation_adds_each_step_to_the_choice_before_it(tmp_path):
     centre = _store(tmp_path / "cnn.h5", X, y, splits, layers=layers, fingerprint={"model": "toy"})
     flip = _store(tmp_path / "cnn-flip.h5", X, y, splits, layers=_layers(X, {"low": 1.8, "mid": 0.9, "high": 0.5}, seed=4),
                   fingerprint={"model": "toy", "views": "flip"})
-    table = pd.DataFrame(_recipe_rows(centre, stores=(flip,)))
+    table = pd.DataFrame(_recipe_rows(centre, stores=(flip,), classifiers=("logreg", "svm")))
     steps = ablation(table)
     assert list(steps["backbone"].unique()) == ["cnn"]  # the centre and flip stores of one backbone
     assert len(steps) == 6 and steps["change"].iloc[0] == 0.0
@@ -134,6 +134,7 @@ def test_the_ablation_adds_each_step_to_the_choice_before_it(tmp_path):
     assert (np.diff(steps["cv_score"].to_numpy()[1:]) >= 0).all()
     chosen = chosen_among(table)
     assert set(chosen["recipe"]) == {"best"} and steps["cv_score"].iloc[-1] == chosen["cv_score"].max()
+    assert steps["step"].iloc[-2].endswith("= RECIPE=best") and steps["step"].iloc[-1].startswith("+ classifier")
     # steps that add nothing are left out: without a views store there is no "+ views" line
     assert not ablation(table[table["features"] == "cnn"])["step"].str.startswith("+ views").any()
 
@@ -219,7 +220,7 @@ def test_recipe_best_is_the_recipe_of_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     table = pd.read_csv(tmp_path / "results" / "blobs" / "results.csv")
     best = table[table["recipe"] == "best"]
-    assert (table["recipe"] == "plain").sum() == 2 and len(best) == 3 * 6  # two taps and their fusion, 6 candidates each
+    assert (table["recipe"] == "plain").sum() == 2 and len(best) == 3 * 3  # two taps and their fusion, 3 normalisations each
     assert set(best["search"]) == {"cv3x3"} and set(best["Cs"]) == {",".join(f"{c:g}" for c in WIDE_CS)}
     assert "low+high" in set(best["layer"])
     done = subprocess.run([*base, "--recipe", "best", "--cv-repeats", "1", "--layers", "high"], cwd=ROOT, capture_output=True, text=True)
