@@ -410,7 +410,7 @@ def headline(rows: pd.DataFrame, metric: str) -> tuple[pd.Series, list[str]]:
     among = rows["cv_score"].notna().sum()
     lines = [
         f"Best by cross-validation on the training data: **{describe(best)}** "
-        f"(CV {_percent(best['cv_score'])}, the highest of {among} candidates), {_scores(best, metric)} on the test split "
+        f"(CV {_percent(best['cv_score'])}, {'the only candidate' if among == 1 else f'the highest of {among} candidates'}), {_scores(best, metric)} on the test split "
         f"(trained on `{best['train_split']}`, {best['n_train']} images; tested on `{best['test_split']}`, {best['n_test']} images).",
     ]
     oracle = rows.loc[rows[metric].idxmax()]

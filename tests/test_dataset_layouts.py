@@ -378,7 +378,7 @@ def test_office_domains_get_every_transfer_by_default_and_a_report(tmp_path):
     assert (table["top1"] == 1.0).all()  # red mugs and blue bikes in every domain
     report = (tmp_path / "reports" / "office31" / "report.md").read_text()
     # ranked by the mean CV score over the six whole-source transfers
-    assert "Best by cross-validation on the training data: **color / hsv256 / logreg** (CV 100.00%), top-1 100.00%" in report
+    assert "Best by cross-validation on the training data: **color / hsv256 / logreg** (CV 100.00%, the only candidate), top-1 100.00%" in report
     assert "## Domain transfer: whole source domain" in report and "## Domain transfer: sampled protocol" in report
     assert "| amazon->webcam | 100.0 ± 0.0 (hsv256) |" in report
     assert "DeCAF6 LogReg / SVM" in report
