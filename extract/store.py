@@ -63,6 +63,7 @@ import logging
 import os
 import shutil
 import uuid
+import zipfile
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -217,6 +218,47 @@ def _atomic_write(target: Path, write) -> None:
         except OSError:
             pass
     _fsync_dir(target.parent)
+
+
+class ArrayFileError(UserError):
+    """An ``.npz`` of arrays (a codebook, a saved probe) that is not what it claims to be. Names the file."""
+
+
+# Deflate expands at most about 1,032-fold: a member declaring more than this per stored byte lies.
+DEFLATE_RATIO = 1100
+
+
+def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz``, nothing executable (no pickles), each member's header checked
+    against the bytes the member holds before anything is allocated: a forged header that declares
+    terabytes is refused, not read. Any fault is one ``ArrayFileError`` naming the file."""
+    path = Path(path)
+    arrays = {}
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                if name == info.filename:
+                    raise ValueError(f"member {info.filename!r} is not a .npy array")
+                if info.compress_size > size or info.file_size > DEFLATE_RATIO * info.compress_size + (1 << 20):
+                    raise ValueError(f"member {info.filename!r} declares {info.file_size} bytes in {info.compress_size}")
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version not in ((1, 0), (2, 0)):
+                        raise ValueError(f"member {info.filename!r} has .npy format version {version}")
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(member)
+                    if dtype.hasobject:
+                        raise ValueError(f"member {info.filename!r} holds Python objects")
+                    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize + member.tell()
+                    if declared > info.file_size:
+                        raise ValueError(f"{name!r} declares shape {shape} of {dtype} ({declared} bytes) in a member of {info.file_size}")
+                with archive.open(info) as member:
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, zlib.error) as error:
+        raise ArrayFileError(f"{path} is not a readable array file ({type(error).__name__}: {error})") from None
+    return arrays
 
 
 class _GuardedFile(io.RawIOBase):
