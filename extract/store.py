@@ -493,13 +493,14 @@ class FeatureStore:
         return self._file["layers"][layer]
 
     def features(self, layer: str, rows: np.ndarray | None = None) -> np.ndarray:
-        """The (n, D) float32 features of ``layer``, for all rows or a boolean/index selection."""
+        """The (n, D) float32 features of ``layer``, for all rows or a boolean/index selection.
+        Features that are not finite are refused (``StoreError`` naming the first image)."""
         data = self._dataset(layer)
         if rows is None:
-            return data[()]
+            return self._finite(layer, np.arange(len(self)), data[()])
         rows = np.asarray(rows)
         index = np.flatnonzero(rows) if rows.dtype == bool else np.sort(rows)
-        return data[index] if len(index) else np.zeros((0, data.shape[1]), np.float32)
+        return self._finite(layer, index, data[index]) if len(index) else np.zeros((0, data.shape[1]), np.float32)
 
     def iter_chunks(self, layer: str, rows: np.ndarray, chunk_rows: int = 4096):
         """Yield (positions, features) over sorted row indices without loading the whole layer."""
@@ -508,7 +509,18 @@ class FeatureStore:
         for start in range(0, len(rows), chunk_rows):
             block = rows[start : start + chunk_rows]
             lo, hi = int(block[0]), int(block[-1]) + 1
-            yield block, data[lo:hi][block - lo]
+            yield block, self._finite(layer, block, data[lo:hi][block - lo])
+
+    def _finite(self, layer: str, rows: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """``features`` of dataset ``rows``, if every value is finite; a NaN or infinity (a store
+        written before extraction checked them) is one line naming the store, the layer and an image."""
+        finite = np.isfinite(features).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise StoreError(f"{self.path}: layer {layer!r} holds features that are not finite (NaN or infinity) for {len(bad)} of "
+                             f"{len(rows)} images read, the first {self._file['index/path'].asstr()[int(rows[bad[0]])]}; "
+                             "extract the store again (OVERWRITE=1): extraction now stops at such features, or skips them with ON_ERROR=skip")
+        return features
 
 
 class StoreWriter:

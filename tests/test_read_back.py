@@ -77,3 +77,79 @@ def test_raw_thumbnails_are_32_pixels_whatever_the_first_image(tmp_path):
     raw = build("raw", dataset)
     assert raw.fingerprint()["side"] == 32 and raw.dims == {"raw": 1024}
     assert raw.prepare(dataset.read(1)).shape == (1024,)
+
+
+# -- features that are not finite: stopped or skipped at extraction, refused at probe time ----------
+
+@pytest.fixture(scope="module")
+def overflowing_model(tmp_path_factory):
+    """A saved Keras model whose convolution overflows float32 on any bright pixel (a black image stays 0)."""
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    conv = keras.layers.Conv2D(2, 3, strides=2, use_bias=False, kernel_initializer=keras.initializers.Constant(1e37), name="huge")(inputs)
+    path = tmp_path_factory.mktemp("model") / "huge.keras"
+    keras.Model(inputs, conv).save(path)
+    return path
+
+
+def _half_black_tree(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("test", 2)):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.zeros((20, 20, 3), np.uint8) if i % 2 == 0 else rng.integers(1, 255, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_features_that_are_not_finite_stop_extraction_naming_the_first_image_and_tap(overflowing_model, tmp_path):
+    from extract.errors import UserError
+    from extract.extractor import CNNFeaturizer
+    from extract.pipeline import extract_to_store
+
+    dataset = load_dataset(f"folder:{_half_black_tree(tmp_path / 'half')}")
+    featurizer = CNNFeaturizer(f"keras:{overflowing_model}", batch_size=4)
+    bright = [p for p in dataset.paths if not p.endswith(("0.png", "2.png"))]
+    with pytest.raises(UserError) as raised:
+        extract_to_store(dataset, featurizer, tmp_path / "f" / "huge.h5", progress=False)
+    message = str(raised.value)
+    assert "\n" not in message and "not finite" in message and "'huge'" in message and "--on-error skip" in message
+    assert f"the first {bright[0]} in tap" in message and "2 of 4 images of a batch" in message
+    assert not (tmp_path / "f" / "huge.h5").exists()
+
+    path = extract_to_store(dataset, featurizer, tmp_path / "g" / "huge.h5", progress=False, on_error="skip")
+    with FeatureStore(path) as store:
+        assert sorted(store.paths) == sorted(set(dataset.paths) - set(bright))
+        assert np.isfinite(store.features("huge")).all()
+        assert sorted(p for p, _ in store.skipped) == sorted(bright)
+        assert {reason for _, reason in store.skipped} == {"features not finite (NaN or infinity) in tap 'huge'"}
+
+
+def _store_with_nan(folder: Path) -> Path:
+    from extract.datasets.base import ImageDataset
+    from extract.store import StoreWriter
+
+    labels = np.array([0, 1] * 6)
+    dataset = ImageDataset("shapes", ("a", "b"), tuple(f"{i}.png" for i in range(12)), labels,
+                           tuple(["train"] * 8 + ["test"] * 4), read=None)
+    features = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32) + labels[:, None]
+    features[3, 2] = np.nan
+    with StoreWriter(folder / "shapes" / "forged.h5", dataset=dataset, extractor="forged", fingerprint={"baseline": "forged"},
+                     taps=["x"]) as writer:  # a store written before extraction checked its features
+        writer.write_shard(np.arange(12), {"x": features})
+        return writer.finalize()
+
+
+def test_features_that_are_not_finite_are_one_line_at_probe_time(tmp_path):
+    path = _store_with_nan(tmp_path / "features")
+    with FeatureStore(path) as store:
+        np.testing.assert_array_equal(store.features("x", np.array([0, 1, 2])).shape, (3, 5))  # other rows read as they are
+    result = subprocess.run([sys.executable, "-m", "classify", "probe", "--dataset", f"folder:{tmp_path / 'shapes'}",
+                             "--features-dir", str(tmp_path / "features"), "--results-dir", str(tmp_path / "results"),
+                             "--no-progress", "--cs", "0.1,1"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and last[-1].startswith("error: "), result.stderr
+    assert f"{path}: layer 'x' holds features that are not finite" in last[-1] and "the first 3.png" in last[-1]
