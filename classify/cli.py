@@ -11,7 +11,7 @@ import pandas as pd
 from classify.evaluate import ALL_CLASSIFIERS, PROTOCOL_HELP, Evaluation, ProbeSettings, parse_protocol, store_paths
 from classify.persist import SavedProbe
 from classify.probe import CLASSIFIERS, DEFAULT_CS, NORMALIZATIONS, SEARCHES, SELECT_BY, parse_cs
-from classify.results import read_results, update_results
+from classify.results import read_results, update_results, write_csv
 from extract.cli import run_command
 from extract.datasets import CROPS, DATASETS, dataset_slug
 from extract.errors import UserError
@@ -69,7 +69,7 @@ def cmd_predict(args) -> None:
         predicted = probe.predict(store.features(probe.layer))
         table = pd.DataFrame({"path": store.paths, "split": store.splits, "predicted": predicted})
     out = Path(args.out or Path(args.store).with_suffix(f".{Path(args.probe).stem}.predictions.csv"))
-    table.to_csv(out, index=False)
+    write_csv(table, out)
     print(f"predictions: {out}")
 
 

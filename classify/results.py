@@ -16,6 +16,7 @@ picks "the best" of a set of rows; the test metric never takes part in it.
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import os
 import uuid
@@ -51,24 +52,69 @@ def locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def write_atomically(frame: pd.DataFrame, path: Path, **to_csv) -> None:
+# A text cell that a spreadsheet would run as a formula (OWASP, "CSV Injection"): one that begins
+# with one of these. Such a cell is written with an apostrophe before it, and every text cell is
+# quoted, so Excel and LibreOffice show it as the text it is; ``read_csv`` takes the apostrophe off.
+# A cell that itself begins with an apostrophe gets one more, so that reading gives back every name.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def _text_columns(frame: pd.DataFrame) -> list:
+    return [c for c in frame.columns if pd.api.types.is_string_dtype(frame[c]) or pd.api.types.is_object_dtype(frame[c])]
+
+
+def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each text cell that begins like a formula prefixed by an apostrophe."""
+    columns = _text_columns(frame)
+    if not columns:
+        return frame
+    safe = frame.copy()
+    for column in columns:
+        safe[column] = [f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v for v in frame[column]]
+    return safe
+
+
+def restore_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """What ``neutralise_formulas`` wrote, as it was."""
+    for column in _text_columns(frame):
+        values = frame[column]
+        if any(isinstance(v, str) and v.startswith("'") for v in values):
+            frame[column] = [v[1:] if isinstance(v, str) and v.startswith("'") and v[1:].startswith(FORMULA_STARTS) else v for v in values]
+    return frame
+
+
+def to_csv_text(frame: pd.DataFrame, **to_csv) -> str:
+    """The CSV offshelf writes for ``frame``: spreadsheet formulas neutralised, text cells quoted."""
+    return neutralise_formulas(frame).to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n", **to_csv)
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path, **to_csv) -> Path:
+    """``frame`` as a CSV at ``path`` (``to_csv_text``), written atomically: a temporary file, fsync'ed and renamed."""
+    path = Path(path)
+    text = to_csv_text(frame, **to_csv)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "w", newline="") as handle:
-            frame.to_csv(handle, index=False, **to_csv)
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_csv(path: str | Path, **read_csv) -> pd.DataFrame:
+    """A CSV offshelf wrote, as it was before ``write_csv`` (formula-neutralised cells restored)."""
+    return restore_formulas(pd.read_csv(path, **read_csv))
 
 
 def update_csv(path: str | Path, merge: Callable[[pd.DataFrame | None], pd.DataFrame], **to_csv) -> pd.DataFrame:
     """Under the file's lock: read it (None when absent), ``merge`` it, write the result atomically."""
     path = Path(path)
     with locked(path):
-        merged = merge(pd.read_csv(path) if path.is_file() else None)
-        write_atomically(merged, path, **to_csv)
+        merged = merge(read_csv(path) if path.is_file() else None)
+        write_csv(merged, path, **to_csv)
     return merged
 
 
@@ -91,7 +137,7 @@ def merge_rows(old: pd.DataFrame | None, new: pd.DataFrame, *, key, sort_by, dro
 
 def read_results(csv_path: str | Path) -> pd.DataFrame | None:
     csv_path = Path(csv_path)
-    return pd.read_csv(csv_path).reindex(columns=RESULT_COLUMNS) if csv_path.is_file() else None
+    return read_csv(csv_path).reindex(columns=RESULT_COLUMNS) if csv_path.is_file() else None
 
 
 def update_results(csv_path: str | Path, rows: list[dict]) -> pd.DataFrame:

@@ -14,7 +14,7 @@ from sklearn.metrics import accuracy_score
 from tqdm.auto import tqdm
 
 from classify.metrics import mean_per_class_accuracy
-from classify.results import update_results
+from classify.results import update_results, write_csv
 from extract.datasets import ImageDataset
 from extract.datasets.base import choose_splits
 from extract.images import fit_to_input
@@ -85,7 +85,7 @@ def score_row(model: keras.Model, data: LabelledImages, classes, *, dataset: str
     predicted_names = np.asarray([classes[i] for i in predicted])
     out = predictions_dir / features / f"{layer}__{classifier}__given.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"path": data.test_paths, "label": true_names, "predicted": predicted_names}).to_csv(out, index=False)
+    write_csv(pd.DataFrame({"path": data.test_paths, "label": true_names, "predicted": predicted_names}), out)
     return {
         "dataset": dataset, "features": features, "kind": kind, "layer": layer, "layer_depth": 0, "classifier": classifier,
         "protocol": "given", "train_split": data.train_split, "test_split": data.test_split, "normalization": "none", "search": "none",
