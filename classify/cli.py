@@ -34,6 +34,17 @@ def protocols_for(args) -> list:
     return [parse_protocol(p) for p in (spec.protocols if spec else ("given",))]
 
 
+def dataset_stores(args, features=None) -> list[Path]:
+    """The stores of the dataset (``--features``, else all), each checked to hold that dataset's
+    features: a store renamed or copied from another dataset's folder is refused in one line."""
+    slug = dataset_slug(args.dataset, args.crop)
+    paths = store_paths(args.features_dir, slug, features)
+    for path in paths:
+        with FeatureStore(path, dataset=slug):
+            pass
+    return paths
+
+
 def cmd_probe(args) -> None:
     classifiers = {"both": CLASSIFIERS, "all": ALL_CLASSIFIERS}.get(args.classifier, (args.classifier,))
     settings = ProbeSettings(
@@ -44,7 +55,7 @@ def cmd_probe(args) -> None:
     started = time.monotonic()
     previous = None if args.refit else read_results(out / "results.csv")
     rows, cached = [], 0
-    for path in store_paths(args.features_dir, dataset_slug(args.dataset, args.crop), _split_list(args.features)):
+    for path in dataset_stores(args, _split_list(args.features)):
         for protocol in protocols_for(args):
             evaluation = Evaluation(path, protocol, settings, out_dir=out, features_dir=Path(args.features_dir),
                                     save_probes=args.save_probes, results=previous)
@@ -77,7 +88,7 @@ def cmd_tsne(args) -> None:
     from classify.embed import embed_stores
 
     slug = dataset_slug(args.dataset, args.crop)
-    paths = store_paths(args.features_dir, slug, _split_list(args.features))
+    paths = dataset_stores(args, _split_list(args.features))
     if args.model:  # that backbone's stores (any pooling) and every baseline
         from extract.backbones import get_backbone
 

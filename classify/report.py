@@ -247,7 +247,7 @@ def read_stores(features_dir: Path | None, dataset: str) -> list[dict]:
     stores = []
     for path in sorted((features_dir / dataset).glob("*.h5")) if features_dir else []:
         try:
-            with FeatureStore(path) as store:
+            with FeatureStore(path, dataset=dataset) as store:
                 stores.append({"extractor": store.extractor, "images": len(store), "run": store.run, "fingerprint": store.fingerprint,
                                "fingerprint_id": store_fingerprint_id(store.fingerprint, store.dataset_digest), "taps": store.taps})
         except (StoreError, OSError) as error:

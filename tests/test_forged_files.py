@@ -1,0 +1,137 @@
+"""Forged or inconsistent files are refused in one line each, and never read past their bounds
+(issue #23, section 3): feature stores, saved probes, hand-edited results.csv, CSV datasets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from extract.datasets.base import ImageDataset
+from extract.store import FeatureStore, StoreError, StoreWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = np.full((12, 5), 1234.5, np.float32)  # what a forged store would read from another file
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def _one_line_error(result, *parts):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(part in last for part in parts), (last, parts)
+    return last
+
+
+# -- stores -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory) -> Path:
+    """A small real store: 12 images of 2 classes, one layer of 5 values."""
+    folder = tmp_path_factory.mktemp("genuine")
+    labels = np.array([0, 1] * 6)
+    dataset = ImageDataset("shapes", ("a", "b"), tuple(f"{i}.png" for i in range(12)), labels,
+                           tuple(["train"] * 8 + ["test"] * 4), read=None)
+    features = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32) + labels[:, None]
+    with StoreWriter(folder / "features" / "shapes" / "forged.h5", dataset=dataset, extractor="forged",
+                     fingerprint={"baseline": "forged"}, taps=["x"]) as writer:
+        writer.write_shard(np.arange(12), {"x": features})
+        path = writer.finalize()
+    with h5py.File(folder / "secret.h5", "w") as secret:
+        secret["x"] = SECRET
+    (folder / "secret.raw").write_bytes(SECRET.tobytes())
+    return path
+
+
+def _replace(f: h5py.File, name: str, make) -> None:
+    del f[name]
+    make(f, name)
+
+
+def _virtual(f, name):
+    layout = h5py.VirtualLayout(shape=SECRET.shape, dtype=np.float32)
+    layout[:] = h5py.VirtualSource(str(Path(f.filename).parent.parent.parent / "secret.h5"), "x", shape=SECRET.shape)
+    f.create_virtual_dataset(name, layout)
+
+
+FORGERIES = {
+    "external link": (lambda f: _replace(f, "layers/x", lambda f, n: f.__setitem__(
+        n, h5py.ExternalLink(str(Path(f.filename).parent.parent.parent / "secret.h5"), "x"))), "ExternalLink at /layers/x"),
+    "soft link": (lambda f: f.__setitem__("layers/y", h5py.SoftLink("/layers/x")), "SoftLink at /layers/y"),
+    "virtual dataset": (lambda f: _replace(f, "layers/x", _virtual), "virtual dataset at /layers/x"),
+    "external raw storage": (lambda f: _replace(f, "layers/x", lambda f, n: f.create_dataset(
+        n, shape=SECRET.shape, dtype=np.float32, external=[(str(Path(f.filename).parent.parent.parent / "secret.raw"), 0, SECRET.nbytes)])),
+        "in external files"),
+    "an unknown filter": (lambda f: _replace(f, "layers/x", lambda f, n: f.create_dataset(n, data=SECRET, compression="lzf")),
+                          "filters /layers/x with [32000]"),
+    "48 TiB declared": (lambda f: _replace(f, "layers/x", lambda f, n: f.create_dataset(
+        n, shape=(12, 2**40), dtype=np.float32, chunks=(12, 1024))), "declares /layers/x of shape (12, 1099511627776)"),
+    "labels out of range": (lambda f: f["index/label"].__setitem__(0, 7), "labels from 0 to 7 for 2 classes"),
+    "an empty class list": (lambda f: _replace(f, "classes", lambda f, n: f.create_dataset(n, shape=(0,), dtype=h5py.string_dtype())),
+                            "an empty class list"),
+    "a short layer": (lambda f: _replace(f, "layers/x", lambda f, n: f.create_dataset(n, data=SECRET[:11])),
+                      "layer 'x' of shape (11, 5) and dtype float32 for 12 images"),
+    "a short split index": (lambda f: _replace(f, "index/split", lambda f, n: f.create_dataset(
+        n, data=np.array(["train"] * 11, dtype=object), dtype=h5py.string_dtype())), "11 rows in index/split and 12 in index/label"),
+    "a fingerprint that is not JSON": (lambda f: f.attrs.__setitem__("fingerprint", "{not json"), "fingerprint attribute that is not JSON"),
+    "a tap naming a missing layer": (lambda f: f.attrs.__setitem__("taps", json.dumps(["x", "y"])), "lists tap 'y'"),
+    "no extractor": (lambda f: f.attrs.__delitem__("extractor"), "no text attribute 'extractor'"),
+    "labels edited": (lambda f: f["index/label"].__setitem__(slice(None), f["index/label"][()][::-1]), "whose digest"),
+    "multi-label targets out of range": (lambda f: f.create_dataset("index/multilabel", data=np.full((12, 2), 3, np.int8)),
+                                         "index/multilabel of shape (12, 2) and values outside"),
+}
+
+
+@pytest.mark.parametrize("kind", FORGERIES)
+def test_a_forged_store_is_refused_in_one_line_and_never_read(genuine, tmp_path, kind):
+    forge, expected = FORGERIES[kind]
+    path = tmp_path / "features" / "shapes" / "forged.h5"
+    path.parent.mkdir(parents=True)
+    shutil.copy(genuine, path)
+    with h5py.File(path, "r+") as f:
+        forge(f)
+    with pytest.raises(StoreError) as refused:
+        FeatureStore(path, dataset="shapes")
+    message = str(refused.value)
+    assert "\n" not in message and str(path) in message and expected in message, message
+
+
+def test_the_genuine_store_reads_and_its_digest_is_checked(genuine):
+    with FeatureStore(genuine, dataset="shapes") as store, h5py.File(genuine) as raw:
+        assert len(store) == 12 and store.features("x").shape == (12, 5)
+        assert raw.attrs["index_digest"] == raw.attrs["dataset_digest"]  # nothing skipped
+
+
+def test_a_store_renamed_from_another_dataset_is_refused_by_classify_tsne_and_report(genuine, tmp_path, caplog):
+    from classify.report import read_stores
+
+    features = tmp_path / "features"
+    (features / "flowers").mkdir(parents=True)
+    shutil.copy(genuine, features / "flowers" / "forged.h5")  # features of `shapes` under flowers/
+    dirs = ["--dataset", "folder:/nowhere/flowers", "--features-dir", str(features), "--results-dir", str(tmp_path / "r"),
+            "--reports-dir", str(tmp_path / "p")]
+    _one_line_error(_cli("classify", "probe", *dirs, "--no-progress"), "holds features of dataset 'shapes', not 'flowers'")
+    _one_line_error(_cli("classify", "tsne", *dirs, "--no-progress"), "holds features of dataset 'shapes', not 'flowers'")
+    with caplog.at_level(logging.WARNING):
+        assert read_stores(features, "flowers") == []
+    assert "leaving" in caplog.text and "not 'flowers'" in caplog.text
+
+
+def test_a_forged_store_is_one_line_through_classify(genuine, tmp_path):
+    path = tmp_path / "features" / "shapes" / "forged.h5"
+    path.parent.mkdir(parents=True)
+    shutil.copy(genuine, path)
+    with h5py.File(path, "r+") as f:
+        FORGERIES["external link"][0](f)
+    _one_line_error(_cli("classify", "probe", "--dataset", "folder:/nowhere/shapes", "--features-dir", str(tmp_path / "features"),
+                         "--results-dir", str(tmp_path / "r"), "--no-progress"), str(path), "ExternalLink")
