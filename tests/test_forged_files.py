@@ -135,3 +135,95 @@ def test_a_forged_store_is_one_line_through_classify(genuine, tmp_path):
         FORGERIES["external link"][0](f)
     _one_line_error(_cli("classify", "probe", "--dataset", "folder:/nowhere/shapes", "--features-dir", str(tmp_path / "features"),
                          "--results-dir", str(tmp_path / "r"), "--no-progress"), str(path), "ExternalLink")
+
+
+# -- saved probes for `classify predict` --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def genuine_probe(genuine, tmp_path_factory) -> Path:
+    from classify.persist import save_probe
+    from classify.probe import LinearProbe
+
+    with FeatureStore(genuine) as store:
+        probe = LinearProbe(Cs=(1.0,)).fit(store.features("x"), store.labels)
+        return save_probe(tmp_path_factory.mktemp("probe") / "x__logreg.npz", probe, class_names=store.classes, layer="x",
+                          features=store.extractor, fingerprint=store.fingerprint)
+
+
+def _huge_header(path: Path) -> None:
+    """A probe whose coef member declares an 8 TiB array in a few bytes."""
+    import zipfile
+
+    with np.load(path) as saved:
+        arrays = {k: saved[k] for k in saved.files if k != "coef"}
+    np.savez(path, **arrays)
+    with zipfile.ZipFile(path, "a") as archive, archive.open("coef.npy", "w") as member:
+        np.lib.format.write_array_header_1_0(member, {"descr": "<f8", "fortran_order": False, "shape": (2**40, 1)})
+        member.write(b"\0" * 64)
+
+
+def _edit(**changes):
+    def forge(path: Path) -> None:
+        with np.load(path) as saved:
+            arrays = {k: saved[k] for k in saved.files}
+        for key, value in changes.items():
+            if value is None:
+                del arrays[key]
+            else:
+                arrays[key] = value(arrays[key]) if callable(value) else value
+        np.savez(path, **arrays)
+    return forge
+
+
+def _nan(array):
+    array = array.astype(np.float64)
+    array.flat[0] = np.nan
+    return array
+
+
+PROBE_FORGERIES = {
+    "NaN weights": (_edit(coef=_nan), "coef that is not finite"),
+    "an infinite intercept": (_edit(intercept=lambda a: a * np.inf), "intercept that is not finite"),
+    "an intercept of the wrong length": (_edit(intercept=np.zeros(3)), "intercept of shape (3,) for 2 classes"),
+    "a zero scale": (_edit(scale=lambda a: a * 0), "every scale positive"),
+    "an unknown normalisation": (_edit(normalization="whiten"), "normalization 'whiten'"),
+    "classes that do not match the weights": (_edit(classes=np.array(["a", "b", "c"])), "for 3 classes"),
+    "a missing key": (_edit(coef=None), "lacks ['coef']"),
+    "a dim that is not the weights'": (_edit(dim=6), "coef of shape (1, 5) for dim 6"),
+    "a negative C": (_edit(C=-1.0), "not one positive number"),
+    "a fingerprint that is not JSON": (_edit(fingerprint="{x"), "fingerprint that is not JSON"),
+    "an 8 TiB header": (_huge_header, "declares shape (1099511627776, 1)"),
+    "not a zip file": (lambda path: path.write_bytes(b"not a zip at all"), "is not a readable array file (BadZipFile"),
+    "a truncated file": (lambda path: path.write_bytes(path.read_bytes()[:300]), "is not a readable array file"),
+    "pickled objects": (lambda path: np.savez(path, **{**dict(np.load(path)), "classes": np.array([{"a": 1}, 2], dtype=object)}),
+                        "holds Python objects"),
+}
+
+
+@pytest.mark.parametrize("kind", PROBE_FORGERIES)
+def test_a_forged_probe_is_refused_in_one_line(genuine_probe, tmp_path, kind):
+    from classify.persist import SavedProbe
+    from extract.errors import UserError
+
+    forge, expected = PROBE_FORGERIES[kind]
+    path = tmp_path / "probe.npz"
+    shutil.copy(genuine_probe, path)
+    forge(path)
+    with pytest.raises(UserError) as refused:
+        SavedProbe.load(path)
+    message = str(refused.value)
+    assert "\n" not in message and str(path) in message and expected in message, message
+
+
+def test_the_genuine_probe_predicts_and_a_forged_one_is_one_line_through_predict(genuine, genuine_probe, tmp_path):
+    from classify.persist import SavedProbe
+
+    probe = SavedProbe.load(genuine_probe)
+    with FeatureStore(genuine) as store:
+        assert np.mean(np.asarray(probe.predict(store.features("x"))) == np.asarray(store.classes)[store.labels]) > 0.8
+    forged = tmp_path / "forged.npz"
+    shutil.copy(genuine_probe, forged)
+    PROBE_FORGERIES["NaN weights"][0](forged)
+    out = tmp_path / "predicted.csv"
+    _one_line_error(_cli("classify", "predict", "--probe", str(forged), "--store", str(genuine), "--out", str(out)), str(forged))
+    assert not out.exists()
