@@ -227,3 +227,68 @@ def test_the_genuine_probe_predicts_and_a_forged_one_is_one_line_through_predict
     out = tmp_path / "predicted.csv"
     _one_line_error(_cli("classify", "predict", "--probe", str(forged), "--store", str(genuine), "--out", str(out)), str(forged))
     assert not out.exists()
+
+
+# -- results.csv edited by hand -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def genuine_results(genuine, tmp_path_factory) -> Path:
+    """results.csv of real probes (logistic regression and linear SVM) on the genuine store."""
+    from classify.evaluate import Evaluation, ProbeSettings, parse_protocol
+    from classify.results import update_results
+
+    out = tmp_path_factory.mktemp("results") / "shapes"
+    rows = Evaluation(genuine, parse_protocol("given"), ProbeSettings(classifiers=("logreg", "svm"), Cs=(0.1, 1.0)), out_dir=out).run(progress=False)
+    update_results(out / "results.csv", rows)
+    return out / "results.csv"
+
+
+def _edit_cell(text: str, row: int, column: str, value: str) -> str:
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(text)))
+    rows[row][rows[0].index(column)] = value
+    written = io.StringIO()
+    csv.writer(written, lineterminator="\n").writerows(rows)
+    return written.getvalue()
+
+
+BAD_ROWS = {
+    "garbage in C": (lambda t: _edit_cell(t, 2, "C", "lots"), "C='lots' is not a number"),
+    "garbage in top1": (lambda t: _edit_cell(t, 2, "top1", "abc"), "top1='abc' is not a number"),
+    "top1=7": (lambda t: _edit_cell(t, 2, "top1", "7"), "top1=7 is outside [0, 1]"),
+    "an empty dataset cell": (lambda t: _edit_cell(t, 2, "dataset", ""), "dataset is empty"),
+    "a ragged row": (lambda t: t.rstrip("\n") + ",extra,fields\n", "36 fields where the header has 34"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_ROWS)
+def test_a_bad_row_of_results_csv_is_named_by_line_and_left_out(genuine_results, tmp_path, caplog, kind):
+    from classify.report import write_report
+    from classify.results import read_results
+
+    edit, expected = BAD_ROWS[kind]
+    path = tmp_path / "shapes" / "results.csv"
+    path.parent.mkdir()
+    path.write_text(edit(genuine_results.read_text()))
+    with caplog.at_level(logging.WARNING, logger="classify.results"):
+        results = read_results(path)
+    assert f"{path}:3: {expected}; this row is left out" in caplog.text, caplog.text
+    assert list(results["classifier"]) == ["logreg"]  # the svm row (line 3) is out, the other is read as it was
+    report = write_report(path, tmp_path / "reports" / "shapes").read_text()
+    assert "svm" not in report and "700" not in report
+
+
+@pytest.mark.parametrize("column", ["dataset", "protocol", "top1"])
+def test_results_csv_without_a_required_column_is_one_line(genuine_results, tmp_path, column):
+    import pandas as pd
+
+    path = tmp_path / "results" / "shapes" / "results.csv"
+    path.parent.mkdir(parents=True)
+    pd.read_csv(genuine_results).drop(columns=column).to_csv(path, index=False)
+    args = ["classify", "report", "--dataset", "folder:/nowhere/shapes", "--results-dir", str(tmp_path / "results"),
+            "--reports-dir", str(tmp_path / "reports")]
+    _one_line_error(_cli(*args), str(path), f"lacks the column {column}")
+    path.write_text("")
+    _one_line_error(_cli(*args), str(path), "has no results")
