@@ -292,3 +292,75 @@ def test_results_csv_without_a_required_column_is_one_line(genuine_results, tmp_
     _one_line_error(_cli(*args), str(path), f"lacks the column {column}")
     path.write_text("")
     _one_line_error(_cli(*args), str(path), "has no results")
+
+
+# -- CSV datasets ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def listed_images(tmp_path) -> Path:
+    """Six real PNGs in tmp_path/images, to list in CSVs."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    return tmp_path
+
+
+GOOD_ROWS = "images/0.png,a,train\nimages/1.png,b,train\nimages/2.png,a,test\nimages/3.png,b,test\n"
+
+
+def _listing(folder: Path, body: bytes | str, name="list.csv") -> Path:
+    path = folder / name
+    path.write_bytes(body if isinstance(body, bytes) else body.encode())
+    return path
+
+
+def test_a_csv_with_an_excel_byte_order_mark_reads_like_one_without(listed_images):
+    from extract.datasets import load_dataset
+
+    text = "path,label,split\n" + GOOD_ROWS
+    plain = load_dataset("csv:" + str(_listing(listed_images, text)))
+    marked = load_dataset("csv:" + str(_listing(listed_images, b"\xef\xbb\xbf" + text.encode(), "bom.csv")))
+    assert marked.paths == plain.paths and marked.classes == ("a", "b") and marked.digest() == plain.digest()
+
+
+def test_absolute_and_parent_paths_are_read_where_they_point(listed_images):
+    from extract.datasets import load_dataset
+
+    sub = listed_images / "lists"
+    sub.mkdir()
+    body = f"path,label,split\n{listed_images / 'images' / '0.png'},a,train\n../images/1.png,b,train\n../images/2.png,a,test\n../images/3.png,b,test\n"
+    dataset = load_dataset(f"csv:{_listing(sub, body)}")
+    assert dataset.read(0).shape == (8, 8, 3) and int(dataset.read(1)[0, 0, 0]) == 40  # images/1.png, through ..
+    assert dataset.paths[0] == str(listed_images / "images" / "0.png")  # recorded as written
+
+
+CSV_FAULTS = {
+    "latin-1": (("path,label,split\n" + GOOD_ROWS + "images/4.png,caf\xe9,train\n").encode("latin-1"),
+                "list.csv:6: byte 0xe9 is not UTF-8; save the file as UTF-8"),
+    "extra fields": ("path,label,split\n" + GOOD_ROWS.replace("images/1.png,b,train", "images/1.png,b,train,oops"),
+                     "list.csv:3: 4 fields where the header has 3"),
+    "one image under two labels": ("path,label,split\n" + GOOD_ROWS + "images/0.png,b,train\n",
+                                   "list.csv:6: 'images/0.png' (b, train) is the file 'images/0.png' of line 2 (a, train) again"),
+    "one image in train and test by two paths": ("path,label,split\n" + GOOD_ROWS + "images/../images/1.png,b,test\n",
+                                                 "list.csv:6: 'images/../images/1.png' (b, test) is the file 'images/1.png' of line 3"),
+    "a header with an invisible character": ("path,label\u200b,split\n" + GOOD_ROWS, "header must be path,label[,split]. Received: 'path,label\\u200b,split'"),
+}
+
+
+@pytest.mark.parametrize("kind", CSV_FAULTS)
+def test_a_faulty_csv_dataset_is_one_line_naming_file_and_line(listed_images, kind):
+    from extract.datasets import load_dataset
+    from extract.errors import UserError
+
+    body, expected = CSV_FAULTS[kind]
+    path = _listing(listed_images, body)
+    with pytest.raises(UserError) as refused:
+        load_dataset(f"csv:{path}")
+    assert "\n" not in str(refused.value) and expected in str(refused.value), str(refused.value)
+
+
+def test_the_same_file_by_absolute_and_relative_path_is_refused_through_the_cli(listed_images):
+    path = _listing(listed_images, f"path,label,split\n{GOOD_ROWS}{listed_images / 'images' / '2.png'},a,train\n")
+    _one_line_error(_cli("extract", "data-info", "--dataset", f"csv:{path}", "--no-check"), "list.csv:6:", "of line 4 (a, test) again")
