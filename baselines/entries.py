@@ -74,4 +74,4 @@ def _color(dataset, options):
 def _raw(dataset, options):
     from baselines.simple import RawPixels
 
-    return RawPixels(min(32, min(dataset.read(0).shape[:2])) if len(dataset) else 32, resize=dataset.resize)
+    return RawPixels(resize=dataset.resize)  # 32 px from the settings, never from an image (upsampled where smaller)

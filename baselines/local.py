@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from extract.datasets.base import TRAIN_SPLIT
 from extract.errors import UserError
 from extract.images import ImageDecodeError
 from extract.pipeline import ImageMapper
-from extract.store import _atomic_write
+from extract.store import ArrayFileError, _atomic_write, read_arrays
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +138,7 @@ class LocalFeaturizer:
                     "means": encoder.means_, "variances": encoder.variances_, "weights": encoder.weights_}
         return {"centers": encoder.cluster_centers_}
 
-    def _restore(self, saved) -> None:
+    def _restore(self, saved: dict[str, np.ndarray]) -> None:
         encoder = self.make_encoder()
         if self.encoding == "fisher":
             from sklearn.decomposition import PCA
@@ -156,25 +155,74 @@ class LocalFeaturizer:
             encoder.center_norms_ = (saved["centers"] ** 2).sum(axis=1)
             encoder.n_features_in_ = saved["centers"].shape[1]
         self.encoder = encoder
-        self.codebook_sha256 = str(saved["sha256"])
+        self.codebook_sha256 = array_digest(*(saved[key] for key in self._array_names()))
+
+    def _array_names(self) -> tuple[str, ...]:
+        if self.encoding == "fisher":
+            return "pca_components", "pca_mean", "pca_variance", "means", "variances", "weights"
+        return ("centers",)
+
+    def codebook_problem(self, saved: dict[str, np.ndarray]) -> str | None:
+        """What is wrong with a saved codebook's arrays, or None: its own word is not taken. Every
+        array is present, floating point, finite and of the shape these settings learn; variances
+        and mixture weights are positive; and the digest recomputed from the arrays is the one recorded."""
+        missing = [key for key in self._array_names() if key not in saved]
+        if missing:
+            return f"lacks {missing}"
+        arrays = {key: saved[key] for key in self._array_names()}
+        for key, array in arrays.items():
+            if array.dtype.kind != "f":
+                return f"holds {key} of dtype {array.dtype}"
+            if not np.isfinite(array).all():
+                return f"holds {int((~np.isfinite(array)).sum())} non-finite values in {key}"
+        width = self.spec.width
+        if self.encoding == "fisher":
+            components = arrays["pca_components"]
+            reduced = components.shape[0] if components.ndim == 2 else -1
+            modes = len(arrays["weights"]) if arrays["weights"].ndim == 1 else -1
+            expected = {"pca_components": (reduced, width), "pca_mean": (width,), "pca_variance": (reduced,),
+                        "means": (modes, reduced), "variances": (modes, reduced), "weights": (modes,)}
+            if not (1 <= reduced <= self.pca_dim and 1 <= modes <= self.words):
+                return f"holds {reduced} PCA components and {modes} modes; these settings learn up to {self.pca_dim} and {self.words}"
+        else:
+            expected = {"centers": (self.words, width)}
+        for key, shape in expected.items():
+            if arrays[key].shape != shape:
+                return f"holds {key} of shape {arrays[key].shape}; these settings learn {shape}"
+        if self.encoding == "fisher":
+            if (arrays["pca_variance"] <= 0).any() or (arrays["variances"] <= 0).any() or (arrays["weights"] <= 0).any():
+                return "holds variances or mixture weights that are not positive"
+            if not np.isclose(float(arrays["weights"].sum()), 1.0, atol=1e-3):
+                return f"holds mixture weights summing to {float(arrays['weights'].sum()):.4g}, not 1"
+        recorded = str(saved.get("sha256", ""))
+        if array_digest(*arrays.values()) != recorded:
+            return f"holds arrays whose SHA-256 is not the recorded {recorded[:12]!r}"
+        return None
 
     def codebook_settings(self, dataset: ImageDataset) -> dict:
         return {**self.settings(), "train_images": dataset.digest()}
 
     def load_codebook(self, dataset: ImageDataset, path: Path) -> bool:
-        """Reuse the codebook at ``path`` if its settings match; a corrupt file is named, removed and relearned."""
+        """Reuse the codebook at ``path`` if its settings match and its arrays check out
+        (``codebook_problem``); a file that is unreadable or fails a check is named in a warning and relearned."""
         if not path.is_file():
             return False
         try:
-            with np.load(path, allow_pickle=False) as saved:
-                if json.loads(str(saved["settings"])) != json.loads(json.dumps(self.codebook_settings(dataset))):
-                    log.info("%s was made with other settings; learning a new codebook", path)
-                    return False
-                self._restore({key: saved[key] for key in saved.files})
-        except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as error:
+            saved = read_arrays(path)
+            settings = json.loads(str(saved["settings"]))
+        except (ArrayFileError, KeyError, ValueError) as error:
             log.warning("codebook %s is unreadable (%s: %s); learning it again", path, type(error).__name__, error)
             path.unlink(missing_ok=True)
             return False
+        if settings != json.loads(json.dumps(self.codebook_settings(dataset))):
+            log.info("%s was made with other settings; learning a new codebook", path)
+            return False
+        problem = self.codebook_problem(saved)
+        if problem is not None:
+            log.warning("codebook %s %s; learning it again", path, problem)
+            path.unlink(missing_ok=True)
+            return False
+        self._restore(saved)
         log.info("reusing codebook %s", path)
         return True
 

@@ -15,7 +15,7 @@ from classify.evaluate import ALL_CLASSIFIERS, PROTOCOL_HELP, Evaluation, ProbeS
 from classify.persist import SavedProbe
 from classify.probe import CLASSIFIERS, NORMALIZATIONS, SEARCHES, SELECT_BY, parse_cs
 from classify.recipe import DEFAULT_RECIPE, RECIPES
-from classify.results import read_results, update_results
+from classify.results import read_results, update_results, write_csv
 from extract.cli import run_command
 from extract.datasets import CROPS, DATASETS, dataset_slug
 from extract.errors import UserError
@@ -73,6 +73,17 @@ def parse_fuse(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def dataset_stores(args, features=None) -> list[Path]:
+    """The stores of the dataset (``--features``, else all), each checked to hold that dataset's
+    features: a store renamed or copied from another dataset's folder is refused in one line."""
+    slug = dataset_slug(args.dataset, args.crop)
+    paths = store_paths(args.features_dir, slug, features)
+    for path in paths:
+        with FeatureStore(path, dataset=slug):
+            pass
+    return paths
+
+
 def cmd_probe(args) -> None:
     settings = probe_settings(args)
     # The best recipe's ablation opens with the plain probe: its rows too (cached where they exist).
@@ -83,7 +94,7 @@ def cmd_probe(args) -> None:
     rows, cached = [], 0
     # Each fitted job's rows are merged as soon as they are done: a killed run keeps them.
     merge = functools.partial(update_results, out / "results.csv")
-    for path in store_paths(args.features_dir, dataset_slug(args.dataset, args.crop), _split_list(args.features)):
+    for path in dataset_stores(args, _split_list(args.features)):
         for protocol, run in itertools.product(protocols_for(args), runs):
             evaluation = Evaluation(path, protocol, run, out_dir=out, features_dir=Path(args.features_dir),
                                     save_probes=args.save_probes, results=previous, on_rows=merge)
@@ -108,7 +119,7 @@ def cmd_predict(args) -> None:
         predicted = probe.predict(probe.read_features(store))
         table = pd.DataFrame({"path": store.paths, "split": store.splits, "predicted": predicted})
     out = Path(args.out or Path(args.store).with_suffix(f".{Path(args.probe).stem}.predictions.csv"))
-    table.to_csv(out, index=False)
+    write_csv(table, out)
     print(f"predictions: {out}")
 
 
@@ -125,7 +136,7 @@ def cmd_tsne(args) -> None:
     from classify.thumbnails import ensure_thumbnails
 
     slug = dataset_slug(args.dataset, args.crop)
-    paths = store_paths(args.features_dir, slug, _split_list(args.features))
+    paths = dataset_stores(args, _split_list(args.features))
     if args.model:  # that backbone's stores (any pooling) and every baseline
         from extract.backbones import get_backbone
 

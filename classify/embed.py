@@ -41,6 +41,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from classify.evaluate import store_fingerprint_id
+from classify.report import TEXT_ONLY
 from classify.results import best_per, read_results, update_csv
 from extract.store import FeatureStore
 
@@ -198,7 +199,7 @@ def _scatter(ax, embedding, labels, classes, title: str) -> None:
     colours = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
     for c in np.unique(labels):
         points = embedding[labels == c]
-        ax.scatter(points[:, 0], points[:, 1], s=5, alpha=0.75, color=colours(c % colours.N), label=classes[c], linewidths=0)
+        ax.scatter(points[:, 0], points[:, 1], s=5, alpha=0.75, color=colours(c % colours.N), label=legend_label(classes[c]), linewidths=0)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -206,11 +207,17 @@ def _scatter(ax, embedding, labels, classes, title: str) -> None:
     ax.set_ylabel("t-SNE 2", fontsize=8)
 
 
+def legend_label(name: str) -> str:
+    """A class name for a legend: matplotlib leaves out labels that begin with an underscore."""
+    return f" {name}" if str(name).startswith("_") else str(name)
+
+
 def _legend(fig_or_ax, classes, labels, **kwargs) -> None:
     if len(classes) > 20:
         return  # 20+ colours are not readable; the panel titles carry the numbers
     colours = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours(c % colours.N), label=classes[c]) for c in np.unique(labels)]
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours(c % colours.N), label=legend_label(classes[c]))
+               for c in np.unique(labels)]
     fig_or_ax.legend(handles=handles, fontsize=8, markerscale=1.2, **kwargs)
 
 
@@ -233,6 +240,7 @@ def _probe_accuracy(results_csv: Path) -> dict:
     return {} if chosen.empty else chosen.set_index(["features", "layer"])["top1"].to_dict()
 
 
+@plt.rc_context(TEXT_ONLY)
 def embed_stores(store_paths, *, out_dir: Path, report_dir: Path, n: int = DEFAULT_SAMPLES, seed: int = 0,
                  layers=None, progress: bool = True) -> pd.DataFrame:
     """t-SNE and numbers for every layer of every store; writes layers.csv, one PNG per layer
@@ -297,6 +305,7 @@ def save_embeddings(embedding: StoreEmbedding, path: Path, taps: list[str]) -> P
     return embedding.save(path)
 
 
+@plt.rc_context(TEXT_ONLY)
 def plot_grid(panels, path: Path, columns: int = 4) -> Path:
     """All panels, CNN layers first from low to high, then the baselines."""
     panels = sorted(panels, key=lambda p: (p[0]["kind"] != "cnn", p[0]["features"], p[0]["layer_depth"]))

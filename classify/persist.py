@@ -2,6 +2,7 @@
 
 A saved probe holds its normalisation (kind and statistics), the linear weights, the
 class names, C, and the fingerprint, layer and dimension of the features it expects.
+``SavedProbe.load`` checks every one of them against this format (a forged file is one line);
 ``SavedProbe.check_store`` refuses a store whose features were made otherwise.
 """
 
@@ -14,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from classify import fusion
-from classify.probe import BlockNormalizer, signed_sqrt
-from extract.store import FeatureStore, StoreMismatchError, canonical_json, fingerprint_differences
+from classify.probe import NORMALIZATIONS, BlockNormalizer, signed_sqrt
+from extract.store import FeatureStore, StoreMismatchError, canonical_json, fingerprint_differences, read_arrays
 from extract.errors import UserError
 
 FORMAT_VERSION = 1
+REQUIRED = ("format_version", "coef", "intercept", "classes", "normalization", "C", "layer", "features", "fingerprint", "dim")
 
 
 def save_probe(path: str | Path, probe, *, class_names, layer: str, features: str, fingerprint: dict) -> Path:
@@ -70,17 +72,67 @@ class SavedProbe:
 
     @classmethod
     def load(cls, path: str | Path) -> SavedProbe:
-        with np.load(path, allow_pickle=False) as data:
-            if int(data["format_version"]) != FORMAT_VERSION:
-                raise UserError(f"{path}: probe format {int(data['format_version'])}, this code reads {FORMAT_VERSION}")
-            return cls(
-                coef=data["coef"], intercept=data["intercept"], classes=data["classes"].tolist(),
-                normalization=str(data["normalization"]), C=float(data["C"]), layer=str(data["layer"]),
-                features=str(data["features"]), fingerprint=json.loads(str(data["fingerprint"])), dim=int(data["dim"]),
-                mean=data["mean"] if "mean" in data else None, scale=data["scale"] if "scale" in data else None,
-                blocks=data["blocks"] if "blocks" in data else None,
-                block_weights=data["block_weights"] if "block_weights" in data else None,
-            )
+        """Read a probe, checking everything against the format: each array's header against its bytes
+        before it is read (``read_arrays``), then every key, type, shape and value. A file that fails
+        is one ``UserError`` naming it and what is wrong."""
+        path = Path(path)
+        data = read_arrays(path)
+
+        def refuse(what: str) -> UserError:
+            return UserError(f"{path} {what}; it is not a probe `classify probe --save-probes` wrote: save it again")
+
+        missing = [key for key in REQUIRED if key not in data]
+        if missing:
+            raise refuse(f"lacks {missing}")
+        if data["format_version"].shape != () or data["format_version"].dtype.kind not in "iu":
+            raise refuse("has no whole-number format_version")
+        if int(data["format_version"]) != FORMAT_VERSION:
+            raise UserError(f"{path}: probe format {int(data['format_version'])}, this code reads {FORMAT_VERSION}")
+        text = {key: data[key] for key in ("normalization", "layer", "features", "fingerprint")}
+        if any(value.shape != () or value.dtype.kind != "U" for value in text.values()):
+            raise refuse("has normalization, layer, features or fingerprint that is not one text")
+        try:
+            fingerprint = json.loads(str(data["fingerprint"]))
+        except ValueError:
+            raise refuse("has a fingerprint that is not JSON") from None
+        if not isinstance(fingerprint, dict):
+            raise refuse("has a fingerprint that is not a JSON object")
+        normalization = str(data["normalization"])
+        if normalization not in NORMALIZATIONS:
+            raise refuse(f"has normalization {normalization!r}, not one of {NORMALIZATIONS}")
+        numbers = {key: data[key] for key in ("coef", "intercept", "C", *(("mean", "scale") if normalization == "standard" else ()))}
+        for key, value in numbers.items():
+            if value.dtype.kind not in "fiu" or not np.isfinite(value).all():
+                raise refuse(f"has {key} that is not finite numbers")
+        coef, intercept, classes = data["coef"], data["intercept"], data["classes"]
+        dim = int(data["dim"]) if data["dim"].shape == () and data["dim"].dtype.kind in "iu" else -1
+        if coef.ndim != 2 or coef.shape[1] != dim or dim < 1:
+            raise refuse(f"has coef of shape {coef.shape} for dim {data['dim']}")
+        if classes.ndim != 1 or classes.dtype.kind != "U" or len(classes) < 2 or len(set(classes.tolist())) != len(classes):
+            raise refuse(f"has classes {classes.tolist()!r}, not two or more distinct names")
+        if len(coef) != (1 if len(classes) == 2 else len(classes)) or intercept.shape != (len(coef),):
+            raise refuse(f"has coef of shape {coef.shape} and intercept of shape {intercept.shape} for {len(classes)} classes")
+        if data["C"].shape != () or not float(data["C"]) > 0:
+            raise refuse(f"has C={data['C']!r}, not one positive number")
+        blocks = block_weights = None
+        if "blocks" in data or "block_weights" in data:
+            blocks, block_weights = data.get("blocks"), data.get("block_weights")
+            if (blocks is None or block_weights is None or blocks.ndim != 1 or blocks.dtype.kind not in "iu" or len(blocks) < 2
+                    or (blocks < 1).any() or int(blocks.sum()) != dim or block_weights.shape != blocks.shape
+                    or block_weights.dtype.kind != "f" or not np.isfinite(block_weights).all() or not (block_weights > 0).all()):
+                raise refuse(f"has blocks and block_weights that are not two or more positive widths summing to dim {dim}, "
+                             "each with a positive finite weight")
+        if normalization == "standard":
+            if data["mean"].shape != (dim,) or data["scale"].shape != (dim,) or not (data["scale"] > 0).all():
+                raise refuse(f"has a standard normalisation whose mean or scale is not {dim} numbers, every scale positive")
+        return cls(
+            coef=coef.astype(np.float64), intercept=intercept.astype(np.float64), classes=classes.tolist(),
+            normalization=normalization, C=float(data["C"]), layer=str(data["layer"]), features=str(data["features"]),
+            fingerprint=fingerprint, dim=dim,
+            mean=data["mean"].astype(np.float64) if normalization == "standard" else None,
+            scale=data["scale"].astype(np.float64) if normalization == "standard" else None,
+            blocks=blocks, block_weights=None if block_weights is None else block_weights.astype(np.float64),
+        )
 
     def check_store(self, store: FeatureStore) -> None:
         differences = fingerprint_differences(self.fingerprint, store.fingerprint)

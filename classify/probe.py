@@ -332,6 +332,10 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         y = np.asarray(y)
         if X.ndim != 2 or len(X) != len(y):
             raise UserError(f"expected X of shape (n, d) and n labels; got X {X.shape} and {len(y)} labels")
+        if not np.isfinite(X).all():
+            rows = np.flatnonzero(~np.isfinite(X).all(axis=1))
+            raise UserError(f"{len(rows)} of {len(X)} training rows have features that are not finite (NaN or infinity), "
+                            f"the first row {rows[0]}: extract them again, or leave those images out")
         if self.scoring not in SCORINGS:
             raise UserError(f"scoring={self.scoring!r} is not one of {SCORINGS}")
         if self.select_by not in SELECT_BY:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,7 +19,7 @@ from sklearn.metrics import confusion_matrix
 from classify import fusion
 from classify.evaluate import store_fingerprint_id
 from classify.recipe import ablation, chosen_among
-from classify.results import PROBE_KINDS, best_per, live_rows, output_stem, read_results, select_best
+from classify.results import PROBE_KINDS, best_per, live_rows, output_stem, read_csv, read_results, select_best, write_csv
 from extract import package_versions
 from extract.errors import UserError
 from extract.store import FeatureStore, StoreError
@@ -27,9 +28,12 @@ log = logging.getLogger(__name__)
 PUBLISHED = Path(__file__).with_name("published.csv")
 REPORT_PACKAGES = ("scikit-learn", "opentsne", "mahotas", "scikit-image", "opencv-python-headless", "matplotlib")
 
+# Names are drawn as the text they are: no mathtext, whose parser dies on a class named `a$\bogus$b`.
+TEXT_ONLY = {"text.parse_math": False}
 METRIC_LABELS = {"top1": "top-1 accuracy", "mean_per_class_acc": "mean per-class accuracy", "mAP": "mean average precision"}
 
 
+@plt.rc_context(TEXT_ONLY)
 def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "top1", title: str = "") -> Path:
     """CNN layers as curves (``kind`` cnn); baseline variants, fine-tuned and trained models as
     horizontal lines. Backbones with other taps share the axis by relative depth, each point
@@ -92,6 +96,7 @@ def chosen_per(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return pd.concat([chosen, rows[~rows["kind"].isin(PROBE_KINDS)]], ignore_index=True)
 
 
+@plt.rc_context(TEXT_ONLY)
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, *, title: str) -> Path:
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = max(5.0, 0.45 * len(classes) + 2.5)
@@ -112,6 +117,7 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, *, title:
     return path
 
 
+@plt.rc_context(TEXT_ONLY)
 def plot_few_shot(table: pd.DataFrame, path: Path, *, metric: str, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     table = table.assign(shots=table["protocol"].str.removesuffix("-shot").astype(int))
@@ -133,6 +139,7 @@ def plot_few_shot(table: pd.DataFrame, path: Path, *, metric: str, title: str) -
     return path
 
 
+@plt.rc_context(TEXT_ONLY)
 def plot_best_per_method(table: pd.DataFrame, path: Path, *, metric: str, title: str) -> Path:
     """Per feature set, the layer and classifier chosen by CV score (and each trained model)."""
     best = chosen_per(table, ["features"]).sort_values(metric)
@@ -147,10 +154,39 @@ def plot_best_per_method(table: pd.DataFrame, path: Path, *, metric: str, title:
     return path
 
 
+class Markdown(str):
+    """Text that is Markdown already (a bold number), put into the report as it is."""
+
+
+# What Markdown (GitHub's, with tables, strikethrough and math) would read as markup: backslash,
+# code, emphasis, links, table cells, strikethrough, math; an underscore only where it can emphasise.
+_MARKUP = re.compile(r"[\\`*\[\]|~$]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
+def md(value) -> str:
+    """``value`` (a class, split, layer or file name) as literal text in Markdown and in the HTML it
+    renders to: whitespace runs (a newline would end a table row) become one space, ``&`` and ``<``
+    become entities (no tag, no live HTML; ``>`` alone starts none), and Markdown's markup characters
+    are backslash-escaped."""
+    if isinstance(value, Markdown):
+        return value
+    text = " ".join(str(value).split()).replace("&", "&amp;").replace("<", "&lt;")
+    return _MARKUP.sub(lambda match: "\\" + match.group(0), text)
+
+
+def _code(value) -> str:
+    """``value`` as a code span, whatever backticks it holds (CommonMark: a longer fence)."""
+    text = " ".join(str(value).split())
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _markdown_table(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(frame.columns) + " |"
+    """A GitHub-Markdown table; every header and cell is text (``md``) unless it is ``Markdown``."""
+    header = "| " + " | ".join(md(c) for c in frame.columns) + " |"
     rule = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---" for c in frame.columns) + "|"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    body = ["| " + " | ".join(md(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])
 
 
@@ -183,7 +219,7 @@ def layers_section(results_dir: Path, report_dir: Path) -> list[str]:
     table_path, grid = results_dir / "layers.csv", report_dir / "tsne_grid.png"
     if not table_path.is_file():
         return ["## Seeing the layers", "", "Run `make tsne` to add t-SNE pictures and layer-wise cluster numbers here.", ""]
-    table = pd.read_csv(table_path)
+    table = read_csv(table_path)
     table = table.assign(baseline=table["kind"] != "cnn").sort_values(["baseline", "features", "layer_depth"])
     shown = pd.DataFrame({
         "features": table["features"], "layer": table["layer"],
@@ -194,7 +230,7 @@ def layers_section(results_dir: Path, report_dir: Path) -> list[str]:
              f"t-SNE of {int(table['n_samples'].max())} class-balanced images per layer (seed {int(table['seed'].iloc[0])}; "
              f"standardised, PCA to 50 dimensions, then {table['tsne'].iloc[0]}). Numbers: leave-one-out {int(table['knn_k'].max())}-NN "
              "accuracy on the standardised features and in the 2-D picture, the classes' silhouette score, and the layer's best "
-             f"linear probe (`{table_path.as_posix()}`).", ""]
+             f"linear probe ({_code(table_path.as_posix())}).", ""]
     if grid.is_file():
         lines += [f"![t-SNE of each layer]({grid.name})", ""]
     return lines + [_markdown_table(shown), ""]
@@ -206,7 +242,7 @@ def published_section(dataset: str) -> list[str]:
     rows = table[table["dataset"] == dataset]
     lines = ["## Published numbers (other networks and protocols: context, not our results)", ""]
     if rows.empty:
-        return lines + [f"No published reference for `{dataset}` is on file (`classify/{PUBLISHED.name}`).", ""]
+        return lines + [f"No published reference for {_code(dataset)} is on file (`classify/{PUBLISHED.name}`).", ""]
     return lines + [_markdown_table(rows.drop(columns="dataset")), ""]
 
 
@@ -215,7 +251,7 @@ def read_stores(features_dir: Path | None, dataset: str) -> list[dict]:
     stores = []
     for path in sorted((features_dir / dataset).glob("*.h5")) if features_dir else []:
         try:
-            with FeatureStore(path) as store:
+            with FeatureStore(path, dataset=dataset) as store:
                 stores.append({"extractor": store.extractor, "images": len(store), "run": store.run, "fingerprint": store.fingerprint,
                                "fingerprint_id": store_fingerprint_id(store.fingerprint, store.dataset_digest), "taps": store.taps})
         except (StoreError, OSError) as error:
@@ -232,7 +268,7 @@ def run_section(results: pd.DataFrame, stores: list[dict]) -> list[str]:
     if rows:
         lines += [_markdown_table(pd.DataFrame(rows)), ""]
     fit = results.groupby("features")["fit_seconds"].sum().round(1)
-    lines += ["Probe and training time (s, summed over layers and protocols): " + ", ".join(f"{k} {v:g}" for k, v in fit.items()), ""]
+    lines += ["Probe and training time (s, summed over layers and protocols): " + ", ".join(f"{md(k)} {v:g}" for k, v in fit.items()), ""]
     return lines
 
 
@@ -286,9 +322,9 @@ def environment_section(stores: list[dict]) -> list[str]:
         versions.update(store["fingerprint"].get("versions", {}))
     versions.update(package_versions(*REPORT_PACKAGES))
     return ["## Environment", "",
-            f"- Python {platform.python_version()} on {platform.platform()}",
-            f"- CPU: {cpu}, {os.cpu_count()} cores; GPU: {gpu}",
-            "- Packages: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())), ""]
+            f"- Python {platform.python_version()} on {md(platform.platform())}",
+            f"- CPU: {md(cpu)}, {os.cpu_count()} cores; GPU: {md(gpu)}",
+            "- Packages: " + ", ".join(f"{md(k)} {md(v)}" for k, v in sorted(versions.items(), key=str)), ""]
 
 
 RULE_OF_THUMB_CSV = "rule_of_thumb.csv"
@@ -333,14 +369,15 @@ def rule_of_thumb_crossovers(curves: pd.DataFrame, reference: str = "probe") -> 
         ahead = (pivot[more] > pivot[fewer] + 1e-9).to_numpy()
         from_here = [k for j, k in enumerate(sizes) if ahead[j:].all()]
         if not ahead.any():
-            lines.append(f"- `{more}` never beats `{fewer}` (sizes {', '.join(map(str, sizes))} per class)")
+            lines.append(f"- {_code(more)} never beats {_code(fewer)} (sizes {', '.join(map(str, sizes))} per class)")
         elif from_here:
-            lines.append(f"- `{more}` beats `{fewer}` from {from_here[0]} images per class on")
+            lines.append(f"- {_code(more)} beats {_code(fewer)} from {from_here[0]} images per class on")
         else:
-            lines.append(f"- `{more}` beats `{fewer}` at {', '.join(str(k) for k, a in zip(sizes, ahead) if a)} images per class only")
+            lines.append(f"- {_code(more)} beats {_code(fewer)} at {', '.join(str(k) for k, a in zip(sizes, ahead) if a)} images per class only")
     return lines
 
 
+@plt.rc_context(TEXT_ONLY)
 def plot_rule_of_thumb(curves: pd.DataFrame, path: Path, *, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     for regime in sorted(curves["regime"].unique(), key=_regime_depth):
@@ -365,7 +402,7 @@ def rule_of_thumb_section(results_dir: Path, report_dir: Path) -> list[str]:
     table_path = results_dir / RULE_OF_THUMB_CSV
     if not table_path.is_file():
         return []
-    table = pd.read_csv(table_path)
+    table = read_csv(table_path)
     curves = rule_of_thumb_curves(table)
     plot = plot_rule_of_thumb(curves, report_dir / "rule_of_thumb.png",
                               title=f"{report_dir.name}: how many layers to train for how much data")
@@ -377,7 +414,7 @@ def rule_of_thumb_section(results_dir: Path, report_dir: Path) -> list[str]:
     draws = int(curves["count"].max())
     return ["## Rule of thumb", "",
             f"Every regime trained on the same {draws} seeded draws of k images per class and tested on the same test split "
-            f"(`{table_path.as_posix()}`, `make rule-of-thumb`). probe: linear probe on the layer chosen by CV; head: a softmax "
+            f"({_code(table_path.as_posix())}, `make rule-of-thumb`). probe: linear probe on the layer chosen by CV; head: a softmax "
             "layer on the frozen top layer; topN: the last N blocks too; all: every layer; scratch: random start. Epochs by "
             "early stopping on held-out training images. \"best regime\" names the highest mean test accuracy: it describes "
             "the curves, nothing was chosen by it.", "",
@@ -409,13 +446,13 @@ def headline(rows: pd.DataFrame, metric: str) -> tuple[pd.Series, list[str]]:
                         "(results.csv from an older offshelf lacks it)")
     among = rows["cv_score"].notna().sum()
     lines = [
-        f"Best by cross-validation on the training data: **{describe(best)}** "
+        f"Best by cross-validation on the training data: **{md(describe(best))}** "
         f"(CV {_percent(best['cv_score'])}, {'the only candidate' if among == 1 else f'the highest of {among} candidates'}), {_scores(best, metric)} on the test split "
-        f"(trained on `{best['train_split']}`, {best['n_train']} images; tested on `{best['test_split']}`, {best['n_test']} images).",
+        f"(trained on {_code(best['train_split'])}, {best['n_train']} images; tested on {_code(best['test_split'])}, {best['n_test']} images).",
     ]
     oracle = rows.loc[rows[metric].idxmax()]
     if oracle.name != best.name:
-        lines.append(f"Oracle, for reference only (picked on the test split, not a result): {describe(oracle)}, "
+        lines.append(f"Oracle, for reference only (picked on the test split, not a result): {md(describe(oracle))}, "
                      f"{METRIC_LABELS[metric]} {100 * oracle[metric]:.2f}%.")
     return best, lines
 
@@ -507,7 +544,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
     rows = []
     for index, record in zip(table.index, table.itertuples(index=False)):
         is_best = index == best.name
-        cell = lambda v: f"**{100 * v:.2f}**" if is_best else f"{100 * v:.2f}"  # noqa: E731
+        cell = lambda v: Markdown(f"**{100 * v:.2f}**") if is_best else f"{100 * v:.2f}"  # noqa: E731
         rows.append({
             "features": record.features, "layer": record.layer, "classifier": record.classifier,
             "normalisation": record.normalization, "recipe": record.recipe if isinstance(record.recipe, str) else "-",
@@ -521,10 +558,10 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
         })
     probes = given[given["kind"] == "baseline"]
     top_baseline = select_best(probes) if len(probes) else None
-    lines = [f"# {dataset}: off-the-shelf features vs hand-crafted baselines", "", *headline_lines]
+    lines = [f"# {md(dataset)}: off-the-shelf features vs hand-crafted baselines", "", *headline_lines]
     if top_baseline is not None:
         lines.append(
-            f"Best hand-crafted baseline (by CV): {describe(top_baseline)}, "
+            f"Best hand-crafted baseline (by CV): {md(describe(top_baseline))}, "
             f"{METRIC_LABELS[metric]} {100 * top_baseline[metric]:.2f}% ({100 * (best[metric] - top_baseline[metric]):+.2f} points for the best)."
         )
     unseen = given[given["classes_unseen_in_train"].fillna(0) > 0]
@@ -538,7 +575,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
 
     predictions = _predictions_path(results_csv.parent, best)
     if predictions.is_file():
-        frame = pd.read_csv(predictions, dtype=str, keep_default_na=False)
+        frame = read_csv(predictions, dtype=str, keep_default_na=False)
         classes = sorted(set(frame["label"]) | set(frame["predicted"]))
         counts = confusion_matrix(frame["label"], frame["predicted"], labels=classes)
         matrix = plot_confusion(counts, classes, report_dir / "confusion_best.png", title=describe(best))
@@ -546,7 +583,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
         accuracy = np.divide(np.diag(counts), totals, out=np.full(len(classes), np.nan), where=totals > 0)
         per_class = pd.DataFrame({"class": classes, "test images": totals,
                                   "accuracy %": [f"{100 * a:.1f}" for a in accuracy]}).sort_values("accuracy %", key=lambda s: s.astype(float))
-        per_class.to_csv(report_dir / "per_class_accuracy_best.csv", index=False)
+        write_csv(per_class, report_dir / "per_class_accuracy_best.csv")
         lines += ["## The chosen probe, class by class", "", f"![confusion matrix]({matrix.name})", "",
                   _markdown_table(per_class), ""]
 
@@ -579,7 +616,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
         "",
         _markdown_table(pd.DataFrame(rows)),
         "",
-        f"Source: `{results_csv.as_posix()}`.",
+        f"Source: {_code(results_csv.as_posix())}.",
         "",
     ]
     path = report_dir / "report.md"
@@ -587,6 +624,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
     return path
 
 
+@plt.rc_context(TEXT_ONLY)
 def write_summary(results_root: str | Path, reports_root: str | Path, datasets: list[str]) -> Path:
     """reports/summary.md (+ .csv, .png): per dataset, the CNN layer and the baseline chosen by CV score."""
     rows = []
@@ -613,7 +651,7 @@ def write_summary(results_root: str | Path, reports_root: str | Path, datasets: 
     table = pd.DataFrame(rows)
     out = Path(reports_root)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "summary.csv", index=False)
+    write_csv(table, out / "summary.csv")
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(datasets) + 2), 4.5), constrained_layout=True)
     width = 0.38
     for offset, (label, colour) in zip((-width / 2, width / 2), (("best CNN", "tab:blue"), ("best baseline", "tab:gray"))):
@@ -631,7 +669,7 @@ def write_summary(results_root: str | Path, reports_root: str | Path, datasets: 
     for slug in datasets:
         path = Path(results_root) / slug / RULE_OF_THUMB_CSV
         if path.is_file():
-            winners = rule_of_thumb_winners(rule_of_thumb_curves(pd.read_csv(path)))
+            winners = rule_of_thumb_winners(rule_of_thumb_curves(read_csv(path)))
             rule += [{"dataset": slug, "per class": int(k), "best regime": best} for k, best in zip(winners["per_class"], winners["best regime"])]
     rule_lines = (["## Rule of thumb: the regime with the highest mean test accuracy, per dataset and images per class", "",
                    _markdown_table(pd.DataFrame(rule).pivot(index="per class", columns="dataset", values="best regime").reset_index().fillna("-")),

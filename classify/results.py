@@ -16,8 +16,11 @@ picks "the best" of a set of rows; the test metric never takes part in it.
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import hashlib
+import io
+import logging
 import os
 import re
 import uuid
@@ -29,6 +32,9 @@ import numpy as np
 import pandas as pd
 
 from classify import fusion
+from extract.errors import UserError
+
+log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = [
     "dataset", "features", "kind", "views", "recipe", "layer", "layer_depth", "classifier", "protocol", "train_split", "test_split",
@@ -43,6 +49,15 @@ SORT_ORDER = ["features", "layer_depth", "layer", "classifier", "normalization",
 # The settings besides layer, classifier and protocol that tell two rows of one store apart.
 SETTING_COLUMNS = ["normalization", "search", "select_by", "Cs", "seed", "repeats"]
 PROBE_KINDS = ("cnn", "baseline")  # rows of linear probes on a store; other kinds are trained models
+# What a results.csv must hold to be read at all, and the range of each number a row may hold
+# (low, high): a hand-edited cell outside it leaves its row out.
+REQUIRED_COLUMNS = ("dataset", "features", "kind", "layer", "classifier", "protocol", "top1")
+_FRACTION, _COUNT = (0.0, 1.0), (0.0, float("inf"))
+RESULT_RANGES = {
+    **dict.fromkeys(("top1", "top1_std", "mean_per_class_acc", "mean_per_class_acc_std", "mAP", "mAP_voc07", "cv_score"), _FRACTION),
+    **dict.fromkeys(("layer_depth", "cv_splits", "seed", "n_train", "n_test", "n_features", "classes_unseen_in_train",
+                     "images_without_features", "fit_seconds", "repeats", "C"), _COUNT),
+}
 
 
 @contextmanager
@@ -57,27 +72,73 @@ def locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def write_atomically(frame: pd.DataFrame, path: Path, **to_csv) -> None:
+# A text cell that a spreadsheet would run as a formula (OWASP, "CSV Injection"): one that begins
+# with one of these. Such a cell is written with an apostrophe before it, and every text cell is
+# quoted, so Excel and LibreOffice show it as the text it is; ``read_csv`` takes the apostrophe off.
+# A cell that itself begins with an apostrophe gets one more, so that reading gives back every name.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def _text_columns(frame: pd.DataFrame) -> list:
+    return [c for c in frame.columns if pd.api.types.is_string_dtype(frame[c]) or pd.api.types.is_object_dtype(frame[c])]
+
+
+def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each text cell that begins like a formula prefixed by an apostrophe."""
+    columns = _text_columns(frame)
+    if not columns:
+        return frame
+    safe = frame.copy()
+    for column in columns:
+        safe[column] = [f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v for v in frame[column]]
+    return safe
+
+
+def restore_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """What ``neutralise_formulas`` wrote, as it was."""
+    for column in _text_columns(frame):
+        values = frame[column]
+        if any(isinstance(v, str) and v.startswith("'") for v in values):
+            frame[column] = [v[1:] if isinstance(v, str) and v.startswith("'") and v[1:].startswith(FORMULA_STARTS) else v for v in values]
+    return frame
+
+
+def to_csv_text(frame: pd.DataFrame, **to_csv) -> str:
+    """The CSV offshelf writes for ``frame``: spreadsheet formulas neutralised, text cells quoted."""
+    return neutralise_formulas(frame).to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n", **to_csv)
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path, **to_csv) -> Path:
+    """``frame`` as a CSV at ``path`` (``to_csv_text``), written atomically: a temporary file, fsync'ed and renamed."""
+    path = Path(path)
+    text = to_csv_text(frame, **to_csv)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "w", newline="") as handle:
-            frame.to_csv(handle, index=False, **to_csv)
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
 
 
-def update_csv(path: str | Path, merge: Callable[[pd.DataFrame | None], pd.DataFrame], **to_csv) -> pd.DataFrame:
-    """Under the file's lock: read it (None when absent), ``merge`` it, write the result atomically."""
+def read_csv(path: str | Path, **read_csv) -> pd.DataFrame:
+    """A CSV offshelf wrote, as it was before ``write_csv`` (formula-neutralised cells restored)."""
+    return restore_formulas(pd.read_csv(path, **read_csv))
+
+
+def update_csv(path: str | Path, merge: Callable[[pd.DataFrame | None], pd.DataFrame], *, read: Callable = read_csv,
+               **to_csv) -> pd.DataFrame:
+    """Under the file's lock: ``read`` it (None when absent), ``merge`` it, write the result atomically."""
     path = Path(path)
     with locked(path):
         # Under the lock no other writer has a temporary file open: any left is from a killed one.
         for stale in path.parent.glob(f".{path.name}.tmp-*"):
             stale.unlink(missing_ok=True)
-        merged = merge(pd.read_csv(path) if path.is_file() else None)
-        write_atomically(merged, path, **to_csv)
+        merged = merge(read(path) if path.is_file() else None)
+        write_csv(merged, path, **to_csv)
     return merged
 
 
@@ -108,8 +169,65 @@ def output_stem(row) -> str:
 
 
 def read_results(csv_path: str | Path) -> pd.DataFrame | None:
+    """``results.csv`` checked against its columns (``check_results``; None when absent)."""
     csv_path = Path(csv_path)
-    return pd.read_csv(csv_path).reindex(columns=RESULT_COLUMNS) if csv_path.is_file() else None
+    return check_results(csv_path) if csv_path.is_file() else None
+
+
+def _row_problem(row: dict) -> str | None:
+    """What is wrong with one results.csv row (its cells as text), or None."""
+    for column in REQUIRED_COLUMNS:
+        if column != "top1" and not row.get(column):
+            return f"{column} is empty"
+    for column, (low, high) in RESULT_RANGES.items():
+        cell = row.get(column) or ""
+        if not cell:
+            continue
+        try:
+            value = float(cell)
+        except ValueError:
+            return f"{column}={cell!r} is not a number"
+        if not low <= value <= high:
+            return f"{column}={cell} is outside [{low:g}, {high:g}]"
+    return None
+
+
+def check_results(csv_path: Path) -> pd.DataFrame:
+    """Read a results.csv that may have been edited by hand: a missing required column (or a file
+    that is not UTF-8 CSV) is one ``UserError``; a row with the wrong number of fields, an empty
+    required cell, or a number that is not one or outside its range (``top1=7``) is named by its line
+    in a warning and left out, so it takes no part in rankings. An empty file has no rows."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            rows, end = [], reader.line_num
+            for row in reader:
+                rows.append((end + 1, row))
+                end = reader.line_num
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"{csv_path} is not a UTF-8 CSV file ({error}); restore it, or delete it and rerun `make classify`") from None
+    if header is None:
+        log.warning("%s is empty: no results in it", csv_path)
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise UserError(f"{csv_path} lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)} (it has {', '.join(header) or 'none'}); "
+                        "restore it, or delete it and rerun `make classify`")
+    good = []
+    for line, cells in rows:
+        if not any(cells):
+            continue
+        problem = (f"{len(cells)} fields where the header has {len(header)}" if len(cells) != len(header)
+                   else _row_problem(dict(zip(header, cells))))
+        if problem is None:
+            good.append(cells)
+        else:
+            log.warning("%s:%d: %s; this row is left out (and dropped when the file is next written)", csv_path, line, problem)
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([header, *good])
+    text.seek(0)
+    return restore_formulas(pd.read_csv(text)).reindex(columns=RESULT_COLUMNS)
 
 
 def update_results(csv_path: str | Path, rows: list[dict]) -> pd.DataFrame:
@@ -124,7 +242,7 @@ def update_results(csv_path: str | Path, rows: list[dict]) -> pd.DataFrame:
         return np.asarray([kind in PROBE_KINDS and (d, f) in current and str(fp) not in current[(d, f)]
                            for kind, d, f, fp in old[["kind", "dataset", "features", "store_fingerprint"]].itertuples(index=False)], bool)
 
-    return update_csv(csv_path, lambda old: merge_rows(old, new, key=RESULT_KEY, sort_by=SORT_ORDER, drop=rebuilt))
+    return update_csv(csv_path, lambda old: merge_rows(old, new, key=RESULT_KEY, sort_by=SORT_ORDER, drop=rebuilt), read=check_results)
 
 
 def cached_rows(results: pd.DataFrame | None, expected: list[dict]) -> list[dict] | None:

@@ -227,7 +227,7 @@ def extract_group(
         todo = [i for i, w in enumerate(writers) if not w.up_to_date]
         if not todo:
             return [w.path for w in writers]
-        jobs = [_Job(featurizers[i], writers[i]) for i in todo]
+        jobs = [_Job(featurizers[i], writers[i], on_error) for i in todo]
         pending = np.unique(np.concatenate([w.pending_rows() for w in (writers[i] for i in todo)]))
         batch_size = min(f.batch_size for f in featurizers)
         batches = [pending[i : i + batch_size] for i in range(0, len(pending), batch_size)]
@@ -313,10 +313,12 @@ def _local_batches(dataset, featurizers, todo, prepare, batches, *, threads, pro
 
 
 class _Job:
-    """One store's share of a group pass: the rows it still needs, buffered until a flush."""
+    """One store's share of a group pass: the rows it still needs, buffered until a flush.
+    Features that are not finite (NaN or infinity: a model whose activations overflow) never
+    reach a store: ``on_error`` stops the run naming the first image and tap, or skips them."""
 
-    def __init__(self, featurizer, writer: StoreWriter):
-        self.featurizer, self.writer = featurizer, writer
+    def __init__(self, featurizer, writer: StoreWriter, on_error: str = "raise"):
+        self.featurizer, self.writer, self.on_error = featurizer, writer, on_error
         self.names = [*featurizer.taps, *getattr(featurizer, "stats", [])]
         self.needed = np.zeros(len(writer.dataset), bool)
         self.needed[writer.pending_rows()] = True
@@ -340,10 +342,41 @@ class _Job:
             features = {name: np.asarray(items[name])[keep] for name in self.names}
         else:
             features = self.featurizer([items[i] for i in keep])
-        self.rows.append(np.asarray([rows[i] for i in keep], dtype=np.int64))
+        kept = np.asarray([rows[i] for i in keep], dtype=np.int64)
+        finite = self._finite_rows(kept, features)
+        if not finite.all():
+            kept, features = kept[finite], {name: np.asarray(array)[finite] for name, array in features.items()}
+        self.rows.append(kept)
         for name, parts in self.features.items():
             parts.append(features[name])
             self.nbytes += features[name].nbytes
+
+    def _finite_rows(self, rows: np.ndarray, features: dict) -> np.ndarray:
+        """Which rows have finite features in every layer and stat; the others stop the run
+        (``on_error="raise"``) or are skipped, each with the first tap that is not finite."""
+        finite = np.ones(len(rows), bool)
+        first_tap: dict[int, str] = {}
+        for name in self.names:
+            values = np.asarray(features[name]).reshape(len(rows), -1)
+            bad = ~np.isfinite(values).all(axis=1)
+            for position in np.flatnonzero(bad & finite):
+                first_tap[int(position)] = name
+            finite &= ~bad
+        if finite.all():
+            return finite
+        positions = np.flatnonzero(~finite)
+        first = int(positions[0])
+        where = f"{self.writer.dataset.paths[rows[first]]} in tap {first_tap[first]!r}"
+        if self.on_error == "raise":
+            raise UserError(
+                f"{self.featurizer.name}: {len(positions)} of {len(rows)} images of a batch have features that are not finite "
+                f"(NaN or infinity), the first {where}: the model's activations overflow. Extract in float32 or from other "
+                "layers, or pass --on-error skip (ON_ERROR=skip) to record such images as skipped")
+        for position in positions:
+            reason = f"features not finite (NaN or infinity) in tap {first_tap[int(position)]!r}"
+            self.skipped.append((int(rows[position]), reason))
+        log.warning("%s: skipping %d images with features that are not finite, the first %s", self.featurizer.name, len(positions), where)
+        return finite
 
     def flush(self) -> None:
         if self.rows or self.skipped:

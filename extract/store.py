@@ -29,6 +29,9 @@ Root attributes:
   SHA-256, input size, preprocessing, pooling, taps, package versions
 * ``taps``: JSON list of the layer names in /layers, from low to high
 * ``dataset_digest``: SHA-256 of the ordered (path, label, split) list the store was made for
+* ``index_digest``: the same digest of the index the store holds (``dataset_digest`` less the
+  skipped images); the reader checks it against the index it reads (a store written before it
+  existed: ``dataset_digest``, when no image was skipped)
 * ``dataset_info``: JSON: where the images came from, subset size and seed
 * ``complete``: true; a store is only ever published complete (see below)
 * ``created``: ISO-8601 UTC time of publication
@@ -63,6 +66,7 @@ import logging
 import os
 import shutil
 import uuid
+import zipfile
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +76,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 from extract import host_cores
+from extract.datasets.base import index_digest
 from extract.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -81,6 +86,7 @@ STRING = h5py.string_dtype("utf-8")
 CHUNK_BYTES = 1 << 20
 GZIP_LEVEL = 4
 MANIFEST = "manifest.json"
+PLAIN_FILTERS = frozenset({h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32})
 
 
 class StoreError(UserError):
@@ -219,6 +225,47 @@ def _atomic_write(target: Path, write) -> None:
     _fsync_dir(target.parent)
 
 
+class ArrayFileError(UserError):
+    """An ``.npz`` of arrays (a codebook, a saved probe) that is not what it claims to be. Names the file."""
+
+
+# Deflate expands at most about 1,032-fold: a member declaring more than this per stored byte lies.
+DEFLATE_RATIO = 1100
+
+
+def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz``, nothing executable (no pickles), each member's header checked
+    against the bytes the member holds before anything is allocated: a forged header that declares
+    terabytes is refused, not read. Any fault is one ``ArrayFileError`` naming the file."""
+    path = Path(path)
+    arrays = {}
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                if name == info.filename:
+                    raise ValueError(f"member {info.filename!r} is not a .npy array")
+                if info.compress_size > size or info.file_size > DEFLATE_RATIO * info.compress_size + (1 << 20):
+                    raise ValueError(f"member {info.filename!r} declares {info.file_size} bytes in {info.compress_size}")
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version not in ((1, 0), (2, 0)):
+                        raise ValueError(f"member {info.filename!r} has .npy format version {version}")
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(member)
+                    if dtype.hasobject:
+                        raise ValueError(f"member {info.filename!r} holds Python objects")
+                    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize + member.tell()
+                    if declared > info.file_size:
+                        raise ValueError(f"{name!r} declares shape {shape} of {dtype} ({declared} bytes) in a member of {info.file_size}")
+                with archive.open(info) as member:
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, zlib.error) as error:
+        raise ArrayFileError(f"{path} is not a readable array file ({type(error).__name__}: {error})") from None
+    return arrays
+
+
 class _GuardedFile(io.RawIOBase):
     """A file for ``h5py.File(fileobj)`` that keeps the first write error instead of handing
     it to HDF5. HDF5 cannot close a file whose writes failed, and the process then dies in
@@ -332,10 +379,25 @@ class StoreLock:
         self.release()
 
 
-class FeatureStore:
-    """Read-only view of a complete store. Use as a context manager."""
+def _stored_item_size(data: h5py.Dataset) -> int:
+    """Bytes per element in the file: variable-length text and sequences store a 16-byte heap reference."""
+    text = h5py.check_string_dtype(data.dtype)
+    variable = (text is not None and text.length is None) or h5py.check_vlen_dtype(data.dtype) is not None
+    return 16 if variable else data.dtype.itemsize
 
-    def __init__(self, path: str | Path):
+
+class FeatureStore:
+    """Read-only view of a complete store. Use as a context manager.
+
+    Nothing in the file is taken on its word: on opening, every object must be plain data inside
+    the file (no external or soft links, virtual datasets or external raw storage, which would read
+    other files), every chunk of a chunked dataset must be stored and the storage must fit in the
+    file (a forged header cannot ask for terabytes), the index, classes, layers and attributes must
+    agree with the schema and with each other, and the recorded digest of the image list must be
+    that of the index read. ``dataset``: the dataset the caller reads (the folder the store is in);
+    a store made for another one (renamed or copied) is refused. Any fault is one ``StoreError``."""
+
+    def __init__(self, path: str | Path, *, dataset: str | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"feature store not found: {self.path}")
@@ -345,9 +407,15 @@ class FeatureStore:
             raise StoreError(f"{self.path} is not a readable HDF5 file ({error}); delete it and extract again") from None
         try:
             self._validate()
+            if dataset is not None and self.dataset != dataset:
+                raise StoreMismatchError(f"{self.path} holds features of dataset {self.dataset!r}, not {dataset!r} (renamed or copied "
+                                         f"from another dataset's folder?): move it back, or extract {dataset} into its own store")
         except Exception:
             self._file.close()
             raise
+
+    def _refuse(self, what: str) -> StoreError:
+        return StoreError(f"{self.path} {what}; it is not a store this code wrote: delete it and extract again (OVERWRITE=1)")
 
     def _validate(self) -> None:
         attrs = self._file.attrs
@@ -359,6 +427,112 @@ class FeatureStore:
         missing = [p for p in ("index/path", "index/label", "index/split", "classes", "layers") if p not in self._file]
         if missing:
             raise StoreError(f"{self.path} lacks {missing}; it is not a schema-1 feature store")
+        self._check_storage()
+        self._check_attributes()
+        self._check_index()
+
+    def _check_storage(self) -> None:
+        """Only hard links to groups and datasets held in this file, each chunk stored, all within its size."""
+        problems: list[str] = []
+        datasets: list[h5py.Dataset] = []
+
+        def visit(name: str, link) -> None:
+            if not isinstance(link, h5py.HardLink):
+                problems.append(f"has a {type(link).__name__} at /{name}, which reads outside the store")
+                return
+            item = self._file[name]
+            if isinstance(item, h5py.Dataset):
+                datasets.append(item)
+            elif not isinstance(item, h5py.Group):
+                problems.append(f"has a {type(item).__name__} at /{name}")
+
+        self._file.visititems_links(visit)
+        stored = 0
+        for data in datasets:
+            if problems:
+                break
+            plist = data.id.get_create_plist()
+            layout = plist.get_layout()
+            filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+            declared = int(np.prod(data.shape, dtype=object)) * _stored_item_size(data)
+            if data.is_virtual or layout not in (h5py.h5d.COMPACT, h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED):
+                problems.append(f"has a virtual dataset at {data.name}, which reads other files")
+            elif plist.get_external_count():
+                problems.append(f"stores {data.name} in external files")
+            elif filters - PLAIN_FILTERS:
+                problems.append(f"filters {data.name} with {sorted(filters - PLAIN_FILTERS)} (only gzip, shuffle and fletcher32 are read)")
+            elif layout == h5py.h5d.CHUNKED:
+                chunks = int(np.prod([-(-n // c) for n, c in zip(data.shape, data.chunks)], dtype=object))
+                if data.id.get_num_chunks() != chunks:
+                    problems.append(f"declares {data.name} of shape {data.shape} ({declared:,} bytes) in {chunks:,} chunks but stores "
+                                    f"{data.id.get_num_chunks():,} of them")
+                elif declared > DEFLATE_RATIO * data.id.get_storage_size() + CHUNK_BYTES:
+                    problems.append(f"declares {data.name} of {declared:,} bytes in {data.id.get_storage_size():,}")
+            elif layout == h5py.h5d.CONTIGUOUS and data.id.get_storage_size() != declared:
+                problems.append(f"declares {data.name} of {declared:,} bytes but stores {data.id.get_storage_size():,}")
+            stored += data.id.get_storage_size()
+        if not problems and stored > self.path.stat().st_size:
+            problems.append(f"declares {stored:,} bytes of data in a file of {self.path.stat().st_size:,}")
+        if problems:
+            raise self._refuse(problems[0])
+
+    def _check_attributes(self) -> None:
+        attrs = self._file.attrs
+        for name in ("dataset", "extractor", "dataset_digest", "fingerprint", "taps"):
+            if not isinstance(attrs.get(name), str):
+                raise self._refuse(f"has no text attribute {name!r}")
+        for name, kind in (("fingerprint", dict), ("taps", list), ("dataset_info", dict), ("run", dict)):
+            if name in attrs:
+                try:
+                    value = json.loads(attrs[name])
+                except (TypeError, ValueError):
+                    raise self._refuse(f"has a {name} attribute that is not JSON") from None
+                if not isinstance(value, kind):
+                    raise self._refuse(f"has a {name} attribute that is not a JSON {kind.__name__}")
+        taps = json.loads(attrs["taps"])
+        if not all(isinstance(t, str) for t in taps) or len(set(taps)) != len(taps):
+            raise self._refuse(f"lists taps {taps!r}, not distinct names")
+
+    def _check_index(self) -> None:
+        f = self._file
+        index = {name: f[f"index/{name}"] for name in ("path", "label", "split")}
+        n = len(index["label"])
+        for name, data in (*index.items(), ("classes", f["classes"])):
+            if not isinstance(data, h5py.Dataset) or data.ndim != 1:
+                raise self._refuse(f"has /{'index/' if name != 'classes' else ''}{name} that is not a 1-D dataset")
+        for name in ("path", "split"):
+            if h5py.check_string_dtype(index[name].dtype) is None:
+                raise self._refuse(f"has index/{name} that is not text")
+            if len(index[name]) != n:
+                raise self._refuse(f"has {len(index[name])} rows in index/{name} and {n} in index/label")
+        if index["label"].dtype.kind not in "iu" or h5py.check_string_dtype(f["classes"].dtype) is None:
+            raise self._refuse("has labels that are not integers or classes that are not text")
+        classes, labels = len(f["classes"]), index["label"][()]
+        if classes == 0:
+            raise self._refuse("has an empty class list")
+        if n and (labels.min() < 0 or labels.max() >= classes):
+            raise self._refuse(f"has labels from {labels.min()} to {labels.max()} for {classes} classes")
+        if "index/multilabel" in f:
+            targets = f["index/multilabel"]
+            if targets.shape != (n, classes) or targets.dtype.kind not in "iu" or not np.isin(targets[()], (-1, 0, 1)).all():
+                raise self._refuse(f"has index/multilabel of shape {targets.shape} and values outside -1, 0, 1 for {n} rows of {classes} classes")
+        layers = f["layers"]
+        for tap in json.loads(f.attrs["taps"]):
+            if tap not in layers or not isinstance(layers[tap], h5py.Dataset):
+                raise self._refuse(f"lists tap {tap!r}, which /layers does not hold")
+            data = layers[tap]
+            if data.ndim != 2 or data.dtype != np.float32 or (data.shape[0] != n and data.shape != (0, 0)) or (data.shape == (0, 0) and n):
+                raise self._refuse(f"has layer {tap!r} of shape {data.shape} and dtype {data.dtype} for {n} images (float32 (n, D) expected)")
+        for name, data in (f["stats"].items() if "stats" in f else ()):
+            if not isinstance(data, h5py.Dataset) or data.shape != (n,) or data.dtype.kind != "f":
+                raise self._refuse(f"has stat {name!r} that is not one number per image")
+        if "skipped/path" in f and ("skipped/reason" not in f or f["skipped/path"].shape != f["skipped/reason"].shape):
+            raise self._refuse("has skipped images without one reason each")
+        recorded = f.attrs.get("index_digest") if "index_digest" in f.attrs else (f.attrs["dataset_digest"] if not self.skipped else None)
+        if recorded is not None:
+            found = index_digest(self.paths, labels, self.splits, f["index/multilabel"][()] if "index/multilabel" in f else None)
+            if found != recorded:
+                raise self._refuse(f"has an index (paths, labels, splits) whose digest {found[:12]} is not the recorded {str(recorded)[:12]}")
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -458,13 +632,14 @@ class FeatureStore:
         return self._file["layers"][layer]
 
     def features(self, layer: str, rows: np.ndarray | None = None) -> np.ndarray:
-        """The (n, D) float32 features of ``layer``, for all rows or a boolean/index selection."""
+        """The (n, D) float32 features of ``layer``, for all rows or a boolean/index selection.
+        Features that are not finite are refused (``StoreError`` naming the first image)."""
         data = self._dataset(layer)
         if rows is None:
-            return data[()]
+            return self._finite(layer, np.arange(len(self)), data[()])
         rows = np.asarray(rows)
         index = np.flatnonzero(rows) if rows.dtype == bool else np.sort(rows)
-        return data[index] if len(index) else np.zeros((0, data.shape[1]), np.float32)
+        return self._finite(layer, index, data[index]) if len(index) else np.zeros((0, data.shape[1]), np.float32)
 
     def iter_chunks(self, layer: str, rows: np.ndarray, chunk_rows: int = 4096):
         """Yield (positions, features) over sorted row indices without loading the whole layer."""
@@ -473,7 +648,18 @@ class FeatureStore:
         for start in range(0, len(rows), chunk_rows):
             block = rows[start : start + chunk_rows]
             lo, hi = int(block[0]), int(block[-1]) + 1
-            yield block, data[lo:hi][block - lo]
+            yield block, self._finite(layer, block, data[lo:hi][block - lo])
+
+    def _finite(self, layer: str, rows: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """``features`` of dataset ``rows``, if every value is finite; a NaN or infinity (a store
+        written before extraction checked them) is one line naming the store, the layer and an image."""
+        finite = np.isfinite(features).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise StoreError(f"{self.path}: layer {layer!r} holds features that are not finite (NaN or infinity) for {len(bad)} of "
+                             f"{len(rows)} images read, the first {self._file['index/path'].asstr()[int(rows[bad[0]])]}; "
+                             "extract the store again (OVERWRITE=1): extraction now stops at such features, or skips them with ON_ERROR=skip")
+        return features
 
 
 class StoreWriter:
@@ -717,6 +903,8 @@ class StoreWriter:
                 fingerprint=canonical_json(self.fingerprint),
                 taps=json.dumps(self.taps),
                 dataset_digest=self.digest,
+                index_digest=index_digest(f["index/path"].asstr()[()], f["index/label"][()], f["index/split"].asstr()[()],
+                                          f["index/multilabel"][()] if "index/multilabel" in f else None),
                 dataset_info=canonical_json(ds.info),
                 complete=True,
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

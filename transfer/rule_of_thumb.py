@@ -47,7 +47,7 @@ from sklearn.model_selection import StratifiedShuffleSplit
 from classify.evaluate import few_shot_rows
 from classify.metrics import mean_per_class_accuracy
 from classify.probe import DEFAULT_CS, LinearProbe
-from classify.results import merge_rows, row_keys, update_csv
+from classify.results import merge_rows, read_csv, row_keys, update_csv
 from extract.backbones import get_backbone, layer_paths, tap_tensor
 from extract.datasets.base import choose_splits
 from extract.errors import UserError
@@ -162,7 +162,7 @@ class RuleOfThumb:
     def _done(self) -> set[tuple]:
         if not self.csv_path.is_file():
             return set()
-        return set(row_keys(pd.read_csv(self.csv_path), KEY))
+        return set(row_keys(read_csv(self.csv_path), KEY))
 
     def _key(self, regime: str, k: int, seed: int) -> tuple:
         return tuple(str(v) for v in (self.dataset.name, self.settings.model, regime, k, seed, self.settings_id))
@@ -177,7 +177,7 @@ class RuleOfThumb:
                      len(draws) * len(self.settings.regimes), self.csv_path)
         if jobs:
             self._run_jobs(jobs, draws)
-        return pd.read_csv(self.csv_path)
+        return read_csv(self.csv_path)
 
     def _run_jobs(self, jobs, draws) -> None:
         spec = get_backbone(self.settings.model)

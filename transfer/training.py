@@ -14,7 +14,7 @@ from sklearn.metrics import accuracy_score
 from tqdm.auto import tqdm
 
 from classify.metrics import mean_per_class_accuracy
-from classify.results import output_stem, update_results
+from classify.results import output_stem, update_results, write_csv
 from extract.datasets import ImageDataset
 from extract.datasets.base import choose_splits
 from extract.images import fit_to_input
@@ -96,7 +96,7 @@ def score_row(model: keras.Model, data: LabelledImages, classes, *, dataset: str
     }
     out = predictions_dir / features / f"{output_stem(row)}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"path": data.test_paths, "label": true_names, "predicted": predicted_names}).to_csv(out, index=False)
+    write_csv(pd.DataFrame({"path": data.test_paths, "label": true_names, "predicted": predicted_names}), out)
     return row
 
 

@@ -17,6 +17,15 @@ from extract.errors import UserError
 TRAIN_SPLIT = "train"
 
 
+def index_digest(paths, labels, splits, targets=None) -> str:
+    """SHA-256 of an ordered (path, label, split) index (and multi-label targets): a sample list's
+    identity, which a store records and its reader checks against the index it reads."""
+    digest = hashlib.sha256("".join(f"{p}\t{int(l)}\t{s}\n" for p, l, s in zip(paths, labels, splits)).encode())
+    if targets is not None:
+        digest.update(np.ascontiguousarray(targets, dtype=np.int8).tobytes())
+    return digest.hexdigest()
+
+
 def slugify(name: str) -> str:
     """A filesystem-safe name for output folders."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
@@ -79,12 +88,7 @@ class ImageDataset:
 
     def digest(self) -> str:
         """SHA-256 of the ordered (path, label, split) index: the identity of the sample list."""
-        digest = hashlib.sha256()
-        for path, label, split in zip(self.paths, self.labels, self.splits):
-            digest.update(f"{path}\t{label}\t{split}\n".encode())
-        if self.targets is not None:
-            digest.update(np.ascontiguousarray(self.targets, dtype=np.int8).tobytes())
-        return digest.hexdigest()
+        return index_digest(self.paths, self.labels, self.splits, self.targets)
 
     def subset(self, indices, **info) -> ImageDataset:
         indices = np.asarray(indices, dtype=np.int64)

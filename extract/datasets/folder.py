@@ -1,9 +1,10 @@
 """Your own images: folder trees (``ROOT/<split>/<class>/*`` or ``ROOT/<class>/*``) and CSV
-lists (columns ``path,label[,split]``, paths relative to the CSV file's folder)."""
+lists (columns ``path,label[,split]``, UTF-8, relative paths relative to the CSV file's folder)."""
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from pathlib import Path
 
@@ -85,28 +86,56 @@ def load_folder(root: str | Path, *, seed: int = 0, test_fraction: float = DEFAU
 
 
 def load_csv(csv_file: str | Path, *, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION) -> ImageDataset:
-    """Read a CSV of ``path,label[,split]``; without a split column a seeded per-class split is made."""
+    """Read a CSV of ``path,label[,split]``; without a split column a seeded per-class split is made.
+
+    The file is UTF-8 (an Excel byte-order mark is allowed). A relative path is relative to the
+    CSV's folder; an absolute one, or one with ``..``, is read where it points. Every path is
+    resolved (symbolic links too), and a file listed twice, under two labels, two splits or two
+    spellings of its path, is refused: it would leak between the splits."""
     csv_file = Path(csv_file)
     if not csv_file.is_file():
         raise FileNotFoundError(f"dataset CSV not found: {csv_file}")
-    with open(csv_file, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if columns[:2] != ["path", "label"] or not set(columns) <= {"path", "label", "split"}:
-            raise UserError(f"{csv_file}: header must be path,label[,split]. Received: {','.join(columns)}")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    data = csv_file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise UserError(f"{csv_file}:{line}: byte 0x{data[error.start]:02x} is not UTF-8; save the file as UTF-8 "
+                        "(in Excel: CSV UTF-8)") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [c.strip() for c in next(reader, [])]
+    if header[:2] != ["path", "label"] or not set(header) <= {"path", "label", "split"} or len(set(header)) != len(header):
+        raise UserError(f"{csv_file}: header must be path,label[,split]. Received: {','.join(header)!r}")
+    rows, number = [], reader.line_num
+    for cells in reader:
+        start, number = number + 1, reader.line_num
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            raise UserError(f"{csv_file}:{start}: {len(cells)} fields where the header has {len(header)} ({','.join(header)}); "
+                            "quote a value that holds a comma")
+        row = {k: v.strip() for k, v in zip(header, cells)}
+        if not row["path"] or not row["label"] or ("split" in header and not row["split"]):
+            raise UserError(f"{csv_file}:{start}: empty path, label or split")
+        rows.append((start, row))
     if not rows:
         raise UserError(f"{csv_file} lists no images")
-    for number, row in enumerate(rows, 2):
-        if not row["path"] or not row["label"] or ("split" in columns and not row["split"]):
-            raise UserError(f"{csv_file}:{number}: empty path, label or split")
+    seen: dict[Path, tuple[int, dict]] = {}
+    for line, row in rows:
+        file = (csv_file.parent / row["path"]).resolve()
+        if file in seen:
+            first, other = seen[file]
+            raise UserError(f"{csv_file}:{line}: {row['path']!r} ({row['label']}{', ' + row['split'] if 'split' in row else ''}) is the file "
+                            f"{other['path']!r} of line {first} ({other['label']}{', ' + other['split'] if 'split' in other else ''}) "
+                            "again; list each image once")
+        seen[file] = (line, row)
     info = {"layout": "csv: path,label[,split]"}
-    if "split" in columns:
-        splits = [row["split"] for row in rows]
+    if "split" in header:
+        splits = [row["split"] for _, row in rows]
     else:
-        classes = sorted({row["label"] for row in rows})
-        labels = np.array([classes.index(row["label"]) for row in rows])
+        classes = sorted({row["label"] for _, row in rows})
+        labels = np.array([classes.index(row["label"]) for _, row in rows])
         splits = seeded_split(labels, test_fraction=test_fraction, seed=seed)
         info.update(split_seed=seed, test_fraction=test_fraction)
-    entries = [(row["path"], row["label"], split) for row, split in zip(rows, splits)]
+    entries = [(row["path"], row["label"], split) for (_, row), split in zip(rows, splits)]
     return file_dataset(slugify(csv_file.stem), csv_file.parent, entries, info=info)
