@@ -104,14 +104,32 @@ def model_macs(model) -> int:
     return int(macs)
 
 
-def whole_process(data: str, features_dir: Path, model: str, weights: str) -> float:
-    """Seconds of ``python -m extract features`` from an empty store, process start to exit."""
+def whole_process(data: str, features_dir: Path, model: str, weights: str, *options: str) -> float:
+    """Seconds of ``python -m extract features [options]`` from an empty store, process start to exit."""
+    return timed_process(data, features_dir, model, weights, *options)[0]
+
+
+def timed_process(data: str, features_dir: Path, model: str, weights: str, *options: str) -> tuple[float, float]:
+    """``whole_process``'s seconds, and the process's peak resident memory in MiB: its ``VmHWM``, read
+    every 50 ms until it exits (the last reading: ``ru_maxrss`` of a child would count this process's
+    memory too, which the child shares until its ``exec``)."""
     shutil.rmtree(features_dir, ignore_errors=True)
     command = [sys.executable, "-m", "extract", "features", "--dataset", data, "--model", model, "--weights", weights,
-               "--features-dir", str(features_dir), "--no-progress"]
+               "--features-dir", str(features_dir), "--no-progress", *options]
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak_kib = 0
+    while process.poll() is None:
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            peak_kib = int(status.split("VmHWM:")[1].split()[0])
+        except (OSError, IndexError):  # exiting, or no /proc
+            pass
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return seconds, peak_kib / 1024
 
 
 REFERENCE = r'''

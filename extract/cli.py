@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from extract.datasets import CROPS, DATASETS, load_dataset
 from extract.errors import UserError
-from extract.images import MISSING, RESIZES, ImageDecodeError
+from extract.images import MISSING, RESIZES, VIEWS, ImageDecodeError
 from extract.pipeline import CHECKPOINT_SECONDS
 from extract.store import DISK_ERRNOS
 
@@ -66,7 +66,7 @@ def cmd_features(args) -> None:
     dataset = dataset_from(args)
     featurizer = CNNFeaturizer(
         args.model, layers=args.layers, pooling=args.pooling, weights=args.weights, seed=args.seed,
-        batch_size=args.batch_size, crop_pct=args.crop_pct, resize=dataset.resize, dtype=args.dtype,
+        batch_size=args.batch_size, crop_pct=args.crop_pct, resize=dataset.resize, dtype=args.dtype, views=args.views,
     )
     path = extract_to_store(
         dataset, featurizer, store_path(args.features_dir, dataset, featurizer),
@@ -148,7 +148,12 @@ def main(argv=None) -> int:
     features.add_argument("--pooling", default="avg", choices=("avg", "max", "avgmax", "spp"))
     features.add_argument("--weights", default="imagenet", help="imagenet, random, or a weights file")
     features.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction of the shorter side (default 1.0; ImageNet evaluation used 0.875)")
-    features.add_argument("--batch-size", type=int, default=32)
+    features.add_argument("--batch-size", type=int, default=32, help="images per batch (each forward pass holds all their views)")
+    # No argparse choices: a wrong value is the one line of extract.images.check_views, as for any bad setting.
+    features.add_argument("--views", default="centre",
+                          help=f"{', '.join(VIEWS)}: the views of each image whose pooled features are averaged into its row "
+                               "(flip: it and its mirror; crops5: four corners and the centre of a 1/0.875 larger square; "
+                               "crops10: those and their mirrors); recorded in the store's name and fingerprint")
     features.add_argument("--dtype", default="float32", choices=DTYPES,
                           help="the model's weights and arithmetic; bfloat16 is faster on GPUs, features are stored as float32 "
                                "either way (and the dtype is recorded: a store is never mixed across dtypes)")

@@ -12,7 +12,7 @@ import numpy as np
 
 from extract import package_versions
 from extract.backbones import FeatureInfo, get_backbone, layer_paths, tap_tensor
-from extract.images import RESIZES, fit_to_input
+from extract.images import RESIZES, VIEW_COUNTS, check_views, fit_to_input, view_inputs, views_side
 from extract.errors import UserError
 
 POOLINGS = ("avg", "max", "avgmax", "spp")
@@ -175,6 +175,10 @@ class CNNFeaturizer:
 
     Images go in as RGB uint8 of any size; each is resized and centre-cropped as the
     backbone's evaluation transform prescribes (``prepare``), then batched (``__call__``).
+    With ``views`` other than ``centre`` (``extract.images.view_inputs``), ``prepare`` makes
+    every view of the image from its one decode, ``__call__`` runs the views of the whole
+    batch in one forward pass and returns, per image and tap, the mean of its views' pooled
+    features: one row per image, as with one view. ``batch_size`` counts images.
     """
 
     def __init__(
@@ -190,13 +194,18 @@ class CNNFeaturizer:
         resize: str = "centre",
         fold_batchnorm: bool = True,
         dtype: str = "float32",
+        views: str = "centre",
     ):
+        check_views(views)
         if pooling not in POOLINGS:
             raise UserError(f"pooling={pooling!r} is not one of {POOLINGS}")
         self._arguments = (backbone, dict(layers=layers, pooling=pooling, weights=weights, seed=seed, batch_size=batch_size,
-                                          crop_pct=crop_pct, resize=resize, fold_batchnorm=fold_batchnorm, dtype=dtype))
+                                          crop_pct=crop_pct, resize=resize, fold_batchnorm=fold_batchnorm, dtype=dtype,
+                                          views=views))
         self.spec = get_backbone(backbone)
-        self.name = self.spec.name if pooling == "avg" else f"{self.spec.name}-{pooling}"
+        # Defaults leave the name alone: efficientnet_lite0, efficientnet_lite0-max-crops10.
+        self.name = "-".join([self.spec.name, *([pooling] if pooling != "avg" else []), *([views] if views != "centre" else [])])
+        self.views, self.view_count = views, VIEW_COUNTS[views]
         self.pooling = pooling
         self.batch_size = batch_size
         self.input_size = self.spec.input_size
@@ -206,7 +215,7 @@ class CNNFeaturizer:
         if resize not in RESIZES:
             raise UserError(f"resize={resize!r} is not one of {RESIZES}")
         self.resize = resize
-        self.min_side = self.input_size
+        self.min_side = views_side(self.input_size, views)  # decoded large enough for the square the views come from
         if dtype not in DTYPES:
             raise UserError(f"dtype={dtype!r} is not one of {DTYPES}; bfloat16 is faster on a GPU, float32 is exact")
         self.dtype = dtype
@@ -285,6 +294,8 @@ class CNNFeaturizer:
             **({"batchnorm": "folded"} if self.batchnorm_folded else {}),
             # Only where it is not float32: stores written before the option existed stay valid.
             **({"dtype": self.dtype} if self.dtype != "float32" else {}),
+            # Likewise only where there is more than the one centre view.
+            **({"views": {"name": self.views, "count": self.view_count, "from_side": self.min_side}} if self.views != "centre" else {}),
             "taps": {info.name: info.layer for info in self.feature_info},
             "keras_backend": keras.backend.backend(),
             "versions": package_versions("offshelf", "keras", *BACKEND_PACKAGES.get(keras.backend.backend(), ()), "numpy", "pillow",
@@ -292,7 +303,11 @@ class CNNFeaturizer:
         }
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        return fit_to_input(image, self.input_size, crop_pct=self.crop_pct, interpolation=self.spec.interpolation, resize=self.resize)
+        """The model input, (S, S, 3); with views, all of them, (views, S, S, 3)."""
+        options = dict(crop_pct=self.crop_pct, interpolation=self.spec.interpolation, resize=self.resize)
+        if self.views == "centre":
+            return fit_to_input(image, self.input_size, **options)
+        return view_inputs(image, self.input_size, self.views, **options)
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
         batch = np.stack(batch) if isinstance(batch, list) else batch
@@ -301,9 +316,14 @@ class CNNFeaturizer:
         n = len(batch)
         if n < self.batch_size:  # pad to one static shape: no retracing on the last batch
             batch = np.concatenate([batch, np.zeros((self.batch_size - n, *batch.shape[1:]), batch.dtype)])
+        if self.view_count > 1:  # (images, views, S, S, 3): every view of the batch in one forward pass
+            batch = batch.reshape(-1, *batch.shape[2:])
         # Pixels are whole numbers in [0, 255]: uint8 holds them exactly, and the model casts them.
         outputs = self._forward(batch if batch.dtype == np.uint8 else batch.astype(np.float32))
-        return {name: np.asarray(outputs[name][:n], dtype=np.float32) for name in self.taps}
+        if self.view_count == 1:
+            return {name: np.asarray(outputs[name][:n], dtype=np.float32) for name in self.taps}
+        return {name: outputs[name].reshape(-1, self.view_count, outputs[name].shape[-1])[:n].mean(axis=1, dtype=np.float64)
+                .astype(np.float32) for name in self.taps}
 
 
 def _rebuild(cls, backbone: str, kwargs: dict) -> CNNFeaturizer:

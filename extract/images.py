@@ -35,6 +35,12 @@ INTERPOLATIONS = {
 # or the whole image padded to a square with PAD_VALUE (the ImageNet mean colour).
 RESIZES = ("centre", "warp", "pad")
 PAD_VALUE = (124, 116, 104)
+# The views of one image whose features are averaged into its row (``view_inputs``): the input
+# as ``fit_to_input`` makes it; it and its mirror; the four corners and the centre of a larger
+# square; those five and their mirrors. Ten crops of 224 from 256: Krizhevsky et al. (NIPS 2012).
+VIEWS = ("centre", "flip", "crops5", "crops10")
+VIEW_COUNTS = {"centre": 1, "flip": 2, "crops5": 5, "crops10": 10}
+CROP_FRACTION = 0.875  # a crop's side over the side of the square it is cut from
 # Transparent pixels are shown on white, as a viewer would show them.
 ALPHA_BACKGROUND = (255, 255, 255)
 # Refuse images above this many pixels (after JPEG draft reduction): 4x PIL's bomb warning
@@ -221,3 +227,41 @@ def fit_to_input(rgb: np.ndarray, size: int, *, crop_pct: float = 1.0, interpola
     if interpolation == "auto":
         interpolation = "area" if min(crop.shape[:2]) > size else "bicubic"
     return cv2.resize(crop, (size, size), interpolation=INTERPOLATIONS[interpolation])
+
+
+def check_views(views: str) -> str:
+    if views not in VIEWS:
+        raise UserError(f"views={views!r} is not one of {', '.join(VIEWS)} (VIEWS= / --views)")
+    return views
+
+
+def views_side(size: int, views: str) -> int:
+    """The side of the square that ``views`` are cut from, for a ``size`` x ``size`` input:
+    ``size`` itself, or for the crops ``size / CROP_FRACTION`` (256 for 224)."""
+    return round(size / CROP_FRACTION) if check_views(views).startswith("crops") else size
+
+
+def corner_and_centre_crops(square: np.ndarray, size: int) -> np.ndarray:
+    """(5, size, size, C): the top-left, top-right, bottom-left and bottom-right ``size`` x
+    ``size`` crops of ``square``, then the centre one (offset ``(side - size) // 2``)."""
+    side = square.shape[0]
+    far, middle = side - size, (side - size) // 2
+    corners = [(0, 0), (0, far), (far, 0), (far, far), (middle, middle)]
+    return np.stack([square[top : top + size, left : left + size] for top, left in corners])
+
+
+def view_inputs(rgb: np.ndarray, size: int, views: str, *, crop_pct: float = 1.0, interpolation: str = "auto",
+                resize: str = "centre") -> np.ndarray:
+    """The ``VIEW_COUNTS[views]`` model inputs of one image, (V, size, size, 3), from one decode.
+
+    ``centre``: ``fit_to_input``'s input alone; ``flip``: it and its horizontal mirror.
+    ``crops5``: ``fit_to_input`` at ``views_side(size, views)`` (the same ``resize`` and
+    ``crop_pct``: the centre square, the warped image or the padded image, at 256 for a 224
+    input), then its four corner crops and its centre crop at ``size``; ``crops10``: those
+    five, then their mirrors in the same order.
+    """
+    square = fit_to_input(rgb, views_side(size, views), crop_pct=crop_pct, interpolation=interpolation, resize=resize)
+    crops = square[None] if views in ("centre", "flip") else corner_and_centre_crops(square, size)
+    if views in ("flip", "crops10"):
+        crops = np.concatenate([crops, crops[:, :, ::-1]])
+    return np.ascontiguousarray(crops)

@@ -81,6 +81,20 @@ def test_cnn_features_from_1_2_3_workers_equal_one_process(ray_cluster, tree, tm
             assert store.run["ray_workers"] == workers
 
 
+@pytest.mark.slow
+def test_views_from_2_workers_equal_one_process(ray_cluster, tree, tmp_path):
+    """A views featurizer travels as its arguments (views included) and each worker decodes at its min_side."""
+    from extract.extractor import CNNFeaturizer
+
+    dataset = load_dataset(f"folder:{tree}")
+    featurizer = CNNFeaturizer("efficientnet_lite0", layers="stage1,pre_logits", batch_size=4, views="crops10")
+    reference = extract_to_store(dataset, featurizer, tmp_path / "local" / "lite0.h5", progress=False)
+    path = extract_to_store(dataset, featurizer, tmp_path / "ray" / "lite0.h5", progress=False, workers=2, checkpoint_seconds=0)
+    _same_store(path, reference)
+    with FeatureStore(path) as store:
+        assert store.fingerprint["views"]["name"] == "crops10" and len(store) == len(dataset)
+
+
 def test_store_begun_by_one_process_is_finished_by_ray(ray_cluster, tree, tmp_path):
     dataset, featurizer = load_dataset(f"folder:{tree}"), HOGFeaturizer(32)
     reference = extract_to_store(dataset, featurizer, tmp_path / "local" / "hog.h5", progress=False)

@@ -218,7 +218,7 @@ HOSTILE = f"it's a \"$HOME\"; touch {MARKERS[0]}; ' `touch {MARKERS[1]}` $(shell
 
 # target -> the variables it passes, and the flag each one becomes
 MAKE_TARGETS = {
-    "extract": {"DATASET": "--dataset", "MODEL": "--model", "LAYERS": "--layers", "POOLING": "--pooling", "WEIGHTS": "--weights", "DTYPE": "--dtype",
+    "extract": {"DATASET": "--dataset", "MODEL": "--model", "LAYERS": "--layers", "POOLING": "--pooling", "VIEWS": "--views", "WEIGHTS": "--weights", "DTYPE": "--dtype",
                 "DATA_DIR": "--data-dir", "LIMIT": "--limit", "ON_ERROR": "--on-error", "CROP": "--crop", "SEED": "--seed",
                 "CHECKPOINT_SECONDS": "--checkpoint-seconds"},
     "layers": {"MODEL": "--model"},
