@@ -289,7 +289,7 @@ class Evaluation:
         """The result columns that depend on the store only, read once per run."""
         return {
             "dataset": store.dataset, "features": store.extractor,
-            "kind": store.kind, "views": store.fingerprint.get("views", "centre") if store.kind == "cnn" else "",
+            "kind": store.kind, "views": store.fingerprint.get("views", {}).get("name", "centre") if store.kind == "cnn" else "",
             "store_fingerprint": store_fingerprint_id(store.fingerprint, store.dataset_digest),
             # images whose local descriptors came out empty (all-zero features), e.g. blank ones
             "images_without_features": int(np.sum(store.stat("n_descriptors") == 0)) if "n_descriptors" in store.stats else 0,

@@ -31,6 +31,7 @@ import pandas as pd
 from classify import fusion
 from classify.probe import DEFAULT_CS, WIDE_CS
 from classify.results import PROBE_KINDS, select_best
+from extract.images import RECIPE_VIEWS
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Recipe:
     Cs: tuple[float, ...]
     cv_repeats: int
     fuse: tuple[int, ...]
-    views: tuple[str, ...]  # the view settings `make extract` writes a store for
+    views: tuple[str, ...]  # the view settings `make extract RECIPE=` writes a store for
 
     def probe_settings(self) -> dict:
         """The ``ProbeSettings`` fields this recipe sets."""
@@ -50,10 +51,10 @@ class Recipe:
 
 
 RECIPES = {
-    "plain": Recipe("plain", ("logreg",), ("standard",), DEFAULT_CS, 1, (), ("centre",)),
+    "plain": Recipe("plain", ("logreg",), ("standard",), DEFAULT_CS, 1, (), RECIPE_VIEWS["plain"]),
     # The linear SVM is left out: as a candidate it never paid (README > Beyond the plain probe) and its
     # dual solver took 9x logistic regression's time at large C. `--classifier auto` adds it.
-    "best": Recipe("best", ("logreg",), ("standard", "l2", "sqrt"), WIDE_CS, 3, (2, 3), ("centre", "flip")),
+    "best": Recipe("best", ("logreg",), ("standard", "l2", "sqrt"), WIDE_CS, 3, (2, 3), RECIPE_VIEWS["best"]),
 }
 DEFAULT_RECIPE = "plain"
 
@@ -64,8 +65,9 @@ def _grid(Cs) -> str:
 
 def _searched_as(recipe: Recipe):
     """Rows whose C was searched as ``recipe`` searches it (its grid, its repeated CV), whatever else was set."""
-    search = f"cv3x{recipe.cv_repeats}" if recipe.cv_repeats > 1 else "cv3"
-    return lambda r: (r["search"] == search) & (r["Cs"].astype(str) == _grid(recipe.Cs))
+    # k-fold CV with any k (--cv), on the recipe's number of partitions: cv3, cv5 / cv3x3, cv2x3
+    search = rf"cv\d+x{recipe.cv_repeats}" if recipe.cv_repeats > 1 else r"cv\d+"
+    return lambda r: r["search"].astype(str).str.fullmatch(search) & (r["Cs"].astype(str) == _grid(recipe.Cs))
 
 
 def _single(rows):

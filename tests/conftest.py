@@ -68,3 +68,24 @@ def make_image_tree(root: Path, *, classes=("circle", "square"), per_class: dict
 @pytest.fixture
 def image_tree(tmp_path) -> Path:
     return make_image_tree(tmp_path / "shapes")
+
+
+TINY_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """``keras:PATH`` of a seeded two-convolution network (32 x 32 input, not mirror-symmetric) that stands in
+    for a backbone where real TensorFlow must run in well under a second; its taps: conv1, conv2, fc."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((TINY_SIZE, TINY_SIZE, 3))
+    x = keras.layers.Rescaling(1 / 255, name="to_unit")(inputs)
+    x = keras.layers.Conv2D(6, 3, strides=2, padding="same", activation="relu", name="conv1")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(4, name="fc")(x)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.keras"
+    keras.Model(inputs, outputs, name="tiny").save(path)
+    return f"keras:{path}"

@@ -23,6 +23,9 @@ from test_probe import _blobs, _store
 
 GIVEN = parse_protocol("given")
 
+# as CNNFeaturizer records it (extract.extractor)
+FLIP = {"name": "flip", "count": 2, "from_side": 224}
+
 
 def _layers(X, noises, seed=3):
     rng = np.random.default_rng(seed)
@@ -124,7 +127,7 @@ def test_the_ablation_adds_each_step_to_the_choice_before_it(tmp_path):
     layers = _layers(X, {"low": 2.0, "mid": 1.0, "high": 0.6})
     centre = _store(tmp_path / "cnn.h5", X, y, splits, layers=layers, fingerprint={"model": "toy"})
     flip = _store(tmp_path / "cnn-flip.h5", X, y, splits, layers=_layers(X, {"low": 1.8, "mid": 0.9, "high": 0.5}, seed=4),
-                  fingerprint={"model": "toy", "views": "flip"})
+                  fingerprint={"model": "toy", "views": FLIP})
     table = pd.DataFrame(_recipe_rows(centre, stores=(flip,), classifiers=("logreg", "svm")))
     steps = ablation(table)
     assert list(steps["backbone"].unique()) == ["cnn"]  # the centre and flip stores of one backbone
@@ -152,7 +155,7 @@ def test_noise_in_the_test_rows_changes_no_choice_of_the_full_recipe(tmp_path):
             layers = _layers(X, {"low": 2.0, "mid": 1.0, "high": 0.6}, seed=seed)
             if name == "noisy":
                 layers = {k: np.where((splits == "test")[:, None], rng.normal(0, 30, v.shape), v).astype(np.float32) for k, v in layers.items()}
-            fingerprint = {"model": "toy", **({"views": views} if views != "centre" else {})}
+            fingerprint = {"model": "toy", **({"views": FLIP} if views == "flip" else {})}
             stores.append(_store(tmp_path / name / f"{store}.h5", X, y, splits, layers=layers, fingerprint=fingerprint))
         table = pd.DataFrame(_recipe_rows(stores[0], stores=stores[1:]))
         steps = ablation(table)
@@ -226,3 +229,37 @@ def test_recipe_best_is_the_recipe_of_the_command_line(tmp_path):
     done = subprocess.run([*base, "--recipe", "best", "--cv-repeats", "1", "--layers", "high"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert set(pd.read_csv(tmp_path / "results" / "blobs" / "results.csv")["recipe"]) == {"plain", "best", "custom"}
+
+
+def test_recipe_best_from_extraction_to_report_on_an_office_layout(tiny, tmp_path):
+    """`make extract RECIPE=best` + `make classify RECIPE=best` + `make report` on a fake Office-31 with a
+    tiny real Keras model: a store per view setting, the plain and the best recipe's rows of both, and a
+    report whose headline is chosen among the best recipe's rows and whose ablation has its views line."""
+    from test_dataset_layouts import write_jpeg
+
+    office = tmp_path / "office31"
+    for d, domain in enumerate(("amazon", "dslr", "webcam")):
+        for c, name in enumerate(("mug", "bike")):
+            for n in range(6):
+                write_jpeg(office / domain / "images" / name / f"frame_{n:04d}.jpg", size=(36, 30),
+                           color=(200 - 150 * c, 60, 50 + 150 * c), seed=10 * d + 3 * c + n)
+    dirs = ["--features-dir", str(tmp_path / "features"), "--results-dir", str(tmp_path / "results"), "--reports-dir", str(tmp_path / "reports")]
+    for command in (["extract", "features", "--dataset", "office31", "--data-dir", str(office), "--model", tiny, "--recipe", "best",
+                     "--features-dir", str(tmp_path / "features"), "--no-progress"],
+                    ["classify", "probe", "--dataset", "office31", "--recipe", "best", "--protocol", "transfer:amazon->webcam",
+                     "--cv", "2", *dirs, "--no-progress"],
+                    ["classify", "report", "--dataset", "office31", *dirs]):
+        done = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    table = read_results(tmp_path / "results" / "office31" / "results.csv")
+    assert set(zip(table["features"], table["views"])) == {("keras-tiny", "centre"), ("keras-tiny-flip", "flip")}
+    assert set(table["recipe"]) == {"plain", "best"} and set(table["protocol"]) == {"transfer:amazon->webcam"}
+    best = table[table["recipe"] == "best"]
+    assert set(best["normalization"]) == set(RECIPES["best"].normalizations) and best["layer"].str.contains("+", regex=False).any()
+    steps = ablation(table)
+    assert steps["backbone"].unique().tolist() == ["keras-tiny"]
+    assert steps["step"].str.startswith("+ views (flip").any()
+    report = (tmp_path / "reports" / "office31" / "report.md").read_text()
+    assert "## What each step bought (ablation)" in report and "+ views (flip, averaged)" in report
+    chosen = chosen_among(table).sort_values("cv_score", ascending=False, kind="stable").iloc[0]
+    assert f"(CV {100 * chosen['cv_score']:.2f}%, the highest of {len(chosen_among(table))} candidates)" in report

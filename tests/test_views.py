@@ -12,7 +12,6 @@ import dataclasses
 import json
 import pickle
 
-import keras
 import numpy as np
 import pytest
 
@@ -24,24 +23,11 @@ from extract.images import PAD_VALUE, VIEW_COUNTS, VIEWS, fit_to_input, view_inp
 from extract.pipeline import extract_to_store, store_path
 from extract.store import FeatureStore, StoreMismatchError
 
-SIZE = 32
+from conftest import TINY_SIZE as SIZE
+
 SIDE = 37  # round(32 / 0.875): the square the crops are cut from
 RNG = np.random.default_rng(0)
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """``keras:PATH`` of a seeded two-convolution network; its taps: conv1, conv2, fc."""
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((SIZE, SIZE, 3))
-    x = keras.layers.Rescaling(1 / 255, name="to_unit")(inputs)
-    x = keras.layers.Conv2D(6, 3, strides=2, padding="same", activation="relu", name="conv1")(x)
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="conv2")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(4, name="fc")(x)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.keras"
-    keras.Model(inputs, outputs, name="tiny").save(path)
-    return f"keras:{path}"
 
 
 def _coordinates(height: int, width: int) -> np.ndarray:
@@ -209,3 +195,16 @@ def test_a_bad_views_value_is_one_line_naming_it_and_the_choices(image_tree, tmp
     assert code == 2 and "\n" not in error and "'crops7'" in error
     assert all(choice in error for choice in VIEWS)
     assert not features.exists()  # nothing written
+
+
+def test_the_best_recipe_extracts_a_store_per_view_setting_and_a_bad_one_writes_none(tiny, image_tree, tmp_path, capsys):
+    features = tmp_path / "features"
+    argv = ["features", "--dataset", f"folder:{image_tree}", "--features-dir", str(features), "--model", tiny, "--no-progress"]
+    code = extract_main([*argv, "--views", "centre,crops7"])
+    assert code == 2 and "'crops7'" in capsys.readouterr().err and not features.exists()
+    assert extract_main([*argv, "--recipe", "best"]) == 0
+    stores = sorted(p.name for p in (features / image_tree.name).glob("*.h5"))
+    assert stores == ["keras-tiny-flip.h5", "keras-tiny.h5"]
+    with FeatureStore(features / image_tree.name / "keras-tiny-flip.h5") as flipped, FeatureStore(features / image_tree.name / "keras-tiny.h5") as centre:
+        assert flipped.fingerprint["views"]["name"] == "flip" and "views" not in centre.fingerprint
+        assert not np.allclose(flipped.features("fc"), centre.features("fc"))  # the tiny model is not mirror-symmetric
