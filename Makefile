@@ -51,7 +51,7 @@ data: $(STAMP)
 
 extract: setup
 	$(PY) -m extract features $(DATA_ARGS) $(SCALE_ARGS) --model $(call q,MODEL) $(call opt,--layers,LAYERS) \
-		$(call opt,--pooling,POOLING) --recipe $(call q,RECIPE) $(call opt,--views,VIEWS) $(call opt,--weights,WEIGHTS) $(call opt,--dtype,DTYPE)
+		$(call opt,--pooling,POOLING) $(call opt,--views,VIEWS) $(call opt,--weights,WEIGHTS) $(call opt,--dtype,DTYPE)
 
 layers: setup
 	$(PY) -m extract layers --model $(call q,MODEL)

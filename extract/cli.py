@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from extract.datasets import CROPS, DATASETS, load_dataset
 from extract.errors import UserError
-from extract.images import MISSING, RECIPE_VIEWS, RESIZES, VIEWS, ImageDecodeError, check_views
+from extract.images import MISSING, RESIZES, VIEWS, ImageDecodeError, check_views
 from extract.pipeline import CHECKPOINT_SECONDS
 from extract.store import DISK_ERRNOS
 
@@ -64,7 +64,7 @@ def cmd_features(args) -> None:
     from extract.pipeline import extract_to_store, store_path
 
     dataset = dataset_from(args)
-    views = RECIPE_VIEWS[args.recipe] if args.views is None else tuple(v.strip() for v in args.views.split(",") if v.strip())
+    views = tuple(v.strip() for v in args.views.split(",") if v.strip())
     if not views:
         raise UserError(f"--views {args.views!r} names no views; give one or more of {', '.join(VIEWS)}")
     for view in views:  # every value checked before any store is written
@@ -156,14 +156,11 @@ def main(argv=None) -> int:
     features.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction of the shorter side (default 1.0; ImageNet evaluation used 0.875)")
     features.add_argument("--batch-size", type=int, default=32, help="images per batch (each forward pass holds all their views)")
     # No argparse choices: a wrong value is the one line of extract.images.check_views, as for any bad setting.
-    features.add_argument("--views", default=None,
+    features.add_argument("--views", default="centre",
                           help=f"{', '.join(VIEWS)}: the views of each image whose pooled features are averaged into its row "
                                "(flip: it and its mirror; crops5: four corners and the centre of a 1/0.875 larger square; "
                                "crops10: those and their mirrors); recorded in the store's name and fingerprint. "
-                               "Several, comma-separated (centre,flip): one store each. Default: the recipe's")
-    features.add_argument("--recipe", default="plain", choices=tuple(RECIPE_VIEWS),
-                          help="the probe recipe to extract for (RECIPE=): its view settings, one store each "
-                               + "; ".join(f"{name}: {', '.join(v)}" for name, v in RECIPE_VIEWS.items()))
+                               "Several, comma-separated (centre,flip): one store each, all candidates of `classify probe`")
     features.add_argument("--dtype", default="float32", choices=DTYPES,
                           help="the model's weights and arithmetic; bfloat16 is faster on GPUs, features are stored as float32 "
                                "either way (and the dtype is recorded: a store is never mixed across dtypes)")

@@ -40,9 +40,6 @@ PAD_VALUE = (124, 116, 104)
 # square; those five and their mirrors. Ten crops of 224 from 256: Krizhevsky et al. (NIPS 2012).
 VIEWS = ("centre", "flip", "crops5", "crops10")
 VIEW_COUNTS = {"centre": 1, "flip": 2, "crops5": 5, "crops10": 10}
-# The view settings each probe recipe (classify.recipe) has a store for: `make extract RECIPE=best`
-# writes one store per setting. Flip is the one that paid for its cost (README > Beyond the plain probe).
-RECIPE_VIEWS = {"plain": ("centre",), "best": ("centre", "flip")}
 CROP_FRACTION = 0.875  # a crop's side over the side of the square it is cut from
 # Transparent pixels are shown on white, as a viewer would show them.
 ALPHA_BACKGROUND = (255, 255, 255)

@@ -232,7 +232,7 @@ def test_recipe_best_is_the_recipe_of_the_command_line(tmp_path):
 
 
 def test_recipe_best_from_extraction_to_report_on_an_office_layout(tiny, tmp_path):
-    """`make extract RECIPE=best` + `make classify RECIPE=best` + `make report` on a fake Office-31 with a
+    """`make extract VIEWS=centre,flip` + `make classify RECIPE=best` + `make report` on a fake Office-31 with a
     tiny real Keras model: a store per view setting, the plain and the best recipe's rows of both, and a
     report whose headline is chosen among the best recipe's rows and whose ablation has its views line."""
     from test_dataset_layouts import write_jpeg
@@ -244,7 +244,7 @@ def test_recipe_best_from_extraction_to_report_on_an_office_layout(tiny, tmp_pat
                 write_jpeg(office / domain / "images" / name / f"frame_{n:04d}.jpg", size=(36, 30),
                            color=(200 - 150 * c, 60, 50 + 150 * c), seed=10 * d + 3 * c + n)
     dirs = ["--features-dir", str(tmp_path / "features"), "--results-dir", str(tmp_path / "results"), "--reports-dir", str(tmp_path / "reports")]
-    for command in (["extract", "features", "--dataset", "office31", "--data-dir", str(office), "--model", tiny, "--recipe", "best",
+    for command in (["extract", "features", "--dataset", "office31", "--data-dir", str(office), "--model", tiny, "--views", "centre,flip",
                      "--features-dir", str(tmp_path / "features"), "--no-progress"],
                     ["classify", "probe", "--dataset", "office31", "--recipe", "best", "--protocol", "transfer:amazon->webcam",
                      "--cv", "2", *dirs, "--no-progress"],
@@ -258,8 +258,8 @@ def test_recipe_best_from_extraction_to_report_on_an_office_layout(tiny, tmp_pat
     assert set(best["normalization"]) == set(RECIPES["best"].normalizations) and best["layer"].str.contains("+", regex=False).any()
     steps = ablation(table)
     assert steps["backbone"].unique().tolist() == ["keras-tiny"]
-    assert steps["step"].str.startswith("+ views (flip").any()
+    assert steps["step"].str.startswith("+ views stores").any()
     report = (tmp_path / "reports" / "office31" / "report.md").read_text()
-    assert "## What each step bought (ablation)" in report and "+ views (flip, averaged)" in report
+    assert "## What each step bought (ablation)" in report and "+ views stores" in report
     chosen = chosen_among(table).sort_values("cv_score", ascending=False, kind="stable").iloc[0]
     assert f"(CV {100 * chosen['cv_score']:.2f}%, the highest of {len(chosen_among(table))} candidates)" in report

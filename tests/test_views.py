@@ -197,12 +197,12 @@ def test_a_bad_views_value_is_one_line_naming_it_and_the_choices(image_tree, tmp
     assert not features.exists()  # nothing written
 
 
-def test_the_best_recipe_extracts_a_store_per_view_setting_and_a_bad_one_writes_none(tiny, image_tree, tmp_path, capsys):
+def test_several_view_settings_extract_a_store_each_and_a_bad_one_writes_none(tiny, image_tree, tmp_path, capsys):
     features = tmp_path / "features"
     argv = ["features", "--dataset", f"folder:{image_tree}", "--features-dir", str(features), "--model", tiny, "--no-progress"]
     code = extract_main([*argv, "--views", "centre,crops7"])
     assert code == 2 and "'crops7'" in capsys.readouterr().err and not features.exists()
-    assert extract_main([*argv, "--recipe", "best"]) == 0
+    assert extract_main([*argv, "--views", "centre,flip"]) == 0
     stores = sorted(p.name for p in (features / image_tree.name).glob("*.h5"))
     assert stores == ["keras-tiny-flip.h5", "keras-tiny.h5"]
     with FeatureStore(features / image_tree.name / "keras-tiny-flip.h5") as flipped, FeatureStore(features / image_tree.name / "keras-tiny.h5") as centre:
