@@ -263,3 +263,28 @@ def test_recipe_best_from_extraction_to_report_on_an_office_layout(tiny, tmp_pat
     assert "## What each step bought (ablation)" in report and "+ views stores" in report
     chosen = chosen_among(table).sort_values("cv_score", ascending=False, kind="stable").iloc[0]
     assert f"(CV {100 * chosen['cv_score']:.2f}%, the highest of {len(chosen_among(table))} candidates)" in report
+
+
+def test_recipe_best_on_a_voc_layout_chooses_by_cross_validated_average_precision(tmp_path):
+    """Multi-label (VOC 2007 layout): the best recipe's candidates are scored by cross-validated AP,
+    the ablation reads mAP, and its lines are nested choices among them."""
+    from baselines.simple import ColorHistogram
+    from extract.datasets import load_dataset
+    from extract.datasets.base import file_dataset
+    from extract.pipeline import extract_to_store
+    from test_dataset_layouts import make_voc
+
+    voc = make_voc(tmp_path)
+    full = load_dataset("voc2007", data_dir=str(tmp_path))
+    keep = [full.classes.index(c) for c in ("cat", "dog", "person")]
+    entries = [(p, full.classes[keep[int(np.argmax(t[keep] == 1))]], s) for p, t, s in zip(full.paths, full.targets, full.splits)]
+    dataset = file_dataset("voc3", voc, entries, classes=[full.classes[c] for c in keep], targets=full.targets[:, keep])
+    path = extract_to_store(dataset, ColorHistogram(), tmp_path / "voc3" / "color.h5", progress=False)
+    settings = ProbeSettings(**{**RECIPES["best"].probe_settings(), "fuse": ()}, cv=2)
+    rows = Evaluation(path, GIVEN, settings, out_dir=tmp_path / "out").run(progress=False)
+    assert {r["normalization"] for r in rows} == set(RECIPES["best"].normalizations)
+    assert all(np.isnan(r["top1"]) and 0 <= r["mAP"] <= 1 and r["search"] == "cv2x3" for r in rows)
+    table = pd.DataFrame(rows).assign(kind="cnn")  # the ablation is the CNN rows'; these stand in for them
+    steps = ablation(table, "mAP")
+    assert steps["step"].iloc[-1].endswith("= RECIPE=best") and steps["candidates"].iloc[-1] == 3
+    assert steps["cv_score"].iloc[-1] == max(r["cv_score"] for r in rows)
