@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 from typing import NoReturn
 
+from extract.arguments import FRACTION, POSITIVE, SEEDS, ArgumentParser, number, option
 from extract.datasets import CROPS, DATASETS, load_dataset
 from extract.errors import UserError
 from extract.images import MISSING, RESIZES, VIEWS, ImageDecodeError
@@ -28,20 +29,20 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", default=None, choices=RESIZES,
                         help="non-square images to square inputs: centre square, warp the whole image, or pad it "
                              "(default: warp for bounding-box crops, else centre)")
-    parser.add_argument("--limit", type=int, default=None, help="class-balanced subset: N train and N//2 per other split")
+    parser.add_argument("--limit", type=option(POSITIVE), default=None, help="class-balanced subset: N train and N//2 per other split")
     parser.add_argument("--full", action="store_true", help="use every image (no default subset)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for subsets, splits and random weights")
+    parser.add_argument("--seed", type=option(SEEDS), default=0, help="seed for subsets, splits and random weights")
     parser.add_argument("--features-dir", default="features", help="root folder of the feature stores")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="on an unreadable image: stop, or record it as skipped")
     parser.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--checkpoint-seconds", type=float, default=CHECKPOINT_SECONDS, help="save finished batches at least this often")
+    parser.add_argument("--checkpoint-seconds", type=option(number(0)), default=CHECKPOINT_SECONDS, help="save finished batches at least this often")
 
 
 def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the images are decoded and featurized: here, or on Ray workers (``extract.distributed``)."""
-    parser.add_argument("--threads", type=int, default=None, help="image decoding threads of this process")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--threads", type=option(POSITIVE), default=None, help="image decoding threads of this process")
+    parser.add_argument("--workers", type=option(POSITIVE), default=None,
                         help="Ray workers: a local Ray cluster of this machine's CPUs with N workers, or N workers of --ray-address")
     parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
                         help="an existing Ray cluster (auto: the one this machine belongs to; default: $RAY_ADDRESS); "
@@ -138,7 +139,7 @@ def cmd_data_info(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m extract", description=__doc__)
+    parser = ArgumentParser(prog="python -m extract", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     features = sub.add_parser("features", help="extract CNN features into features/<dataset>/<model>.h5")
@@ -147,8 +148,8 @@ def main(argv=None) -> int:
     features.add_argument("--layers", default=None, help="taps: names, globs, indices, or N for the last N (default: all)")
     features.add_argument("--pooling", default="avg", choices=("avg", "max", "avgmax", "spp"))
     features.add_argument("--weights", default="imagenet", help="imagenet, random, or a weights file")
-    features.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction of the shorter side (default 1.0; ImageNet evaluation used 0.875)")
-    features.add_argument("--batch-size", type=int, default=32, help="images per batch (each forward pass holds all their views)")
+    features.add_argument("--crop-pct", type=option(FRACTION), default=None, help="centre-crop fraction of the shorter side (default 1.0; ImageNet evaluation used 0.875)")
+    features.add_argument("--batch-size", type=option(POSITIVE), default=32, help="images per batch (each forward pass holds all their views)")
     # No argparse choices: a wrong value is the one line of extract.images.check_views, as for any bad setting.
     features.add_argument("--views", default="centre",
                           help=f"{', '.join(VIEWS)}: the views of each image whose pooled features are averaged into its row "
