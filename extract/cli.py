@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import NoReturn
 
 from extract.arguments import FRACTION, POSITIVE, SEEDS, ArgumentParser, number, option
@@ -192,7 +193,7 @@ def run_command(func, args) -> int:
     except OSError as error:
         if error.errno not in DISK_ERRNOS:
             raise
-        print(f"error: {disk_error_message(error)}", file=sys.stderr)
+        print(f"error: {disk_error_message(error, output_option(args, error.filename))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
@@ -209,15 +210,32 @@ def exit_process(code: int) -> NoReturn:
     sys.exit(code)
 
 
-def disk_error_message(error: OSError) -> str:
-    """One line for a full disk, a file-size limit or a read-only folder: the file and the fix."""
+# The options that say where a command writes, most specific first (a results folder may lie inside the features folder).
+OUTPUT_OPTIONS = {"out": "--out", "reports_dir": "--reports-dir", "results_dir": "--results-dir", "models_dir": "--models-dir",
+                  "features_dir": "--features-dir"}
+
+
+def output_option(args, filename) -> str:
+    """The option naming the folder (or file) that holds ``filename``; else ``--out`` where the command has one."""
+    if filename:
+        path = Path(os.fspath(filename)).resolve()
+        for attribute, flag in OUTPUT_OPTIONS.items():
+            folder = getattr(args, attribute, None)
+            if folder is not None and (path == Path(folder).resolve() or Path(folder).resolve() in path.parents):
+                return flag
+    return "--out" if hasattr(args, "out") else "--features-dir"
+
+
+def disk_error_message(error: OSError, option: str = "--features-dir") -> str:
+    """One line for a full disk, a file-size limit or a read-only folder: the file and the fix
+    (``option``: the command-line option that moves the file elsewhere)."""
     name = error.filename or "a file"
     if error.errno in (errno.EACCES, errno.EPERM):  # reading or writing
-        return f"{name}: {error.strerror}; give this user access to it, or write elsewhere with --features-dir"
+        return f"{name}: {error.strerror}; give this user access to it, or write elsewhere with {option}"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space there, or write elsewhere with --features-dir, then rerun the same command (finished work is kept)"
+        fix = f"free some space there, or write elsewhere with {option}, then rerun the same command (finished work is kept)"
     elif error.errno == errno.EFBIG:
         fix = "the file is larger than this process may write (ulimit -f): raise the limit, then rerun the same command (finished work is kept)"
     else:
-        fix = "the folder is on a read-only file system: write elsewhere with --features-dir"
+        fix = f"the folder is on a read-only file system: write elsewhere with {option}"
     return f"cannot write {name}: {error.strerror}; {fix}"

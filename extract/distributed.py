@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 RESTARTS = 4  # per actor, and retries per batch: a worker killed mid-run is replaced and its batches redone
 CPU_SHARE = 0.5  # of the cluster's CPUs the actors ask for together (at most 1 CPU each); the rest is Ray Data's
 SHIP_BYTES = "--ship-bytes (SHIP_BYTES=1)"
+CONNECT_SECONDS = 5.0  # for a HOST:PORT to answer at all; ray.init waits on one where nothing listens
 
 
 def _quiet_environment() -> None:
@@ -64,6 +65,7 @@ def connect(stack: ExitStack, address: str | None):
     options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         if address:
+            check_listening(address)
             ray.init(address=address, **options)
         else:
             os.environ.pop("RAY_ADDRESS", None)  # or ray.init would join that cluster instead
@@ -73,6 +75,23 @@ def connect(stack: ExitStack, address: str | None):
                         "`ray start --head`, or leave RAY_ADDRESS unset for a local one") from None
     stack.callback(ray.shutdown)
     return ray
+
+
+def check_listening(address: str, seconds: float = CONNECT_SECONDS) -> None:
+    """A ``HOST:PORT`` (or ``ray://HOST:PORT``) where nothing accepts a connection within ``seconds``
+    is one line here; ``auto`` and other forms are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+        return
+    except TimeoutError:
+        reason = f"no answer in {seconds:g} s"
+    except OSError as error:
+        reason = error.strerror or str(error)
+    raise UserError(f"no Ray cluster answers at RAY_ADDRESS={address!r} ({reason}); start one with `ray start --head`, "
+                    "or leave RAY_ADDRESS unset for a local one")
 
 
 def plan(resources: dict, workers: int | None) -> tuple[int, dict, int]:
