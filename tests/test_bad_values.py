@@ -55,6 +55,11 @@ CASES = [
     ("transfer", ["recipe", "--epochs", "0"], "--epochs: '0' is not a whole number in [1, inf)"),
     ("transfer", ["rule-of-thumb", "--regimes", ""], "--regimes: '' names nothing"),
     ("transfer", ["finetune", "--batch-size", "0"], "--batch-size: '0' is not a whole number in [1, inf)"),
+    ("transfer", ["finetune", "--lr", "0"], "--lr: '0' is not a number in (0, inf)"),
+    ("transfer", ["rule-of-thumb", "--sizes", "5,0"], "--sizes: '5,0': give training images per class"),
+    ("extract", ["features", "--limit", "0"], "--limit: '0' is not a whole number in [1, inf)"),
+    ("extract", ["features", "--workers", "0"], "--workers: '0' is not a whole number in [1, inf)"),
+    ("extract", ["features", "--checkpoint-seconds", "nan"], "--checkpoint-seconds: 'nan' is not a number in [0, inf)"),
 ]
 
 
@@ -137,21 +142,48 @@ def test_an_empty_list_of_layers_is_one_line():
         select_taps(get_backbone("efficientnet_lite0").feature_info, ",,")
 
 
-def test_read_only_results_and_reports_folders(capsys, tmp_path, tmpfs):
-    """Every probe cached: nothing to write, so a read-only RESULTS_DIR works; what must be written
-    there, or in a read-only REPORTS_DIR, is one line naming the option that moves it."""
+def _small_store(features: Path) -> Path:
+    """features/shapes/x.h5: 20 rows of two classes, 7 training images each."""
     import numpy as np
 
-    from classify.cli import main
     from extract.datasets.base import ImageDataset
     from extract.store import StoreWriter
 
     labels = np.array([0, 1] * 10)
     dataset = ImageDataset("shapes", ("a", "b"), tuple(f"{i}.png" for i in range(20)), labels, tuple(["train"] * 14 + ["test"] * 6), read=None)
-    with StoreWriter(tmp_path / "features" / "shapes" / "x.h5", dataset=dataset, extractor="x", fingerprint={"baseline": "x"},
-                     taps=["x"]) as writer:
+    with StoreWriter(features / "shapes" / "x.h5", dataset=dataset, extractor="x", fingerprint={"baseline": "x"}, taps=["x"]) as writer:
         writer.write_shard(np.arange(20), {"x": np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32) + labels[:, None]})
         writer.finalize()
+    return features / "shapes" / "x.h5"
+
+
+@pytest.mark.parametrize("protocol,expected", [
+    ("fewshot:1,100", "fewshot:1,100 asks for 100 training images per class, but class 'a' has 7 in 'train': give shots of 7 or fewer"),
+    ("transfer:train->train", "protocol 'transfer:train->train' would test on the images it trains on: give two different splits"),
+    ("sampled:test->test", "protocol 'sampled:test->test' would test on the images it trains on"),
+])
+def test_a_protocol_that_cannot_mean_what_its_rows_would_say_is_one_line(capsys, tmp_path, protocol, expected):
+    """Not a row labelled 100-shot fitted on 7 images per class, nor one tested on its own training images."""
+    _small_store(tmp_path / "features")
+    line = _one_line(capsys, "classify", ["probe", "--dataset", "folder:/nowhere/shapes", "--features-dir", str(tmp_path / "features"),
+                                          "--results-dir", str(tmp_path / "results"), "--protocol", protocol, "--no-progress"])
+    assert expected in line, line
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_command_line_and_the_embedding_declare_one_sample_range():
+    import classify.cli
+    import classify.embed
+
+    assert classify.cli.TSNE_SAMPLES == classify.embed.TSNE_SAMPLES
+
+
+def test_read_only_results_and_reports_folders(capsys, tmp_path, tmpfs):
+    """Every probe cached: nothing to write, so a read-only RESULTS_DIR works; what must be written
+    there, or in a read-only REPORTS_DIR, is one line naming the option that moves it."""
+    from classify.cli import main
+
+    _small_store(tmp_path / "features")
     results, reports = tmpfs(tmp_path / "results", 2000), tmpfs(tmp_path / "reports", 2000)
     probe = ["probe", "--dataset", "folder:/nowhere/shapes", "--features-dir", str(tmp_path / "features"), "--results-dir", str(results),
              "--reports-dir", str(reports), "--no-progress", "--cs", "0.1,1"]
