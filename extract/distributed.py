@@ -27,6 +27,7 @@ import logging
 import os
 import pickle
 import socket
+import sys
 import warnings
 from contextlib import ExitStack
 
@@ -69,12 +70,30 @@ def connect(stack: ExitStack, address: str | None):
             ray.init(address=address, **options)
         else:
             os.environ.pop("RAY_ADDRESS", None)  # or ray.init would join that cluster instead
-            ray.init(num_cpus=os.cpu_count() or 1, **options)
+            ray.init(num_cpus=os.cpu_count() or 1, **fate_sharing(), **options)
     except ConnectionError as error:
         raise UserError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address!r} ({error}); start one with "
                         "`ray start --head`, or leave RAY_ADDRESS unset for a local one") from None
     stack.callback(ray.shutdown)
     return ray
+
+
+def fate_sharing() -> dict:
+    """``ray.init`` options by which a local cluster dies with this process. Its GCS and raylet do
+    already (Ray starts them with ``PR_SET_PDEATHSIG``); its workers, each in a process group of its
+    own, noticed the raylet gone only 2-10 s later. So each worker of this job asks the kernel, as it
+    starts, for SIGKILL when the raylet dies, and none is prestarted before the job (it would not)."""
+    if not sys.platform.startswith("linux"):
+        return {}
+
+    def die_with_the_raylet() -> None:  # defined in here, it travels by value: workers run it before they can import offshelf
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+
+    return {"runtime_env": {"worker_process_setup_hook": die_with_the_raylet},
+            "_system_config": {"enable_worker_prestart": False, "prestart_worker_first_driver": False}}
 
 
 def check_listening(address: str, seconds: float = CONNECT_SECONDS) -> None:
