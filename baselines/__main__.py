@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from contextlib import ExitStack
 from pathlib import Path
 
-from baselines.registry import DEFAULT_PRESET, PRESETS, build_baseline, list_baselines
+from baselines.registry import DEFAULT_PRESET, PRESETS, WORDS, build_baseline, list_baselines
+from extract.arguments import ArgumentParser, names, option, whole
 from extract.cli import add_dataset_arguments, add_scaling_arguments, dataset_from, exit_process, run_command, scaling_options
 from extract.pipeline import extract_group, process_pool, store_path
 
@@ -62,8 +62,7 @@ def run_baselines(dataset, names, *, features_dir, preset: str = DEFAULT_PRESET,
 
 def cmd_baselines(args) -> None:
     dataset = dataset_from(args)
-    names = [b.strip() for b in args.baselines.split(",") if b.strip()]
-    for path in run_baselines(dataset, names, features_dir=args.features_dir, preset=args.preset, dense=args.dense or None,
+    for path in run_baselines(dataset, args.baselines, features_dir=args.features_dir, preset=args.preset, dense=args.dense or None,
                               words=args.words, seed=args.seed, codebook_split=args.codebook_split, processes=args.processes,
                               on_error=args.on_error, overwrite=args.overwrite, progress=not args.no_progress,
                               checkpoint_seconds=args.checkpoint_seconds, **scaling_options(args)):
@@ -71,15 +70,15 @@ def cmd_baselines(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m baselines", description="hand-crafted features into features/<dataset>/<baseline>.h5")
+    parser = ArgumentParser(prog="python -m baselines", description="hand-crafted features into features/<dataset>/<baseline>.h5")
     add_dataset_arguments(parser)
-    parser.add_argument("--baselines", default=",".join(BASELINES), help=f"comma-separated, from: {', '.join(BASELINES)}")
+    parser.add_argument("--baselines", type=names, default=BASELINES, help=f"comma-separated, from: {', '.join(BASELINES)}")
     parser.add_argument("--preset", default=os.environ.get("BASELINES_PRESET") or DEFAULT_PRESET, choices=list(PRESETS),
                         help="paper: the papers' settings (default); fast: detected keypoints and small codebooks; full: paper + 3 px step + 1x1/3x1 Fisher layout")
     parser.add_argument("--dense", action="store_true", help="SURF/SIFT on a dense grid even where the preset detects keypoints")
-    parser.add_argument("--words", type=int, default=None, help="codebook size of every chosen encoder (default: the preset's)")
+    parser.add_argument("--words", type=option(WORDS), default=None, help="codebook size of every chosen encoder (default: the preset's)")
     parser.add_argument("--codebook-split", default=None, help="the split codebooks are learned on (default: train, else amazon)")
-    parser.add_argument("--processes", type=int, default=None, help="worker processes for local descriptors (default: one per core; 0: threads only)")
+    parser.add_argument("--processes", type=option(whole(0)), default=None, help="worker processes for local descriptors (default: one per core; 0: threads only)")
     add_scaling_arguments(parser)
     return run_command(cmd_baselines, parser.parse_args(argv))
 

@@ -21,11 +21,11 @@ def _local(name: str, kind: str, encoding: str, key: str, dataset, options):
 
     spec = _spec(kind, options)
     params = dict(options.settings[key])
-    if options.words:
+    if options.words is not None:
         params["words"] = options.words
     suffix = ("_dense" if spec.dense and not options.settings[kind].dense else "") + ("" if options.preset == "paper" else f"_{options.preset}")
     return LocalFeaturizer(name + suffix, spec, encoding, preset=options.preset, seed=options.seed,
-                           split=codebook_split(dataset, options.codebook_split), **params)
+                           split=codebook_split(dataset, options.codebook_split), words_given=options.words is not None, **params)
 
 
 @register("hog", what="scikit-image HOG, 9 orientations, 2x2-cell blocks, L2-Hys", source="Dalal & Triggs, CVPR 2005")

@@ -68,7 +68,9 @@ class LocalFeaturizer:
     pyramid; ``_spm2`` for 1x1 + 2x2) and, with ``chi2``, ``bow{k}_spm_chi2`` (the
     pyramid through the chi2 kernel map; the plain one stays for comparison);
     ``vlad{k}``; ``fv{k}`` (``fv{k}_sp`` with a spatial layout). ``root``: RootSIFT before
-    encoding. Stats: ``n_descriptors`` per image; an image without any gets zeros.
+    encoding. Stats: ``n_descriptors`` per image; an image without any gets zeros. ``words_given``:
+    the codebook size was chosen (``--words``), not the preset's: more words than the codebook
+    sample has descriptors is then refused, where a preset's are padded with unreachable words.
     """
 
     batch_size = 64
@@ -76,7 +78,8 @@ class LocalFeaturizer:
 
     def __init__(self, name: str, spec: DescriptorSpec, encoding: str, *, words: int, levels: int = 1, chi2: bool = False,
                  root: bool = False, pca_dim: int = 64, layout=((1, 1),), preset: str = "custom", seed: int = 0,
-                 split: str = TRAIN_SPLIT, codebook_images: int = CODEBOOK_IMAGES, codebook_descriptors: int = CODEBOOK_DESCRIPTORS):
+                 split: str = TRAIN_SPLIT, codebook_images: int = CODEBOOK_IMAGES, codebook_descriptors: int = CODEBOOK_DESCRIPTORS,
+                 words_given: bool = False):
         if encoding not in ENCODINGS:
             raise UserError(f"encoding={encoding!r} is not one of {ENCODINGS}")
         if encoding == "bow" and levels not in PYRAMID_NAMES:
@@ -84,7 +87,7 @@ class LocalFeaturizer:
         self.name, self.spec, self.encoding = name, spec, encoding
         self.words, self.levels, self.chi2, self.root = int(words), int(levels), bool(chi2), bool(root)
         self.pca_dim, self.layout = int(pca_dim), tuple(tuple(int(v) for v in grid) for grid in layout)
-        self.preset, self.seed, self.split = preset, seed, split
+        self.preset, self.seed, self.split, self.words_given = preset, seed, split, words_given
         self.codebook_images, self.codebook_descriptors = codebook_images, codebook_descriptors
         self.min_side = spec.side
         if encoding == "bow":
@@ -342,10 +345,17 @@ def fit_codebooks(dataset: ImageDataset, featurizers, paths, *, processes: int =
                 log.warning("codebook sample: leaving out %s", result)
         results = [r for r in results if not isinstance(r, ImageDecodeError)]
         log.info("described the codebook sample in %.1f s", time.monotonic() - started)
-        for featurizer, path in members:
-            images = [result[specs.index(featurizer.spec)] for result in results]
-            if sum(len(d) for d, _ in images) < 2:
+        samples = {}
+        for featurizer, _ in members:  # every member's sample checked before any codebook is learned
+            images = samples[featurizer] = [result[specs.index(featurizer.spec)] for result in results]
+            found = sum(len(d) for d, _ in images)
+            if found < 2:
                 raise UserError(f"{dataset.name}: too few descriptors in the {split!r} images to learn the {featurizer.name} codebook")
+            if featurizer.words_given and featurizer.words > found:
+                raise UserError(f"{featurizer.name} would learn {featurizer.words} words from {found} descriptors of {len(images)} "
+                                f"{codebook_split(dataset, split)!r} images; give --words {found} or fewer")
+        for featurizer, path in members:
+            images = samples[featurizer]
             started = time.monotonic()
             featurizer.fit_codebook(images).save_codebook(dataset, path)
             log.info("learned the %s codebook (%d) on %d descriptors in %.1f s", featurizer.name, featurizer.words,

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from baselines.descriptors import DescriptorSpec
+from extract.arguments import SEEDS, check, whole
 from extract.errors import UserError
 
 PHOW_BINS = (4, 6, 8, 10)  # Bosch et al. 2007; vl_phow's default sizes, as Chatfield et al. 2011 used
@@ -47,6 +48,7 @@ PRESETS["full"] = {**PRESETS["paper"], "sift": replace(PRESETS["paper"]["sift"],
 DEFAULT_PRESET = "paper"
 # --dense on a preset of detected keypoints: offshelf 0.1's grid (8 px step, 16 px patches).
 DENSE_GRID = {"step": 8, "bin_sizes": (4,)}
+WORDS = whole(2)  # a codebook's words (Fisher: Gaussian modes)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class Options:
     words: int | None = None
     codebook_split: str | None = None
     settings: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        check("baselines", "words", self.words, WORDS, optional=True)
+        check("baselines", "seed", self.seed, SEEDS)
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,16 @@ import pandas as pd
 
 from classify.evaluate import ALL_CLASSIFIERS, PROTOCOL_HELP, Evaluation, ProbeSettings, parse_protocol, store_paths
 from classify.persist import SavedProbe
-from classify.probe import CLASSIFIERS, NORMALIZATIONS, SEARCHES, SELECT_BY, parse_cs
+from classify.probe import CLASSIFIERS, CV_FOLDS, NORMALIZATIONS, SEARCHES, SELECT_BY, parse_cs
 from classify.recipe import DEFAULT_RECIPE, RECIPES
 from classify.results import read_results, update_results, write_csv
+from extract.arguments import POSITIVE, SEEDS, ArgumentParser, names, option, user_option, whole
 from extract.cli import run_command
 from extract.datasets import CROPS, DATASETS, dataset_slug
 from extract.errors import UserError
 from extract.store import FeatureStore
 
-
-def _split_list(text: str | None):
-    return None if not text else [item.strip() for item in text.split(",") if item.strip()]
+TSNE_SAMPLES = whole(3)  # classify.embed.TSNE_SAMPLES, without importing matplotlib to parse a command line
 
 
 def results_dir(args) -> Path:
@@ -94,14 +93,14 @@ def cmd_probe(args) -> None:
     rows, cached = [], 0
     # Each fitted job's rows are merged as soon as they are done: a killed run keeps them.
     merge = functools.partial(update_results, out / "results.csv")
-    for path in dataset_stores(args, _split_list(args.features)):
+    for path in dataset_stores(args, args.features):
         for protocol, run in itertools.product(protocols_for(args), runs):
             evaluation = Evaluation(path, protocol, run, out_dir=out, features_dir=Path(args.features_dir),
                                     save_probes=args.save_probes, results=previous, on_rows=merge)
-            rows += evaluation.run(layers=_split_list(args.layers), progress=not args.no_progress)
+            rows += evaluation.run(layers=args.layers, progress=not args.no_progress)
             cached += evaluation.cached
     if not rows:
-        raise UserError(f"no store of {args.dataset} has any of the layers {args.layers}")
+        raise UserError(f"no store of {args.dataset} has any of the layers {','.join(args.layers)}")
     for row in rows:
         spread = f" ± {100 * row['top1_std']:.2f}" if row["repeats"] > 1 else ""
         score = (f"mAP {100 * row['mAP']:6.2f}%" if pd.notna(row.get("mAP")) else
@@ -136,14 +135,14 @@ def cmd_tsne(args) -> None:
     from classify.thumbnails import ensure_thumbnails
 
     slug = dataset_slug(args.dataset, args.crop)
-    paths = dataset_stores(args, _split_list(args.features))
+    paths = dataset_stores(args, args.features)
     if args.model:  # that backbone's stores (any pooling) and every baseline
         from extract.backbones import get_backbone
 
         name = get_backbone(args.model).name
         paths = [p for p in paths if p.stem == name or p.stem.startswith(f"{name}-") or _is_baseline(p)]
     table = embed_stores(paths, out_dir=results_dir(args), report_dir=Path(args.reports_dir) / slug, n=args.n, seed=args.seed,
-                         layers=_split_list(args.layers), progress=not args.no_progress)
+                         layers=args.layers, progress=not args.no_progress)
     print(table[["features", "layer", "knn_acc_features", "knn_acc_tsne", "silhouette", "probe_top1"]].to_string(index=False))
     # The page's thumbnails, now that the dataset is read anyway: the sample, and the confusion strips
     # of the probe chosen so far (`make report` then reads no image).
@@ -190,7 +189,7 @@ def cmd_report(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m classify", description=__doc__)
+    parser = ArgumentParser(prog="python -m classify", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dataset", default="fashion-mnist")
@@ -201,8 +200,8 @@ def main(argv=None) -> int:
     common.add_argument("--data-dir", default=None, help="where the dataset's images are, as for `make extract` (thumbnails)")
 
     probe = sub.add_parser("probe", parents=[common], help="fit linear probes on every store and layer; update results.csv")
-    probe.add_argument("--features", default=None, help="comma-separated store names (default: every store of the dataset)")
-    probe.add_argument("--layers", default=None, help="comma-separated layer names, a+b for a fused layer (default: all)")
+    probe.add_argument("--features", type=names, default=None, help="comma-separated store names (default: every store of the dataset)")
+    probe.add_argument("--layers", type=names, default=None, help="comma-separated layer names, a+b for a fused layer (default: all)")
     probe.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
                        help="plain: one probe per layer (standardised, logistic regression); best: also fused layers, "
                             "every normalisation and classifier, a wider C range and repeated CV, all chosen by CV "
@@ -219,12 +218,12 @@ def main(argv=None) -> int:
     probe.add_argument("--search", default="cv", choices=SEARCHES, help="C chosen by k-fold CV or on a held-out validation split")
     probe.add_argument("--select-by", default="loss", choices=SELECT_BY,
                        help="C with the lowest mean held-out loss (stable under tiny feature changes), or the highest held-out accuracy")
-    probe.add_argument("--cs", type=parse_cs, default=None, help="C grid: LOW:HIGH:COUNT (log-spaced) or a,b,c (default: the recipe's)")
-    probe.add_argument("--cv", type=int, default=3, help="cross-validation folds on the training split")
-    probe.add_argument("--cv-repeats", type=int, default=None, help="repeat the k-fold CV on this many seeded partitions (default: the recipe's)")
-    probe.add_argument("--repeats", type=int, default=5, help="few-shot draws per k")
-    probe.add_argument("--seed", type=int, default=0)
-    probe.add_argument("--jobs", type=int, default=None, help="worker processes: one probe (layer, classifier) each, or the C search's folds when a store has one probe to fit (default: all cores)")
+    probe.add_argument("--cs", type=user_option(parse_cs), default=None, help="C grid: LOW:HIGH:COUNT (log-spaced) or a,b,c (default: the recipe's)")
+    probe.add_argument("--cv", type=option(CV_FOLDS), default=3, help="cross-validation folds on the training split")
+    probe.add_argument("--cv-repeats", type=option(POSITIVE), default=None, help="repeat the k-fold CV on this many seeded partitions (default: the recipe's)")
+    probe.add_argument("--repeats", type=option(POSITIVE), default=5, help="few-shot draws per k")
+    probe.add_argument("--seed", type=option(SEEDS), default=0)
+    probe.add_argument("--jobs", type=option(POSITIVE), default=None, help="worker processes: one probe (layer, classifier) each, or the C search's folds when a store has one probe to fit (default: all cores)")
     probe.add_argument("--save-probes", action="store_true", help="save each probe to results/<dataset>/probes/ (npz)")
     probe.add_argument("--refit", action="store_true", help="fit every probe again, even those whose rows results.csv already holds")
     probe.add_argument("--no-progress", action="store_true")
@@ -237,20 +236,20 @@ def main(argv=None) -> int:
     predict.set_defaults(func=cmd_predict)
 
     tsne = sub.add_parser("tsne", parents=[common], help="t-SNE of every layer and baseline; results/<dataset>/layers.csv")
-    tsne.add_argument("--features", default=None, help="comma-separated store names (default: every store)")
+    tsne.add_argument("--features", type=names, default=None, help="comma-separated store names (default: every store)")
     tsne.add_argument("--model", default=None, help="only this backbone's stores (and the baselines)")
-    tsne.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
-    tsne.add_argument("--n", type=int, default=1000, help="images per embedding: a seeded, class-balanced sample")
-    tsne.add_argument("--seed", type=int, default=0)
+    tsne.add_argument("--layers", type=names, default=None, help="comma-separated layer names (default: all)")
+    tsne.add_argument("--n", type=option(TSNE_SAMPLES), default=1000, help="images per embedding: a seeded, class-balanced sample")
+    tsne.add_argument("--seed", type=option(SEEDS), default=0)
     tsne.add_argument("--no-progress", action="store_true")
     tsne.set_defaults(func=cmd_tsne)
 
     projector = sub.add_parser("projector", parents=[common], help="TensorBoard Embedding Projector files of one layer")
     projector.add_argument("--features", required=True, help="the store's name, e.g. efficientnet_lite0")
     projector.add_argument("--layer", required=True, help="one of its layers")
-    projector.add_argument("--n", type=int, default=1000, help="images: the seeded, class-balanced sample of `make tsne`")
-    projector.add_argument("--seed", type=int, default=0)
-    projector.add_argument("--pca", type=int, default=None, help="standardise and reduce to this many dimensions (wide layers)")
+    projector.add_argument("--n", type=option(POSITIVE), default=1000, help="images: the seeded, class-balanced sample of `make tsne`")
+    projector.add_argument("--seed", type=option(SEEDS), default=0)
+    projector.add_argument("--pca", type=option(POSITIVE), default=None, help="standardise and reduce to this many dimensions (wide layers)")
     projector.set_defaults(func=cmd_projector)
 
     summary = sub.add_parser("summary", help="reports/summary.md: the best CNN layer and baseline of several datasets")

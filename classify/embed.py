@@ -43,12 +43,14 @@ from tqdm.auto import tqdm
 from classify.evaluate import store_fingerprint_id
 from classify.report import TEXT_ONLY
 from classify.results import best_per, read_results, update_csv
+from extract.arguments import SEEDS, check, whole
 from extract.store import FeatureStore
 
 log = logging.getLogger(__name__)
 logging.getLogger("openTSNE").setLevel(logging.WARNING)  # it logs every optimisation phase at INFO
 
 DEFAULT_SAMPLES = 1000
+TSNE_SAMPLES = whole(3)  # the images of a sample: t-SNE needs three at least
 PCA_DIMENSIONS = 50
 KNN_K = 10
 PERPLEXITY = 30.0
@@ -245,6 +247,8 @@ def embed_stores(store_paths, *, out_dir: Path, report_dir: Path, n: int = DEFAU
                  layers=None, progress: bool = True) -> pd.DataFrame:
     """t-SNE and numbers for every layer of every store; writes layers.csv, one PNG per layer
     under ``report_dir/tsne/``, ``report_dir/tsne_grid.png`` and each store's embeddings file."""
+    check("t-SNE", "n", n, TSNE_SAMPLES)
+    check("t-SNE", "seed", seed, SEEDS)
     probe = _probe_accuracy(out_dir / "results.csv")
     records, panels = [], []
     jobs = []

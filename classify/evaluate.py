@@ -42,8 +42,9 @@ from tqdm.auto import tqdm
 from classify import fusion
 from classify.metrics import mean_average_precision, mean_per_class_accuracy
 from classify.persist import save_probe
-from classify.probe import CLASSIFIERS, DEFAULT_CS, NORMALIZATIONS, LinearProbe, StreamingSGDProbe, worker_processes
+from classify.probe import CLASSIFIERS, CV_FOLDS, DEFAULT_CS, NORMALIZATIONS, LinearProbe, StreamingSGDProbe, check_cs, worker_processes
 from classify.results import cached_rows, output_stem
+from extract.arguments import POSITIVE, SEEDS, check
 from extract.datasets.base import choose_splits
 from extract.errors import UserError
 from extract.store import FeatureStore, StoreMismatchError, canonical_json, fingerprint_differences
@@ -85,8 +86,10 @@ class ProbeSettings:
         unknown = [n for n in self.normalizations if n not in NORMALIZATIONS]
         if unknown or not self.normalizations:
             raise UserError(f"normalizations {list(self.normalizations)} must be some of {NORMALIZATIONS}")
-        if self.cv_repeats < 1:
-            raise UserError(f"cv_repeats={self.cv_repeats} must be at least 1")
+        for name, allowed in (("cv", CV_FOLDS), ("cv_repeats", POSITIVE), ("repeats", POSITIVE), ("seed", SEEDS)):
+            check("probe settings", name, getattr(self, name), allowed)
+        check("probe settings", "n_jobs", self.n_jobs, POSITIVE, optional=True)
+        check_cs("probe settings", self.Cs)
         if any(k < 2 for k in self.fuse):
             raise UserError(f"fuse={list(self.fuse)}: a fused layer joins at least 2 taps")
 
@@ -135,6 +138,8 @@ def parse_protocol(text: str) -> Protocol:
     match = re.fullmatch(r"(transfer|sampled):([^>]+)->(.+)", text)
     if match:
         kind, source, target = match.groups()
+        if source == target:
+            raise UserError(f"protocol {text!r} would test on the images it trains on: give two different splits or domains")
         if kind == "transfer":
             return Protocol(text, train_split=source, test_split=target)
         shots = SAMPLED_SOURCE_SHOTS.get(source.lower(), SAMPLED_SMALL_DOMAIN_SHOTS)
@@ -205,6 +210,7 @@ class Evaluation:
             self._identity = self._identity_of(store)
             self._store_columns = self._columns_of(store)
             self._taps, images = store.taps, len(store)
+            self._check_shots(store)
             wanted = self._taps if layers is None else [t for t in self._taps if t in set(layers)]
             for name in [] if layers is None else [n for n in layers if fusion.is_fused(n)]:
                 if all(tap in self._taps for tap in fusion.parts(name)):
@@ -216,6 +222,21 @@ class Evaluation:
             fused = [name for name in fusion.candidates(rows, self.settings.fuse, self._taps) if name not in wanted]
             rows += self._rows(self.settings.jobs(fused), images, progress)
         return rows
+
+    def _check_shots(self, store) -> None:
+        """A few-shot k above the smallest training class would draw that class's every image and be
+        labelled k-shot: refused, before anything is fitted."""
+        if self.protocol.name != "fewshot" or store.multilabel is not None:
+            return
+        train, _ = choose_splits(store.splits, self.protocol.train_split, self.protocol.test_split)
+        counts = np.bincount(store.labels[store.splits == train], minlength=len(store.classes))
+        present = np.flatnonzero(counts)
+        smallest = int(present[np.argmin(counts[present])])
+        if max(self.protocol.shots) > counts[smallest]:
+            raise UserError(
+                f"{self.path}: fewshot:{','.join(map(str, self.protocol.shots))} asks for {max(self.protocol.shots)} training "
+                f"images per class, but class {store.classes[smallest]!r} has {counts[smallest]} in {train!r}: "
+                f"give shots of {counts[smallest]} or fewer")
 
     def _rows(self, jobs, images: int, progress: bool) -> list[dict]:
         with FeatureStore(self.path) as store:

@@ -41,6 +41,7 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import ThreadpoolController
 from extract import host_cores
+from extract.arguments import POSITIVE, SEEDS, check, number, whole
 from extract.errors import UserError
 
 CLASSIFIERS = ("logreg", "svm")
@@ -71,12 +72,41 @@ def worker_processes(tasks: int, rows: int, n_jobs: int | None = None) -> int:
     return min(tasks, n_jobs or host_cores()) if rows >= PARALLEL_MIN_ROWS else 1
 
 
+CV_FOLDS = whole(2)
+
+
+def valid_cs(Cs) -> bool:
+    """A C grid: one or more finite numbers above 0."""
+    try:
+        values = np.asarray(Cs, dtype=float)
+    except (TypeError, ValueError):
+        return False
+    return values.ndim == 1 and len(values) > 0 and bool(np.all(np.isfinite(values) & (values > 0)))
+
+
+def check_cs(owner: str, Cs) -> None:
+    if not valid_cs(Cs):
+        raise UserError(f"{owner}: Cs={Cs!r} must be one or more finite numbers above 0")
+
+
 def parse_cs(text: str) -> tuple[float, ...]:
     """``"1e-4:1e2:7"`` (log-spaced) or ``"0.01,0.1,1"``."""
-    if ":" in text:
-        low, high, count = text.split(":")
-        return tuple(float(c) for c in np.logspace(np.log10(float(low)), np.log10(float(high)), int(count)))
-    return tuple(float(c) for c in text.split(","))
+    bad = UserError(f"C grid {text!r}: give LOW:HIGH:COUNT (COUNT log-spaced values, 0 < LOW <= HIGH) or values above 0, "
+                    "e.g. 1e-4:1e2:7 or 0.01,0.1,1")
+    try:
+        if ":" in text:
+            low, high, count = text.split(":")
+            low, high, count = float(low), float(high), int(count)
+            if not (count >= 1 and valid_cs((low, high)) and low <= high):
+                raise bad
+            Cs = tuple(float(c) for c in np.logspace(np.log10(low), np.log10(high), count))
+        else:
+            Cs = tuple(float(c) for c in text.split(","))
+    except ValueError:  # not numbers, or not three of them
+        raise bad from None
+    if not valid_cs(Cs):
+        raise bad
+    return Cs
 
 
 def signed_sqrt(x):
@@ -340,6 +370,12 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             raise UserError(f"scoring={self.scoring!r} is not one of {SCORINGS}")
         if self.select_by not in SELECT_BY:
             raise UserError(f"select_by={self.select_by!r} is not one of {SELECT_BY}")
+        for name, allowed in (("cv", CV_FOLDS), ("cv_repeats", POSITIVE), ("max_iter", POSITIVE), ("seed", SEEDS)):
+            check("LinearProbe", name, getattr(self, name), allowed)
+        check("LinearProbe", "val_fraction", self.val_fraction, number(0, 1, closed="neither"))
+        check("LinearProbe", "patience", self.patience, POSITIVE, optional=True)
+        check("LinearProbe", "n_jobs", self.n_jobs, POSITIVE, optional=True)
+        check_cs("LinearProbe", self.Cs)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
             raise UserError(f"a probe needs at least two classes in the training rows; found {self.classes_.tolist()}")

@@ -10,8 +10,10 @@ import logging
 import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import NoReturn
 
+from extract.arguments import FRACTION, POSITIVE, SEEDS, ArgumentParser, number, option
 from extract.datasets import CROPS, DATASETS, load_dataset
 from extract.errors import UserError
 from extract.images import MISSING, RESIZES, VIEWS, ImageDecodeError, check_views
@@ -28,20 +30,20 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", default=None, choices=RESIZES,
                         help="non-square images to square inputs: centre square, warp the whole image, or pad it "
                              "(default: warp for bounding-box crops, else centre)")
-    parser.add_argument("--limit", type=int, default=None, help="class-balanced subset: N train and N//2 per other split")
+    parser.add_argument("--limit", type=option(POSITIVE), default=None, help="class-balanced subset: N train and N//2 per other split")
     parser.add_argument("--full", action="store_true", help="use every image (no default subset)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for subsets, splits and random weights")
+    parser.add_argument("--seed", type=option(SEEDS), default=0, help="seed for subsets, splits and random weights")
     parser.add_argument("--features-dir", default="features", help="root folder of the feature stores")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="on an unreadable image: stop, or record it as skipped")
     parser.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--checkpoint-seconds", type=float, default=CHECKPOINT_SECONDS, help="save finished batches at least this often")
+    parser.add_argument("--checkpoint-seconds", type=option(number(0)), default=CHECKPOINT_SECONDS, help="save finished batches at least this often")
 
 
 def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the images are decoded and featurized: here, or on Ray workers (``extract.distributed``)."""
-    parser.add_argument("--threads", type=int, default=None, help="image decoding threads of this process")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--threads", type=option(POSITIVE), default=None, help="image decoding threads of this process")
+    parser.add_argument("--workers", type=option(POSITIVE), default=None,
                         help="Ray workers: a local Ray cluster of this machine's CPUs with N workers, or N workers of --ray-address")
     parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
                         help="an existing Ray cluster (auto: the one this machine belongs to; default: $RAY_ADDRESS); "
@@ -144,7 +146,7 @@ def cmd_data_info(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m extract", description=__doc__)
+    parser = ArgumentParser(prog="python -m extract", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     features = sub.add_parser("features", help="extract CNN features into features/<dataset>/<model>.h5")
@@ -153,8 +155,8 @@ def main(argv=None) -> int:
     features.add_argument("--layers", default=None, help="taps: names, globs, indices, or N for the last N (default: all)")
     features.add_argument("--pooling", default="avg", choices=("avg", "max", "avgmax", "spp"))
     features.add_argument("--weights", default="imagenet", help="imagenet, random, or a weights file")
-    features.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction of the shorter side (default 1.0; ImageNet evaluation used 0.875)")
-    features.add_argument("--batch-size", type=int, default=32, help="images per batch (each forward pass holds all their views)")
+    features.add_argument("--crop-pct", type=option(FRACTION), default=None, help="centre-crop fraction of the shorter side (default 1.0; ImageNet evaluation used 0.875)")
+    features.add_argument("--batch-size", type=option(POSITIVE), default=32, help="images per batch (each forward pass holds all their views)")
     # No argparse choices: a wrong value is the one line of extract.images.check_views, as for any bad setting.
     features.add_argument("--views", default="centre",
                           help=f"{', '.join(VIEWS)}: the views of each image whose pooled features are averaged into its row "
@@ -198,7 +200,7 @@ def run_command(func, args) -> int:
     except OSError as error:
         if error.errno not in DISK_ERRNOS:
             raise
-        print(f"error: {disk_error_message(error)}", file=sys.stderr)
+        print(f"error: {disk_error_message(error, output_option(args, error.filename))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
@@ -215,15 +217,32 @@ def exit_process(code: int) -> NoReturn:
     sys.exit(code)
 
 
-def disk_error_message(error: OSError) -> str:
-    """One line for a full disk, a file-size limit or a read-only folder: the file and the fix."""
+# The options that say where a command writes, most specific first (a results folder may lie inside the features folder).
+OUTPUT_OPTIONS = {"out": "--out", "reports_dir": "--reports-dir", "results_dir": "--results-dir", "models_dir": "--models-dir",
+                  "features_dir": "--features-dir"}
+
+
+def output_option(args, filename) -> str:
+    """The option naming the folder (or file) that holds ``filename``; else ``--out`` where the command has one."""
+    if filename:
+        path = Path(os.fspath(filename)).resolve()
+        for attribute, flag in OUTPUT_OPTIONS.items():
+            folder = getattr(args, attribute, None)
+            if folder is not None and (path == Path(folder).resolve() or Path(folder).resolve() in path.parents):
+                return flag
+    return "--out" if hasattr(args, "out") else "--features-dir"
+
+
+def disk_error_message(error: OSError, option: str = "--features-dir") -> str:
+    """One line for a full disk, a file-size limit or a read-only folder: the file and the fix
+    (``option``: the command-line option that moves the file elsewhere)."""
     name = error.filename or "a file"
     if error.errno in (errno.EACCES, errno.EPERM):  # reading or writing
-        return f"{name}: {error.strerror}; give this user access to it, or write elsewhere with --features-dir"
+        return f"{name}: {error.strerror}; give this user access to it, or write elsewhere with {option}"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space there, or write elsewhere with --features-dir, then rerun the same command (finished work is kept)"
+        fix = f"free some space there, or write elsewhere with {option}, then rerun the same command (finished work is kept)"
     elif error.errno == errno.EFBIG:
         fix = "the file is larger than this process may write (ulimit -f): raise the limit, then rerun the same command (finished work is kept)"
     else:
-        fix = "the folder is on a read-only file system: write elsewhere with --features-dir"
+        fix = f"the folder is on a read-only file system: write elsewhere with {option}"
     return f"cannot write {name}: {error.strerror}; {fix}"

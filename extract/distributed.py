@@ -27,6 +27,7 @@ import logging
 import os
 import pickle
 import socket
+import sys
 import warnings
 from contextlib import ExitStack
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 RESTARTS = 4  # per actor, and retries per batch: a worker killed mid-run is replaced and its batches redone
 CPU_SHARE = 0.5  # of the cluster's CPUs the actors ask for together (at most 1 CPU each); the rest is Ray Data's
 SHIP_BYTES = "--ship-bytes (SHIP_BYTES=1)"
+CONNECT_SECONDS = 5.0  # for a HOST:PORT to answer at all; ray.init waits on one where nothing listens
 
 
 def _quiet_environment() -> None:
@@ -64,15 +66,51 @@ def connect(stack: ExitStack, address: str | None):
     options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         if address:
+            check_listening(address)
             ray.init(address=address, **options)
         else:
             os.environ.pop("RAY_ADDRESS", None)  # or ray.init would join that cluster instead
-            ray.init(num_cpus=os.cpu_count() or 1, **options)
+            ray.init(num_cpus=os.cpu_count() or 1, **fate_sharing(), **options)
     except ConnectionError as error:
         raise UserError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address!r} ({error}); start one with "
                         "`ray start --head`, or leave RAY_ADDRESS unset for a local one") from None
     stack.callback(ray.shutdown)
     return ray
+
+
+def fate_sharing() -> dict:
+    """``ray.init`` options by which a local cluster dies with this process. Its GCS and raylet do
+    already (Ray starts them with ``PR_SET_PDEATHSIG``); its workers, each in a process group of its
+    own, noticed the raylet gone only 2-10 s later. So each worker of this job asks the kernel, as it
+    starts, for SIGKILL when the raylet dies, and none is prestarted before the job (it would not)."""
+    if not sys.platform.startswith("linux"):
+        return {}
+
+    def die_with_the_raylet() -> None:  # defined in here, it travels by value: workers run it before they can import offshelf
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+
+    return {"runtime_env": {"worker_process_setup_hook": die_with_the_raylet},
+            "_system_config": {"enable_worker_prestart": False, "prestart_worker_first_driver": False}}
+
+
+def check_listening(address: str, seconds: float = CONNECT_SECONDS) -> None:
+    """A ``HOST:PORT`` (or ``ray://HOST:PORT``) where nothing accepts a connection within ``seconds``
+    is one line here; ``auto`` and other forms are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+        return
+    except TimeoutError:
+        reason = f"no answer in {seconds:g} s"
+    except OSError as error:
+        reason = error.strerror or str(error)
+    raise UserError(f"no Ray cluster answers at RAY_ADDRESS={address!r} ({reason}); start one with `ray start --head`, "
+                    "or leave RAY_ADDRESS unset for a local one")
 
 
 def plan(resources: dict, workers: int | None) -> tuple[int, dict, int]:

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from extract import package_versions
+from extract.arguments import FRACTION, POSITIVE, SEEDS, check
 from extract.backbones import FeatureInfo, get_backbone, layer_paths, tap_tensor
 from extract.images import RESIZES, VIEW_COUNTS, check_views, fit_to_input, view_inputs, views_side
 from extract.errors import UserError
@@ -36,7 +37,9 @@ def select_taps(feature_info: Sequence[FeatureInfo], layers=None, layer_names: S
     if layers is None or layers == "all":
         return list(feature_info)
     if isinstance(layers, str):
-        layers = [item.strip() for item in layers.split(",") if item.strip()]
+        text, layers = layers, [item.strip() for item in layers.split(",") if item.strip()]
+        if not layers:
+            raise UserError(f"layers={text!r} names no tap; taps: {names} (or leave it out for all of them)")
         if len(layers) == 1 and layers[0].lstrip("-").isdigit() and not layers[0].startswith("-"):
             layers = int(layers[0])
     if isinstance(layers, int):
@@ -197,6 +200,9 @@ class CNNFeaturizer:
         views: str = "centre",
     ):
         check_views(views)
+        for name, value, allowed in (("batch_size", batch_size, POSITIVE), ("seed", seed, SEEDS)):
+            check("CNNFeaturizer", name, value, allowed)
+        check("CNNFeaturizer", "crop_pct", crop_pct, FRACTION, optional=True)
         if pooling not in POOLINGS:
             raise UserError(f"pooling={pooling!r} is not one of {POOLINGS}")
         self._arguments = (backbone, dict(layers=layers, pooling=pooling, weights=weights, seed=seed, batch_size=batch_size,

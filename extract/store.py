@@ -52,7 +52,8 @@ refused with ``StoreLockedError`` naming that PID. The kernel drops the lock whe
 process dies, so a killed writer's lock is taken over by the next run, which also
 removes the temporary files (``.<store>.tmp-*``) a kill during assembly left behind.
 A ``.partial/`` shard that repeats rows of another is discarded (its other rows are
-redone); ``overwrite`` discards the whole ``.partial/`` folder.
+redone); ``overwrite`` discards the whole ``.partial/`` folder. A ``.partial/`` of other settings
+that holds no shard (its run stopped before a row was stored) is discarded without asking.
 """
 
 from __future__ import annotations
@@ -748,7 +749,9 @@ class StoreWriter:
         if manifest_path.is_file():
             found = json.loads(manifest_path.read_text())
             if canonical_json(found) != canonical_json(manifest):
-                if not self.overwrite:
+                if not any(self.partial.glob("shard-*.npz")):  # it stopped before storing a row: nothing to keep
+                    log.info("discarding %s: an interrupted extraction with other settings that stored no row", self.partial)
+                elif not self.overwrite:
                     differences = fingerprint_differences(manifest["fingerprint"], found.get("fingerprint", {}))
                     if found.get("dataset_digest") != self.digest:
                         differences.append("the list of images changed")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -89,3 +91,28 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny.keras"
     keras.Model(inputs, outputs, name="tiny").save(path)
     return f"keras:{path}"
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(folder, size_kb, read_only=False): a real small tmpfs, unmounted afterwards; skips where mounting is not permitted."""
+    mounted = []
+
+    def mount(folder: Path, size_kb: int, *, read_only: bool = False) -> Path:
+        folder.mkdir(exist_ok=True)
+        options = f"size={size_kb}k" + (",ro" if read_only else "")
+        if folder in mounted:
+            result = subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], capture_output=True, text=True)
+        else:
+            result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {result.stderr.strip()}")
+        if folder not in mounted:
+            mounted.append(folder)
+        return folder
+
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

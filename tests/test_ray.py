@@ -224,11 +224,39 @@ def killed_tree(tmp_path_factory):
     return tree, reference
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        found = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if found is not None:
+            children.setdefault(found[1], []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return sorted(found)
+
+
+def _alive(pids) -> list[int]:
+    return [p for p in pids if (_stat(p) or ("Z",))[0] not in ("Z", "X")]
+
+
 @pytest.mark.slow
 def test_a_killed_driver_resumes_with_no_row_lost_or_twice(killed_tree, tmp_path):
-    """SIGKILL of the driver's process group (the driver and the Ray cluster it started) after
-    its first shards; a rerun in one process finishes the store (Ray finishing a store begun
-    elsewhere is the test above; both directions share the writer's resume)."""
+    """SIGKILL of the driver's process group after its first shards takes the Ray cluster it
+    started with it at once, workers too (each in a process group of its own); a rerun in one
+    process finishes the store (Ray finishing a store begun elsewhere is the test above; both
+    directions share the writer's resume)."""
     tree, reference = killed_tree
     features = tmp_path / "features"
     command = [sys.executable, "-m", "extract", "features", "--dataset", f"folder:{tree}", "--features-dir", str(features),
@@ -241,9 +269,16 @@ def test_a_killed_driver_resumes_with_no_row_lost_or_twice(killed_tree, tmp_path
         while len(list(partial.glob("shard-*.npz"))) < 3 and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+        cluster = _descendants(driver.pid)
+        workers = [p for p in cluster if os.getpgid(p) != driver.pid]
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    assert len(cluster) >= 4 and workers, cluster  # GCS, raylet, agents; and the workers in groups of their own
+    deadline = time.monotonic() + 1.0
+    while _alive(cluster) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _alive(cluster) == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:60] for p in _alive(cluster)]
     done = sum(len(np.load(shard)["rows"]) for shard in partial.glob("shard-*.npz"))
     assert 0 < done < 180
     rerun = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True,

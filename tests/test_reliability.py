@@ -363,31 +363,6 @@ def _one_error_line(result: subprocess.CompletedProcess, pattern: str) -> None:
     assert len(errors) == 1 and re.fullmatch(pattern, errors[0]), result.stderr
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """mount(folder, size_kb, read_only=False): a real small tmpfs, unmounted afterwards; skips where mounting is not permitted."""
-    mounted = []
-
-    def mount(folder: Path, size_kb: int, *, read_only: bool = False) -> Path:
-        folder.mkdir(exist_ok=True)
-        options = f"size={size_kb}k" + (",ro" if read_only else "")
-        if folder in mounted:
-            result = subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], capture_output=True, text=True)
-        else:
-            result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {result.stderr.strip()}")
-        if folder not in mounted:
-            mounted.append(folder)
-        return folder
-
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
 FULL = r"error: cannot write {}: No space left on device; free some space there, or write elsewhere with --features-dir, then rerun the same command \(finished work is kept\)"
 
 

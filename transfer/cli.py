@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from extract.arguments import POSITIVE, ArgumentParser, names, number, option, whole
 from extract.cli import add_dataset_arguments, dataset_from, run_command
 from extract.datasets import dataset_slug
 from transfer.finetune import TRAIN_MODES, FinetuneSettings, run_finetune
@@ -74,17 +75,20 @@ def cmd_recipe(args) -> None:
     print(f"results: {results_dir / 'results.csv'}")
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _sizes(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, e.g. 5,10,20. Received: {text!r}") from None
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give training images per class, comma-separated whole numbers from 1, e.g. 5,10,20")
+    return sizes
 
 
 def cmd_rule_of_thumb(args) -> None:
     from transfer.rule_of_thumb import CSV_NAME, RuleOfThumb, RuleSettings
 
-    settings = RuleSettings(model=args.model, regimes=tuple(r.strip() for r in args.regimes.split(",") if r.strip()),
+    settings = RuleSettings(model=args.model, regimes=args.regimes,
                             sizes=args.sizes, repeats=args.repeats, seed=args.seed, max_epochs=args.max_epochs,
                             max_epochs_uncached=args.max_epochs_uncached, batch_size=args.batch_size or 32)
     dataset = dataset_from(args)
@@ -98,19 +102,19 @@ def cmd_rule_of_thumb(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m transfer", description=__doc__)
+    parser = ArgumentParser(prog="python -m transfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
         add_dataset_arguments(p)
         p.add_argument("--results-dir", default="results")
-        p.add_argument("--batch-size", type=int, default=None)
-        p.add_argument("--epochs", type=int, default=None, help="training epochs")
+        p.add_argument("--batch-size", type=option(POSITIVE), default=None)
+        p.add_argument("--epochs", type=option(POSITIVE), default=None, help="training epochs")
 
     def cae_options(p):
-        p.add_argument("--input-size", type=int, default=28, help="autoencoder input side (a multiple of 4)")
-        p.add_argument("--pretrain-epochs", type=int, default=5)
-        p.add_argument("--pretrain-limit", type=int, default=None, help="pretrain on this many training images (default: all)")
+        p.add_argument("--input-size", type=option(whole(4)), default=28, help="autoencoder input side (a multiple of 4)")
+        p.add_argument("--pretrain-epochs", type=option(POSITIVE), default=5)
+        p.add_argument("--pretrain-limit", type=option(POSITIVE), default=None, help="pretrain on this many training images (default: all)")
         p.add_argument("--models-dir", default="models")
         p.add_argument("--out", default=None, help="checkpoint path (default: models/cae-<dataset>.keras)")
 
@@ -128,8 +132,8 @@ def main(argv=None) -> int:
     common(finetune)
     finetune.add_argument("--model", default="efficientnet_lite0")
     finetune.add_argument("--train", default="head", choices=TRAIN_MODES)
-    finetune.add_argument("--lr", type=float, default=1e-3, help="the head's learning rate (Adam)")
-    finetune.add_argument("--backbone-lr-scale", type=float, default=0.1, help="unfrozen pretrained layers learn this much slower")
+    finetune.add_argument("--lr", type=option(number(0, closed="neither")), default=1e-3, help="the head's learning rate (Adam)")
+    finetune.add_argument("--backbone-lr-scale", type=option(number(0)), default=0.1, help="unfrozen pretrained layers learn this much slower")
     finetune.add_argument("--weights", default="imagenet")
     finetune.add_argument("--init-from", default=None, help="restore layers from this .keras / .weights.h5 first")
     finetune.add_argument("--restore", default="*", help="comma-separated layer patterns to restore from --init-from")
@@ -138,13 +142,13 @@ def main(argv=None) -> int:
     rule = sub.add_parser("rule-of-thumb", help="probe vs head vs top blocks vs all vs scratch, at several images per class")
     common(rule)
     rule.add_argument("--model", default="efficientnet_lite0")
-    rule.add_argument("--regimes", default="probe,head,top1,top2",
+    rule.add_argument("--regimes", type=names, default="probe,head,top1,top2",
                       help="comma-separated: probe, probe:<tap>, head, top1, top2, ..., all, scratch")
-    rule.add_argument("--sizes", type=_int_list, default=(5, 10, 20, 50, 100),
+    rule.add_argument("--sizes", type=_sizes, default=(5, 10, 20, 50, 100),
                       help="training images per class (sizes above the smallest class are left out)")
-    rule.add_argument("--repeats", type=int, default=3, help="seeded draws per size")
-    rule.add_argument("--max-epochs", type=int, default=30, help="epochs at most for head and topN (early stopping)")
-    rule.add_argument("--max-epochs-uncached", type=int, default=8, help="epochs at most for all and scratch")
+    rule.add_argument("--repeats", type=option(POSITIVE), default=3, help="seeded draws per size")
+    rule.add_argument("--max-epochs", type=option(POSITIVE), default=30, help="epochs at most for head and topN (early stopping)")
+    rule.add_argument("--max-epochs-uncached", type=option(POSITIVE), default=8, help="epochs at most for all and scratch")
     rule.set_defaults(func=cmd_rule_of_thumb)
 
     args = parser.parse_args(argv)

@@ -21,9 +21,11 @@ import keras
 from extract.backbones import get_backbone, layer_paths, tap_tensor
 from transfer.layers import LayerwiseAdam, count_parameters, restore_layers, set_trainable
 from transfer.training import compile_and_fit, labelled_images, record, score_row
+from extract.arguments import POSITIVE, SEEDS, check, number
 from extract.errors import UserError
 
 TRAIN_MODES = ("head", "top1", "top2", "all")
+LEARNING_RATES = number(0, closed="neither")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class FinetuneSettings:
     def __post_init__(self):
         if self.train not in TRAIN_MODES:
             raise UserError(f"train={self.train!r} is not one of {TRAIN_MODES}")
+        for name, allowed in (("epochs", POSITIVE), ("batch_size", POSITIVE), ("learning_rate", LEARNING_RATES),
+                              ("backbone_lr_scale", number(0)), ("dropout", number(0, 1, closed="left")), ("seed", SEEDS)):
+            check("fine-tuning", name, getattr(self, name), allowed)
 
 
 def trainable_block_patterns(spec, backbone: keras.Model, train: str) -> list[str]:

@@ -50,6 +50,7 @@ from classify.probe import DEFAULT_CS, LinearProbe
 from classify.results import merge_rows, read_csv, row_keys, update_csv
 from extract.backbones import get_backbone, layer_paths, tap_tensor
 from extract.datasets.base import choose_splits
+from extract.arguments import POSITIVE, SEEDS, check, number
 from extract.errors import UserError
 from transfer.finetune import trainable_block_patterns
 from transfer.layers import LayerwiseAdam, count_parameters, set_trainable
@@ -87,13 +88,17 @@ class RuleSettings:
     batch_size: int = 32
 
     def __post_init__(self):
+        if not self.regimes:
+            raise UserError("no regime given (REGIMES=): give one or more of probe, probe:<tap>, head, top1, top2, ..., all, scratch")
         for regime in self.regimes:
             if not re.fullmatch(r"probe(:.+)?|head|top[1-9][0-9]*|all|scratch", regime):
                 raise UserError(f"regime {regime!r} is not one of probe, probe:<tap>, head, top1, top2, ..., all, scratch")
         if not self.sizes or min(self.sizes) < 1:
             raise UserError(f"sizes are images per class, at least 1. Received: {self.sizes}")
-        if self.repeats < 1:
-            raise UserError(f"repeats must be at least 1. Received: {self.repeats}")
+        for name in ("repeats", "max_epochs", "max_epochs_uncached", "fixed_epochs", "patience", "batch_size"):
+            check("the rule of thumb", name, getattr(self, name), POSITIVE)
+        check("the rule of thumb", "seed", self.seed, SEEDS)
+        check("the rule of thumb", "val_fraction", self.val_fraction, number(0, 1, closed="neither"))
 
     def settings_id(self, dataset_digest: str) -> str:
         """What a row's numbers depend on besides (regime, size, seed): the training settings and the images."""

@@ -1,0 +1,120 @@
+"""Each setting's allowed values, declared once, for the command lines and for the Python API.
+
+A command-line option declares its range as its argparse ``type`` (``--batch-size`` is
+``whole(1)``), so a bad value is refused while the command line is parsed, before anything is
+read or written, in one line: ``error: --seed: '-1' is not a whole number in [0, 4294967295]``
+(``ArgumentParser``, every command's parser). The settings dataclasses and estimators check the
+same ranges with ``check``, which raises ``UserError`` naming the owner, the value and the range.
+Ranges are written as intervals: ``[1, inf)`` includes 1, ``(0, 1]`` excludes 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import numbers
+import sys
+from dataclasses import dataclass
+from typing import NoReturn
+
+from extract.errors import UserError
+
+SEED_MAX = 2**32 - 1  # the seeds NumPy's, Keras' and scikit-learn's generators all accept
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Whole numbers (``kind=int``) or numbers between ``low`` and ``high`` (None: unbounded);
+    ``closed`` says which ends belong to it, as in scikit-learn's ``Interval``."""
+
+    kind: type
+    low: float | None
+    high: float | None = None
+    closed: str = "both"  # both, left, right, neither
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.kind is int else numbers.Real):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (value == self.low and self.closed in ("right", "neither"))):
+            return False
+        return self.high is None or value < self.high or (value == self.high and self.closed in ("left", "both"))
+
+    @property
+    def noun(self) -> str:
+        return "whole number" if self.kind is int else "number"
+
+    def __str__(self) -> str:
+        left = "[" if self.low is not None and self.closed in ("both", "left") else "("
+        right = "]" if self.high is not None and self.closed in ("both", "right") else ")"
+        low = "-inf" if self.low is None else f"{self.low:g}" if self.kind is float else str(self.low)
+        high = "inf" if self.high is None else f"{self.high:g}" if self.kind is float else str(self.high)
+        return f"{left}{low}, {high}{right}"
+
+
+def whole(low: int, high: int | None = None) -> Interval:
+    return Interval(int, low, high)
+
+
+def number(low: float | None, high: float | None = None, closed: str = "both") -> Interval:
+    return Interval(float, low, high, closed)
+
+
+SEEDS = whole(0, SEED_MAX)
+POSITIVE = whole(1)
+FRACTION = number(0, 1, closed="right")  # (0, 1]: a crop, a share
+
+
+def check(owner: str, name: str, value, interval: Interval, *, optional: bool = False) -> None:
+    """``UserError`` unless ``value`` is in ``interval`` (or None, when ``optional``)."""
+    if optional and value is None:
+        return
+    if value not in interval:
+        raise UserError(f"{owner}: {name}={value!r} must be a {interval.noun} in {interval}" + (" (or None)" if optional else ""))
+
+
+def option(interval: Interval):
+    """The argparse ``type`` of an option whose value lies in ``interval``."""
+
+    def parse(text: str):
+        try:
+            value = interval.kind(text)
+        except ValueError:
+            value = None
+        if value is None or value not in interval:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {interval.noun} in {interval}")
+        return value
+
+    parse.__name__ = f"{interval.noun} in {interval}"
+    return parse
+
+
+def names(text: str) -> tuple[str, ...]:
+    """The argparse ``type`` of a comma-separated list of names: at least one."""
+    found = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not found:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing: give one or more comma-separated names")
+    return found
+
+
+def user_option(parse):
+    """The argparse ``type`` made of a parser that raises ``UserError`` (its message becomes the line)."""
+
+    def typed(text: str):
+        try:
+            return parse(text)
+        except UserError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    typed.__name__ = parse.__name__
+    return typed
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the errors of every other bad value: one line, ``error: --option: ...``, exit 2
+    (subcommands' parsers are of the same class)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message.removeprefix('argument ')}", file=sys.stderr)
+        sys.exit(2)
