@@ -492,3 +492,16 @@ def test_a_command_process_exits_with_its_code_output_and_atexit_handlers_but_no
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "frozen.txt")], capture_output=True, text=True, cwd=ROOT)
     assert (done.returncode, done.stdout, done.stderr) == (3, "buffered, not yet flushed", "")
     assert int((tmp_path / "frozen.txt").read_text()) > 1000  # the objects alive at exit were frozen, not collected
+
+
+@pytest.mark.slow
+def test_the_kill_campaign_over_classify_keeps_every_row_once_and_identical():
+    """``benchmarks/kill_campaign.py --phases classify``: SIGKILLs of ``python -m classify probe`` at random
+    moments, then a finish; every row once, as in an uninterrupted run, and no temporary file left."""
+    done = subprocess.run([sys.executable, "benchmarks/kill_campaign.py", "--phases", "classify", "--kills", "4", "--images", "60"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert re.search(r"^kills: 4 in \d+ runs", done.stdout, re.MULTILINE), done.stdout
+    for line in ("rows missing: 0 (of 27)", "rows present twice: 0", "rows differing from the uninterrupted run", "temporary files left: none"):
+        assert line in done.stdout, done.stdout
+    assert re.search(r"rows differing from the uninterrupted run \(.*\): 0$", done.stdout, re.MULTILINE), done.stdout
