@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from extract.arguments import FRACTION, POSITIVE, SEEDS, ArgumentParser, number, option
+from extract.arguments import FRACTION, POSITIVE, SEEDS, ArgumentParser, names, number, option
 from extract.datasets import CROPS, DATASETS, load_dataset
 from extract.errors import UserError
 from extract.images import MISSING, RESIZES, VIEWS, ImageDecodeError, check_views
@@ -65,13 +65,10 @@ def cmd_features(args) -> None:
     from extract.extractor import CNNFeaturizer
     from extract.pipeline import extract_to_store, store_path
 
-    dataset = dataset_from(args)
-    views = tuple(v.strip() for v in args.views.split(",") if v.strip())
-    if not views:
-        raise UserError(f"--views {args.views!r} names no views; give one or more of {', '.join(VIEWS)}")
-    for view in views:  # every value checked before any store is written
+    for view in args.views:  # every value checked before the dataset is read or any store written
         check_views(view)
-    for view in views:  # one store per view setting
+    dataset = dataset_from(args)
+    for view in args.views:  # one store per view setting
         featurizer = CNNFeaturizer(
             args.model, layers=args.layers, pooling=args.pooling, weights=args.weights, seed=args.seed,
             batch_size=args.batch_size, crop_pct=args.crop_pct, resize=dataset.resize, dtype=args.dtype, views=view,
@@ -158,7 +155,7 @@ def main(argv=None) -> int:
     features.add_argument("--crop-pct", type=option(FRACTION), default=None, help="centre-crop fraction of the shorter side (default 1.0; ImageNet evaluation used 0.875)")
     features.add_argument("--batch-size", type=option(POSITIVE), default=32, help="images per batch (each forward pass holds all their views)")
     # No argparse choices: a wrong value is the one line of extract.images.check_views, as for any bad setting.
-    features.add_argument("--views", default="centre",
+    features.add_argument("--views", type=names, default="centre",
                           help=f"{', '.join(VIEWS)}: the views of each image whose pooled features are averaged into its row "
                                "(flip: it and its mirror; crops5: four corners and the centre of a 1/0.875 larger square; "
                                "crops10: those and their mirrors); recorded in the store's name and fingerprint. "
