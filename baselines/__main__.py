@@ -7,10 +7,11 @@ import os
 from contextlib import ExitStack
 from pathlib import Path
 
-from baselines.registry import DEFAULT_PRESET, PRESETS, WORDS, build_baseline, list_baselines
+from baselines import DEFAULT_PRESET, PRESETS, WORDS, build_baseline, list_baselines
 from extract.arguments import ArgumentParser, names, option, whole
-from extract.cli import add_dataset_arguments, add_scaling_arguments, dataset_from, exit_process, run_command, scaling_options
-from extract.pipeline import extract_group, process_pool, store_path
+from extract.commands import add_dataset_arguments, add_scaling_arguments, dataset_from, exit_process, run_command, scaling_options
+from extract.parallel import host_cores, process_pool
+from extract.pipeline import extract_group, store_path
 
 log = logging.getLogger(__name__)
 BASELINES = tuple(list_baselines())
@@ -41,7 +42,7 @@ def run_baselines(dataset, names, *, features_dir, preset: str = DEFAULT_PRESET,
     featurizers = [build(n, dataset, preset=preset, dense=dense, words=words, seed=seed, codebook_split=codebook_split) for n in names]
     paths = [store_path(features_dir, dataset, f) for f in featurizers]
     local = [i for i, f in enumerate(featurizers) if hasattr(f, "spec")]
-    processes = (os.cpu_count() or 1) if processes is None else processes
+    processes = host_cores() if processes is None else processes
     extra = {} if checkpoint_seconds is None else {"checkpoint_seconds": checkpoint_seconds}
     with ExitStack() as stack:
         pool = stack.enter_context(process_pool(processes)) if local and processes > 0 else None

@@ -92,21 +92,15 @@ def register(name: str, *, store: str | None = None, what: str, source: str, rep
 
 
 def list_baselines(pattern: str = "*") -> list[str]:
-    _load_entries()
     return [name for name in REGISTRY if fnmatch.fnmatch(name, pattern)]
 
 
 def build_baseline(name: str, dataset, *, preset: str = DEFAULT_PRESET, seed: int = 0, dense: bool | None = None,
                    words: int | None = None, codebook_split: str | None = None):
     """The featurizer of baseline ``name`` under ``preset``; codebook baselines still need ``fit_codebooks``."""
-    _load_entries()
     if name not in REGISTRY:
         raise UserError(f"unknown baseline {name!r}; valid: {', '.join(REGISTRY)}")
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
     options = Options(preset, seed, dense, words, codebook_split, PRESETS[preset])
     return REGISTRY[name].build(dataset, options)
-
-
-def _load_entries() -> None:
-    import baselines.entries  # noqa: F401  (registers the built-in baselines)

@@ -15,7 +15,6 @@ three runs of the local-descriptor baselines differ only in how the work is shar
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -27,7 +26,8 @@ from baselines.__main__ import BASELINES, build, codebook_path  # noqa: E402
 from baselines.local import SharedDescriptors, fit_codebooks  # noqa: E402
 from benchmarks.extract_throughput import write_jpegs  # noqa: E402
 from extract.datasets import load_dataset  # noqa: E402
-from extract.pipeline import extract_group, extract_to_store, process_pool, store_path  # noqa: E402
+from extract.parallel import host_cores, process_pool  # noqa: E402
+from extract.pipeline import extract_group, extract_to_store, store_path  # noqa: E402
 from extract.store import FeatureStore  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main() -> None:
         local = [n for n in names if hasattr(featurizers[n], "spec")]
         start = time.perf_counter()
         fit_codebooks(dataset, [featurizers[n] for n in local], [codebook_path(store_path(tmp / "cb", dataset, featurizers[n])) for n in local])
-        print(f"{len(dataset)} images of {dataset.name}, preset {args.preset}, {os.cpu_count()} cores; "
+        print(f"{len(dataset)} images of {dataset.name}, preset {args.preset}, {host_cores()} cores; "
               f"codebooks of {', '.join(local)} learned in {time.perf_counter() - start:.1f} s (one shared description pass)")
         print(f"{'baseline':<12} {'ms / image':>11}  dims")
         alone = {}
@@ -66,14 +66,14 @@ def main() -> None:
         extract_group(dataset, group, [store_path(tmp / "shared", dataset, f) for f in group], prepare=SharedDescriptors(group), progress=False)
         shared = time.perf_counter() - start
         start = time.perf_counter()
-        with process_pool(os.cpu_count() or 1) as pool:
+        with process_pool(host_cores()) as pool:
             extract_group(dataset, group, [store_path(tmp / "procs", dataset, f) for f in group], prepare=SharedDescriptors(group), pool=pool, progress=False)
         procs = time.perf_counter() - start
         each = sum(alone[n] for n in local)
         print(f"\n{' + '.join(local)}:")
         print(f"  each alone, threads            {each:7.1f} s")
         print(f"  descriptors once, threads      {shared:7.1f} s   speed-up from computing descriptors once: {each / shared:.2f}x")
-        print(f"  descriptors once, {os.cpu_count()} processes {procs:7.1f} s   speed-up from processes: {shared / procs:.2f}x "
+        print(f"  descriptors once, {host_cores()} processes {procs:7.1f} s   speed-up from processes: {shared / procs:.2f}x "
               f"(pool start-up included); together {each / procs:.2f}x")
 
 

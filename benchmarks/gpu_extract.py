@@ -46,7 +46,8 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract.datasets import load_dataset  # noqa: E402
-from extract.pipeline import ImageMapper, decode_threads, extract_to_store, host_cores  # noqa: E402
+from extract.parallel import decode_threads, host_cores  # noqa: E402
+from extract.pipeline import ImageMapper, extract_to_store  # noqa: E402
 
 WIDTH, HEIGHT = 400, 300
 

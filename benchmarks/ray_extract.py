@@ -33,6 +33,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from extract.datasets import load_dataset  # noqa: E402
+from extract.parallel import host_cores  # noqa: E402
 from extract.pipeline import extract_to_store  # noqa: E402
 from extract.store import FeatureStore, StoreWriter  # noqa: E402
 
@@ -94,12 +95,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ray-extract-") as scratch:
         scratch = Path(scratch)
         dataset, spec = dataset_of(args.data, args.images, scratch)
-        print(f"{len(dataset)} images of {spec}, EfficientNet-Lite0, layers {args.layers or 'all'}; {os.cpu_count()} CPUs")
+        print(f"{len(dataset)} images of {spec}, EfficientNet-Lite0, layers {args.layers or 'all'}; {host_cores()} CPUs")
         local_seconds, local = timed_extract(dataset, scratch / "local" / "lite0.h5", args.layers)
         import ray
 
         started = time.perf_counter()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(num_cpus=host_cores(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         cluster_seconds = time.perf_counter() - started
         try:
             ray_seconds, distributed = timed_extract(dataset, scratch / "ray" / "lite0.h5", args.layers, workers=args.workers)

@@ -1,4 +1,4 @@
 from classify.cli import main
-from extract.cli import exit_process
+from extract.commands import exit_process
 
 exit_process(main())

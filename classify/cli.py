@@ -17,7 +17,7 @@ from classify.probe import CLASSIFIERS, CV_FOLDS, NORMALIZATIONS, SEARCHES, SELE
 from classify.recipe import DEFAULT_RECIPE, RECIPES
 from classify.results import read_results, update_results, write_csv
 from extract.arguments import POSITIVE, SEEDS, ArgumentParser, names, option, user_option, whole
-from extract.cli import run_command
+from extract.commands import run_command
 from extract.datasets import CROPS, DATASETS, dataset_slug
 from extract.errors import UserError
 from extract.store import FeatureStore

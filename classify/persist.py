@@ -16,7 +16,8 @@ import numpy as np
 
 from classify import fusion
 from classify.probe import NORMALIZATIONS, BlockNormalizer, signed_sqrt
-from extract.store import FeatureStore, StoreMismatchError, canonical_json, fingerprint_differences, read_arrays
+from extract.fileio import read_arrays, save_arrays
+from extract.store import FeatureStore, StoreMismatchError, canonical_json, check_same_settings
 from extract.errors import UserError
 
 FORMAT_VERSION = 1
@@ -37,7 +38,7 @@ def save_probe(path: str | Path, probe, *, class_names, layer: str, features: st
         stats |= {"mean": np.concatenate([p.mean_ for p in parts]).astype(np.float64),
                   "scale": np.concatenate([p.scale_ for p in parts]).astype(np.float64)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
+    save_arrays(
         path,
         format_version=FORMAT_VERSION,
         coef=np.atleast_2d(model.coef_).astype(np.float64),
@@ -135,11 +136,8 @@ class SavedProbe:
         )
 
     def check_store(self, store: FeatureStore) -> None:
-        differences = fingerprint_differences(self.fingerprint, store.fingerprint)
-        if differences:
-            raise StoreMismatchError(
-                f"{store.path} holds features made otherwise than this probe's ({self.features}):\n  " + "\n  ".join(differences)
-            )
+        check_same_settings(self.fingerprint, store.fingerprint, subject=f"{store.path} holds features made with other settings than this probe's ({self.features})",
+                            fix="Classify the store this probe was trained on, or train a probe on this one (make classify).")
         fusion.check_layer(store, self.layer)
         if fusion.dim(store, self.layer) != self.dim:
             raise StoreMismatchError(f"{store.path} layer {self.layer} has {fusion.dim(store, self.layer)} dimensions; the probe expects {self.dim}")

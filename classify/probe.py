@@ -40,7 +40,7 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.svm import LinearSVC
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import ThreadpoolController
-from extract import host_cores
+from extract.parallel import host_cores
 from extract.arguments import POSITIVE, SEEDS, check, number, whole
 from extract.errors import UserError
 

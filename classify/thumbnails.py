@@ -12,8 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from extract.errors import UserError
+from extract.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +82,7 @@ def ensure_thumbnails(report_dir: Path, paths: Iterable[str], source: ImageSourc
             unreadable.add(path)
             continue
         target = report_dir / thumb_name(path)
-        tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex[:8]}.jpg")
-        picture.save(tmp, quality=JPEG_QUALITY)
-        os.replace(tmp, target)
+        atomic_write(target, lambda tmp: picture.save(tmp, quality=JPEG_QUALITY), durable=False)
     if unreadable:
         log.warning("no thumbnail for %d images not found in %s (e.g. %s)", len(unreadable), source.dataset, next(iter(unreadable)))
     return unreadable

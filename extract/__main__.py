@@ -1,3 +1,4 @@
-from extract.cli import exit_process, main
+from extract.cli import main
+from extract.commands import exit_process
 
 exit_process(main())

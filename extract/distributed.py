@@ -33,7 +33,7 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from extract import host_cores
+from extract.parallel import host_cores
 from extract.errors import UserError
 from extract.images import MISSING, ImageDecodeError, decode_array, encoded_image, shipped_bytes
 
@@ -70,7 +70,7 @@ def connect(stack: ExitStack, address: str | None):
             ray.init(address=address, **options)
         else:
             os.environ.pop("RAY_ADDRESS", None)  # or ray.init would join that cluster instead
-            ray.init(num_cpus=os.cpu_count() or 1, **fate_sharing(), **options)
+            ray.init(num_cpus=host_cores(), **fate_sharing(), **options)
     except ConnectionError as error:
         raise UserError(f"cannot connect to the Ray cluster at RAY_ADDRESS={address!r} ({error}); start one with "
                         "`ray start --head`, or leave RAY_ADDRESS unset for a local one") from None
@@ -125,7 +125,7 @@ def plan(resources: dict, workers: int | None) -> tuple[int, dict, int]:
 
 def _limit_threads(threads: int) -> None:
     """This worker's share of the machine: TensorFlow's, BLAS/OpenMP's and OpenCV's thread pools."""
-    from extract.pipeline import limit_native_threads
+    from extract.parallel import limit_native_threads
 
     threads = max(1, min(threads, host_cores()))
     limit_native_threads(threads)
@@ -148,16 +148,14 @@ class _Featurize:
         _limit_threads(threads)
         self.dataset, self.prepare, self.featurizers, self.positions, self.min_side = ray.get(job[0])
         for featurizer, expected in zip(self.featurizers, fingerprints):
-            found = featurizer.fingerprint()
-            if found != expected:
-                from extract.store import fingerprint_differences
+            from extract.store import check_same_settings
 
-                raise UserError(f"a Ray worker on {socket.gethostname()} would compute {featurizer.name} with other settings than the driver: "
-                                + "; ".join(fingerprint_differences(expected, found)) + ". Install the same packages and weights on every node")
+            check_same_settings(expected, featurizer.fingerprint(), subject=f"a Ray worker on {socket.gethostname()} would compute {featurizer.name} "
+                                "otherwise than the driver", fix="Install the same packages and weights on every node.")
         self.ship_bytes = ship_bytes
         # A batch's images are decoded and prepared in threads, as in one process (its share of
         # the cores plus two for file reads): a GPU worker would otherwise wait on one core decoding.
-        from extract.pipeline import decode_pool
+        from extract.parallel import decode_pool
 
         self.threads = decode_pool(threads + 2)
 

@@ -21,80 +21,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import pickle
 import tempfile
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from extract import host_cores
 from extract.datasets import ImageDataset
 from extract.images import ImageDecodeError
-from extract.store import StoreWriter
+from extract.parallel import decode_pool, process_pool, run_pickled_job
+from extract.store import CHECKPOINT_SECONDS, StoreWriter
 from extract.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip")
-CHECKPOINT_SECONDS = 20.0  # at most this much work is redone after a kill
 FLUSH_BYTES = 256 << 20  # and at most this much is held in memory (40,960-dim Fisher vectors add up)
 PREFETCH_BATCHES = 2
 
 
 def store_path(features_dir: str | Path, dataset: ImageDataset, featurizer) -> Path:
     return Path(features_dir) / dataset.name / f"{featurizer.name}.h5"
-
-
-def decode_threads() -> int:
-    """Decoding threads by default: one per core, plus two that cover waits on file reads.
-    A GPU host has many cores and a model that needs none of them: every one decodes."""
-    return host_cores() + 2
-
-
-def decode_pool(threads: int | None = None) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads or decode_threads(), thread_name_prefix="decode")
-
-
-_WORKER_JOBS: dict[str, object] = {}
-
-
-def limit_native_threads(blas: int) -> None:
-    """A worker process's BLAS/OpenMP pools to ``blas`` threads and OpenCV's to one: the worker's
-    callers (a process pool, Ray) supply the parallelism."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(blas)
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
-
-
-def _init_worker() -> None:
-    """Spawned workers: one BLAS/OpenMP thread each (the pool supplies the parallelism)."""
-    limit_native_threads(1)
-
-
-def _run_job(job_file: str, image: np.ndarray):
-    job = _WORKER_JOBS.get(job_file)
-    if job is None:  # first task of this job in this worker
-        _WORKER_JOBS.clear()
-        with open(job_file, "rb") as handle:
-            job = _WORKER_JOBS[job_file] = pickle.load(handle)
-    return job(image)
-
-
-def process_pool(processes: int) -> ProcessPoolExecutor:
-    """``processes`` spawned workers (never forked; see the module docstring)."""
-    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
 
 
 class ImageMapper:
@@ -125,7 +76,7 @@ class ImageMapper:
             return error
         if self.pool is None:
             return self.job(image)
-        return self.pool.submit(_run_job, self._job_file, image).result()
+        return self.pool.submit(run_pickled_job, self._job_file, image).result()
 
     def submit(self, row: int):
         return self.threads.submit(self._one, int(row))

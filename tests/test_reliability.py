@@ -484,7 +484,7 @@ def test_a_command_process_exits_with_its_code_output_and_atexit_handlers_but_no
     collections: the exit code, buffered output and atexit handlers (Ray, loky, h5py close there) stay."""
     script = (
         "import atexit, gc, sys\n"
-        "from extract.cli import exit_process\n"
+        "from extract.commands import exit_process\n"
         "atexit.register(lambda: open(sys.argv[1], 'w').write(str(gc.get_freeze_count())))\n"
         "print('buffered, not yet flushed', end='')\n"
         "exit_process(3)\n"

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from extract import store as store_module
+from extract.store import chunks
 from extract.datasets import load_dataset
 from extract.store import CHUNK_BYTES, FeatureStore, StoreWriter
 
@@ -23,13 +23,13 @@ def dataset(image_tree):
 def compressed_here(monkeypatch) -> list[int]:
     """Rows of each chunk that the store compressed itself (in its threads) rather than through h5py."""
     calls: list[int] = []
-    real = store_module._shuffle_deflate
+    real = chunks.shuffle_deflate
 
     def counted(chunk, *args):
         calls.append(len(chunk))
         return real(chunk, *args)
 
-    monkeypatch.setattr(store_module, "_shuffle_deflate", counted)
+    monkeypatch.setattr(chunks, "shuffle_deflate", counted)
     return calls
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from extract.arguments import POSITIVE, ArgumentParser, names, number, option, whole
-from extract.cli import add_dataset_arguments, dataset_from, run_command
+from extract.commands import add_dataset_arguments, dataset_from, run_command
 from extract.datasets import dataset_slug
 from transfer.finetune import TRAIN_MODES, FinetuneSettings, run_finetune
 from transfer.recipe import RecipeSettings, pretrain_cae, train_classifier

@@ -18,7 +18,7 @@ from classify.results import output_stem, update_results, write_csv
 from extract.datasets import ImageDataset
 from extract.datasets.base import choose_splits
 from extract.images import fit_to_input
-from extract.pipeline import decode_pool
+from extract.parallel import decode_pool
 from extract.errors import UserError
 
 
