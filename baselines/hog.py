@@ -10,6 +10,8 @@ from extract.datasets import ImageDataset
 from extract.errors import UserError
 from extract.images import fit_to_input
 
+# Bump when a change to this code alters HOG's numbers (CONTRIBUTING.md): HOG stores made before are then refused.
+FEATURES_VERSION = 1
 MAX_SIDE = 128
 CELLS_ACROSS = 16
 MIN_CELL = 4
@@ -55,7 +57,8 @@ class HOGFeaturizer:
             "orientations": self.orientations,
             "block_norm": "L2-Hys",
             "resize": self.resize,  # to side x side (extract.images.fit_to_input), then grayscale
-            "versions": package_versions("scikit-image", "opencv-python-headless", "numpy", "pillow", "offshelf"),
+            "features_version": FEATURES_VERSION,
+            "versions": package_versions("scikit-image", "opencv-python-headless", "numpy", "pillow"),
         }
 
     def prepare(self, image: np.ndarray) -> np.ndarray:

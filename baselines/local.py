@@ -30,7 +30,7 @@ from extract.datasets.base import TRAIN_SPLIT
 from extract.errors import UserError
 from extract.images import ImageDecodeError
 from extract.pipeline import ImageMapper
-from extract.store import ArrayFileError, _atomic_write, read_arrays
+from extract.fileio import ArrayFileError, read_arrays, save_arrays
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,11 @@ CODEBOOK_DESCRIPTORS = 100_000
 # Office-31 / Office-Caltech: no train split; Saenko et al. 2010 built their SURF codebook on amazon.
 FALLBACK_CODEBOOK_SPLIT = "amazon"
 ENCODINGS = ("bow", "vlad", "fisher")
-FEATURE_PACKAGES = ("opencv-python-headless", "mahotas", "scikit-learn", "numpy", "pillow", "offshelf")
+FEATURE_PACKAGES = ("opencv-python-headless", "mahotas", "scikit-learn", "numpy", "pillow")
+# Bump a descriptor's or an encoding's version when a change to this code alters its numbers (CONTRIBUTING.md):
+# the stores and codebooks made before it are then refused and relearned, and no others.
+DESCRIPTOR_VERSIONS = {"sift": 1, "surf": 1}
+ENCODING_VERSIONS = {"bow": 1, "vlad": 1, "fisher": 1}
 PYRAMID_NAMES = {1: "", 2: "_spm2", 3: "_spm"}
 
 
@@ -116,6 +120,7 @@ class LocalFeaturizer:
         encoder = {"type": type(self.make_encoder()).__name__, **self.make_encoder().get_params()}
         encoder["layout"] = [list(g) for g in self.layout] if self.encoding == "fisher" else None
         return {"baseline": self.name, "preset": self.preset, "descriptor": self.spec.settings(),
+                "features_version": {"descriptor": DESCRIPTOR_VERSIONS[self.spec.kind], "encoding": ENCODING_VERSIONS[self.encoding]},
                 "root_sift": self.root, "encoding": self.encoding, "encoder": encoder,
                 "kernel_map": {"chi2": "AdditiveChi2Sampler(sample_steps=2)"} if self.chi2 else None, "seed": self.seed,
                 "codebook_sample": {"split": self.split, "images": self.codebook_images, "descriptors": self.codebook_descriptors}}
@@ -233,12 +238,7 @@ class LocalFeaturizer:
         """Atomically: a kill mid-write leaves the old file or none, never a truncated one."""
         path.parent.mkdir(parents=True, exist_ok=True)
         settings = json.dumps(self.codebook_settings(dataset), sort_keys=True)
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, settings=settings, sha256=self.codebook_sha256, **self._arrays())
-
-        _atomic_write(path, write)
+        save_arrays(path, settings=settings, sha256=self.codebook_sha256, **self._arrays())
 
     def fit_dataset(self, dataset: ImageDataset, codebook_path: Path, **kwargs) -> None:
         """This featurizer alone: ``fit_codebooks(dataset, [self], [codebook_path])``."""

@@ -9,7 +9,9 @@ from extract import package_versions
 from extract.images import fit_to_input
 
 # Decoding (Pillow), resizing and colour conversion (OpenCV) compute these features.
-VERSIONS = ("opencv-python-headless", "numpy", "pillow", "offshelf")
+VERSIONS = ("opencv-python-headless", "numpy", "pillow")
+# Bump a baseline's version when a change to this code alters its numbers (CONTRIBUTING.md).
+FEATURES_VERSION = {"raw": 1, "color": 1}
 
 
 class RawPixels:
@@ -27,7 +29,7 @@ class RawPixels:
 
     def fingerprint(self) -> dict:
         return {"baseline": "raw", "side": self.side, "resize": self.resize, "interpolation": "area/bicubic (OpenCV)", "gray": "ITU-R 601",
-                "versions": package_versions(*VERSIONS)}
+                "features_version": FEATURES_VERSION["raw"], "versions": package_versions(*VERSIONS)}
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         gray = cv2.cvtColor(fit_to_input(image, self.side, resize=self.resize), cv2.COLOR_RGB2GRAY)
@@ -56,7 +58,7 @@ class ColorHistogram:
 
     def fingerprint(self) -> dict:
         return {"baseline": "color", "space": "HSV", "bins": list(self.bins), "side": self.side, "resize": self.resize, "normalisation": "L1",
-                "versions": package_versions(*VERSIONS)}
+                "features_version": FEATURES_VERSION["color"], "versions": package_versions(*VERSIONS)}
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         hsv = cv2.cvtColor(fit_to_input(image, self.side, resize=self.resize), cv2.COLOR_RGB2HSV)  # H in [0, 180)

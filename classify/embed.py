@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from classify.evaluate import store_fingerprint_id
 from classify.report import TEXT_ONLY
 from classify.results import best_per, read_results, update_csv
 from extract.arguments import SEEDS, check, whole
+from extract.fileio import save_arrays
 from extract.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -56,8 +55,11 @@ KNN_K = 10
 PERPLEXITY = 30.0
 NEIGHBOURS = 8  # nearest images per point that the page shows on a click
 EMBEDDINGS = "embeddings"  # results/<dataset>/embeddings/<features>.npz
+# Bump when a change to this code alters an embedding or a number of layers.csv (CONTRIBUTING.md): an
+# embeddings file of another version is then recomputed whole, never merged with this version's layers.
+EMBEDDING_VERSION = 1
 LAYER_COLUMNS = [
-    "dataset", "features", "kind", "layer", "layer_depth", "n_samples", "n_classes", "seed", "knn_k",
+    "dataset", "features", "kind", "layer", "layer_depth", "n_samples", "n_classes", "seed", "embedding_version", "knn_k",
     "knn_acc_features", "knn_acc_tsne", "silhouette", "probe_top1", "tsne", "seconds",
 ]
 
@@ -159,13 +161,15 @@ class StoreEmbedding:
     labels: np.ndarray
     splits: np.ndarray
     layers: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # tap -> (embedding, neighbours)
+    version: int = EMBEDDING_VERSION
 
     def same_sample(self, other: StoreEmbedding) -> bool:
-        return (self.fingerprint_id, self.seed) == (other.fingerprint_id, other.seed) and np.array_equal(self.rows, other.rows)
+        return ((self.fingerprint_id, self.seed, self.version) == (other.fingerprint_id, other.seed, other.version)
+                and np.array_equal(self.rows, other.rows))
 
     def save(self, path: Path) -> Path:
         """Atomically (a temporary file renamed over ``path``)."""
-        meta = {"features": self.features, "kind": self.kind, "fingerprint_id": self.fingerprint_id, "seed": self.seed,
+        meta = {"features": self.features, "kind": self.kind, "fingerprint_id": self.fingerprint_id, "seed": self.seed, "version": self.version,
                 "classes": list(self.classes), "taps": list(self.layers)}
         arrays = {"meta": np.array(json.dumps(meta)), "rows": self.rows, "paths": np.asarray(self.paths, dtype=str),
                   "labels": self.labels, "splits": np.asarray(self.splits, dtype=str)}
@@ -173,13 +177,7 @@ class StoreEmbedding:
             arrays[f"embedding_{i}"] = np.asarray(embedding, np.float32)
             arrays[f"neighbours_{i}"] = np.asarray(neighbours, np.int32)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.npz")
-        try:
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return save_arrays(path, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> StoreEmbedding | None:
@@ -190,7 +188,7 @@ class StoreEmbedding:
             meta = json.loads(str(data["meta"]))
             layers = {tap: (data[f"embedding_{i}"], data[f"neighbours_{i}"]) for i, tap in enumerate(meta["taps"])}
             return cls(meta["features"], meta["kind"], meta["fingerprint_id"], int(meta["seed"]), meta["classes"], data["rows"],
-                       data["paths"], data["labels"], data["splits"], layers)
+                       data["paths"], data["labels"], data["splits"], layers, int(meta.get("version", 0)))
 
 
 def embeddings_path(out_dir: Path, features: str) -> Path:
@@ -267,7 +265,7 @@ def embed_stores(store_paths, *, out_dir: Path, report_dir: Path, n: int = DEFAU
             result = embed_layer(store.features(tap, rows), labels, seed)
             record = {
                 "dataset": store.dataset, "features": store.extractor, "kind": store.kind, "layer": tap,
-                "layer_depth": store.taps.index(tap), "n_samples": len(rows), "n_classes": len(np.unique(labels)), "seed": seed,
+                "layer_depth": store.taps.index(tap), "n_samples": len(rows), "n_classes": len(np.unique(labels)), "seed": seed, "embedding_version": EMBEDDING_VERSION,
                 "knn_k": min(KNN_K, len(rows) - 1), **{k: v for k, v in result.items() if k not in ("embedding", "neighbours")},
                 "probe_top1": probe.get((store.extractor, tap), float("nan")),
             }

@@ -43,11 +43,12 @@ from classify import fusion
 from classify.metrics import mean_average_precision, mean_per_class_accuracy
 from classify.persist import save_probe
 from classify.probe import CLASSIFIERS, CV_FOLDS, DEFAULT_CS, NORMALIZATIONS, LinearProbe, StreamingSGDProbe, check_cs, worker_processes
-from classify.results import cached_rows, output_stem
+from classify import results as result_file
+from classify.results import PREDICTIONS, PROBES, cached_rows, output_path, write_csv, write_predictions
 from extract.arguments import POSITIVE, SEEDS, check
 from extract.datasets.base import choose_splits
 from extract.errors import UserError
-from extract.store import FeatureStore, StoreMismatchError, canonical_json, fingerprint_differences
+from extract.store import FeatureStore, canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ class Evaluation:
             "search": "val" if sgd else settings.search_name,
             "select_by": "loss" if sgd else settings.select_by,
             "Cs": ",".join(f"{c:g}" for c in settings.Cs), "seed": settings.seed,
-            "repeats": settings.repeats if self.protocol.repeated else 1, "recipe": settings.recipe,
+            "repeats": settings.repeats if self.protocol.repeated else 1, "probe_version": result_file.PROBES_VERSION, "recipe": settings.recipe,
             "n_features": fusion.dim(store, layer), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
@@ -371,11 +372,9 @@ class Evaluation:
             "mean_per_class_acc": mean_per_class_accuracy(true_names, predicted_names), "mean_per_class_acc_std": 0.0,
         }
         if self.out_dir is not None:
-            predictions = self.out_dir / "predictions" / store.extractor / f"{output_stem(row)}.csv"
-            predictions.parent.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame({"path": paths, "label": true_names, "predicted": predicted_names}).to_csv(predictions, index=False)
+            write_predictions(self.out_dir, row, paths, true_names, predicted_names)
             if self.save_probes:
-                save_probe(self.out_dir / "probes" / store.extractor / f"{output_stem(row)}.npz", probe,
+                save_probe(output_path(self.out_dir, PROBES, row, ".npz"), probe,
                            class_names=store.classes, layer=layer, features=store.extractor, fingerprint=store.fingerprint)
         return row
 
@@ -421,19 +420,17 @@ class Evaluation:
             "fit_seconds": round(sum(p.fit_seconds_ for p in probes), 3),  # all classes' fits together
         }
         if self.out_dir is not None:
-            scores_csv = self.out_dir / "predictions" / store.extractor / f"{output_stem(row)}.scores.csv"
+            scores_csv = output_path(self.out_dir, PREDICTIONS, row, ".scores.csv")
             scores_csv.parent.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(scores, columns=store.classes).assign(path=store.paths[test_rows]).to_csv(scores_csv, index=False)
+            write_csv(pd.DataFrame(scores, columns=store.classes).assign(path=store.paths[test_rows]), scores_csv)
         return row
 
     def _cross_target(self, store):
         """The other dataset's store of the same extractor (open), its test rows, and the split's label."""
         other = Path(self.features_dir or store.path.parent.parent) / self.protocol.other_dataset / store.path.name
-        target = FeatureStore(other)
+        target = FeatureStore(other, expect=store.fingerprint, expected_by=str(store.path),
+                              fix="Extract both domains with the same settings (the same MODEL, LAYERS, WEIGHTS, DTYPE and VIEWS).")
         try:
-            differences = fingerprint_differences(store.fingerprint, target.fingerprint)
-            if differences:
-                raise StoreMismatchError(f"{other} was made with other settings than {store.path}:\n  " + "\n  ".join(differences))
             unknown = sorted(set(target.classes) - set(store.classes))
             if unknown:
                 raise UserError(f"{other} has classes the probe never saw: {unknown[:10]}")

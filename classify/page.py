@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classify.embed import NEIGHBOURS, StoreEmbedding, embeddings_path
-from classify.results import PROBE_KINDS, best_per, live_rows, read_results, select_best
+from classify.embed import EMBEDDING_VERSION, NEIGHBOURS, StoreEmbedding, embeddings_path
+from classify.results import PROBE_KINDS, best_per, live_rows, read_predictions, read_results, select_best
 from classify.thumbnails import ImageSource, data_uri, ensure_thumbnails, thumb_name
 from extract.errors import UserError
 
@@ -105,19 +105,6 @@ def embedding_data(embeddings: list[StoreEmbedding], url) -> dict:
             "layers": layers, "selected": len(layers) - 1}
 
 
-def _predictions_file(results_dir: Path, record) -> Path:
-    from classify.report import _predictions_path
-
-    return _predictions_path(results_dir, record)
-
-
-def _read_predictions(path: Path) -> pd.DataFrame | None:
-    if not path.is_file():
-        return None
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    return frame if {"path", "label", "predicted"} <= set(frame.columns) else None
-
-
 def _describe(record, metric: str) -> str:
     return (f"{record['classifier']} ({record['normalization']}), C={record['C']:g}, CV {_percent(record['cv_score'])}, "
             f"{METRICS.get(metric, metric)} {_percent(record[metric])}")
@@ -135,7 +122,7 @@ def attach_probes(view: dict, given: pd.DataFrame, results_dir: Path, metric: st
         if record is None:
             continue
         layer["probe"] = _describe(record, metric)
-        frame = _read_predictions(_predictions_file(results_dir, record))
+        frame = read_predictions(results_dir, record)
         if frame is None:
             continue
         for path, predicted in zip(frame["path"], frame["predicted"]):
@@ -390,6 +377,10 @@ def read_embeddings(results_dir: Path, stores: list[dict]) -> list[StoreEmbeddin
         if embedding.fingerprint_id != store["fingerprint_id"]:
             log.warning("%s was rebuilt since `make tsne`: its layers are left out of the page until `make tsne` runs again", store["extractor"])
             continue
+        if embedding.version != EMBEDDING_VERSION:
+            log.warning("%s's embeddings were made by other code (version %d, now %d): left out of the page until `make tsne` runs again",
+                        store["extractor"], embedding.version, EMBEDDING_VERSION)
+            continue
         embedding.layers = {tap: value for tap, value in embedding.layers.items() if tap in store["taps"]}
         if embedding.layers:
             found.append(embedding)
@@ -438,7 +429,7 @@ def collect(results_dir: str | Path, report_dir: str | Path, *, features_dir: st
     names = [(layer["features"], layer["layer"]) for layer in view["layers"]]
     view["selected"] = (names.index((best["features"], best["layer"])) if best is not None and (best["features"], best["layer"]) in names
                         else max((i for i, layer in enumerate(view["layers"]) if layer["kind"] == "cnn"), default=0))
-    frame = None if best is None else _read_predictions(_predictions_file(results_dir, best))
+    frame = None if best is None else read_predictions(results_dir, best)
     confusion = None if frame is None else confusions(frame, view["classes"], describe(best))
     return PageParts(dataset, metric, given, best, view, confusion)
 

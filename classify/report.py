@@ -19,7 +19,7 @@ from sklearn.metrics import confusion_matrix
 from classify import fusion
 from classify.evaluate import store_fingerprint_id
 from classify.recipe import ablation, chosen_among
-from classify.results import PROBE_KINDS, best_per, live_rows, output_stem, read_csv, read_results, select_best, write_csv
+from classify.results import PROBE_KINDS, PROBES_VERSION, best_per, live_rows, read_csv, read_predictions, read_results, select_best, write_csv
 from extract import package_versions
 from extract.errors import UserError
 from extract.store import FeatureStore, StoreError
@@ -188,10 +188,6 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     rule = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---" for c in frame.columns) + "|"
     body = ["| " + " | ".join(md(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])
-
-
-def _predictions_path(results_dir: Path, record) -> Path:
-    return results_dir / "predictions" / str(record["features"]) / f"{output_stem(record)}.csv"
 
 
 def _mean_over_protocols(rows: pd.DataFrame) -> pd.DataFrame:
@@ -573,9 +569,8 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
     lines += ablation_section(every, metric)
     lines += domain_section(results)
 
-    predictions = _predictions_path(results_csv.parent, best)
-    if predictions.is_file():
-        frame = read_csv(predictions, dtype=str, keep_default_na=False)
+    frame = read_predictions(results_csv.parent, best)
+    if frame is not None:
         classes = sorted(set(frame["label"]) | set(frame["predicted"]))
         counts = confusion_matrix(frame["label"], frame["predicted"], labels=classes)
         matrix = plot_confusion(counts, classes, report_dir / "confusion_best.png", title=describe(best))
@@ -633,6 +628,10 @@ def write_summary(results_root: str | Path, reports_root: str | Path, datasets: 
         results = read_results(results_csv)
         if results is None:
             raise FileNotFoundError(f"{results_csv} is missing; run `make benchmark DATASET=...` for {slug} first")
+        results = live_rows(results, None)
+        if results.empty:
+            raise UserError(f"{results_csv} has no rows of this offshelf's probes (probe_version {PROBES_VERSION}); "
+                            f"run `make classify DATASET=...` for {slug} again")
         metric = "mAP" if results["mAP"].notna().any() else "top1"
         every = main_rows(results)
         main = chosen_among(every)

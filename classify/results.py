@@ -21,9 +21,7 @@ import fcntl
 import hashlib
 import io
 import logging
-import os
 import re
-import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,21 +31,28 @@ import pandas as pd
 
 from classify import fusion
 from extract.errors import UserError
+from extract.fileio import atomic_write_text, remove_temporaries
 
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = [
     "dataset", "features", "kind", "views", "recipe", "layer", "layer_depth", "classifier", "protocol", "train_split", "test_split",
-    "normalization", "search", "select_by", "Cs", "selection", "C", "cv_score", "converged", "cv_splits", "seed", "repeats",
+    "normalization", "search", "select_by", "Cs", "selection", "C", "cv_score", "converged", "cv_splits", "seed", "repeats", "probe_version",
     "n_train", "n_test", "n_features", "classes_unseen_in_train",
     "top1", "top1_std", "mean_per_class_acc", "mean_per_class_acc_std", "mAP", "mAP_voc07", "images_without_features", "fit_seconds",
     "store_fingerprint", "created",
 ]
+# The version of the code that turns a store into a probe row (classify/: probe.py, evaluate.py, metrics.py,
+# fusion.py, recipe.py): bump it when a change there alters a row's numbers (CONTRIBUTING.md). Rows of another
+# version are then refitted, never served from the cache, and left out of reports; rows of trained models and
+# the stores are untouched.
+PROBES_VERSION = 1
 # What determines a row's numbers; a row with the same key is the same experiment.
-RESULT_KEY = ["dataset", "features", "store_fingerprint", "layer", "classifier", "protocol", "normalization", "search", "select_by", "Cs", "seed", "repeats"]
+RESULT_KEY = ["dataset", "features", "store_fingerprint", "layer", "classifier", "protocol", "normalization", "search", "select_by", "Cs", "seed",
+              "repeats", "probe_version"]
 SORT_ORDER = ["features", "layer_depth", "layer", "classifier", "normalization", "protocol"]
 # The settings besides layer, classifier and protocol that tell two rows of one store apart.
-SETTING_COLUMNS = ["normalization", "search", "select_by", "Cs", "seed", "repeats"]
+SETTING_COLUMNS = ["normalization", "search", "select_by", "Cs", "seed", "repeats", "probe_version"]
 PROBE_KINDS = ("cnn", "baseline")  # rows of linear probes on a store; other kinds are trained models
 # What a results.csv must hold to be read at all, and the range of each number a row may hold
 # (low, high): a hand-edited cell outside it leaves its row out.
@@ -56,7 +61,7 @@ _FRACTION, _COUNT = (0.0, 1.0), (0.0, float("inf"))
 RESULT_RANGES = {
     **dict.fromkeys(("top1", "top1_std", "mean_per_class_acc", "mean_per_class_acc_std", "mAP", "mAP_voc07", "cv_score"), _FRACTION),
     **dict.fromkeys(("layer_depth", "cv_splits", "seed", "n_train", "n_test", "n_features", "classes_unseen_in_train",
-                     "images_without_features", "fit_seconds", "repeats", "C"), _COUNT),
+                     "images_without_features", "fit_seconds", "repeats", "C", "probe_version"), _COUNT),
 }
 
 
@@ -110,18 +115,7 @@ def to_csv_text(frame: pd.DataFrame, **to_csv) -> str:
 
 def write_csv(frame: pd.DataFrame, path: str | Path, **to_csv) -> Path:
     """``frame`` as a CSV at ``path`` (``to_csv_text``), written atomically: a temporary file, fsync'ed and renamed."""
-    path = Path(path)
-    text = to_csv_text(frame, **to_csv)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(path, to_csv_text(frame, **to_csv))
 
 
 def read_csv(path: str | Path, **read_csv) -> pd.DataFrame:
@@ -134,17 +128,19 @@ def update_csv(path: str | Path, merge: Callable[[pd.DataFrame | None], pd.DataF
     """Under the file's lock: ``read`` it (None when absent), ``merge`` it, write the result atomically."""
     path = Path(path)
     with locked(path):
-        # Under the lock no other writer has a temporary file open: any left is from a killed one.
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):
-            stale.unlink(missing_ok=True)
+        remove_temporaries(path)  # under the lock no other writer has one open: any left is from a killed one
         merged = merge(read(path) if path.is_file() else None)
         write_csv(merged, path, **to_csv)
     return merged
 
 
 def row_keys(frame: pd.DataFrame, key=RESULT_KEY) -> list[tuple]:
-    """Each row's values of the ``key`` columns, as strings (so 5 and 5.0 read back from a CSV agree)."""
-    return list(map(tuple, frame.reindex(columns=key).astype(str).to_numpy()))
+    """Each row's values of the ``key`` columns, as strings: 5 and 5.0 agree (an integer column
+    with empty cells reads back from a CSV as floats)."""
+    def text(value) -> str:
+        return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+    return list(map(tuple, frame.reindex(columns=key).astype(object).map(text).to_numpy()))
 
 
 def merge_rows(old: pd.DataFrame | None, new: pd.DataFrame, *, key, sort_by, drop=None) -> pd.DataFrame:
@@ -166,6 +162,32 @@ def output_stem(row) -> str:
     settings = hashlib.sha256("|".join(values).encode()).hexdigest()[:8]
     name = f"{row['layer']}__{row['classifier']}__{row['protocol']}"
     return f"{re.sub(r'[^A-Za-z0-9._+-]+', '_', name)}__{settings}"
+
+
+def output_path(results_dir: str | Path, folder: str, row, suffix: str) -> Path:
+    """Where a row's per-row file lives: ``<results>/<folder>/<features>/<output_stem(row)><suffix>``
+    (``folder``: ``PREDICTIONS`` or ``PROBES``)."""
+    return Path(results_dir) / folder / str(row["features"]) / f"{output_stem(row)}{suffix}"
+
+
+PREDICTIONS, PROBES = "predictions", "probes"
+PREDICTION_COLUMNS = ("path", "label", "predicted")
+
+
+def write_predictions(results_dir: str | Path, row, paths, labels, predicted) -> Path:
+    """A row's test predictions (image path, true and predicted class name), atomically."""
+    path = output_path(results_dir, PREDICTIONS, row, ".csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_csv(pd.DataFrame(dict(zip(PREDICTION_COLUMNS, (paths, labels, predicted)))), path)
+
+
+def read_predictions(results_dir: str | Path, row) -> pd.DataFrame | None:
+    """What ``write_predictions`` wrote for ``row``, as text; None when absent or not of that form."""
+    path = output_path(results_dir, PREDICTIONS, row, ".csv")
+    if not path.is_file():
+        return None
+    frame = read_csv(path, dtype=str, keep_default_na=False)
+    return frame if set(PREDICTION_COLUMNS) <= set(frame.columns) else None
 
 
 def read_results(csv_path: str | Path) -> pd.DataFrame | None:
@@ -232,15 +254,17 @@ def check_results(csv_path: Path) -> pd.DataFrame:
 
 def update_results(csv_path: str | Path, rows: list[dict]) -> pd.DataFrame:
     """Merge ``rows`` into ``results.csv``. A row replaces the one with the same key, and the
-    rows of a store made with other settings (same features name, other fingerprint) go."""
+    rows of a store made with other settings (same features name, other fingerprint) go, as do
+    probe rows of another ``PROBES_VERSION`` (made by code whose numbers differ)."""
     new = pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
     probes = new[new["kind"].isin(PROBE_KINDS)]
     current = probes.groupby(["dataset", "features"])["store_fingerprint"].agg(lambda s: set(s.astype(str))).to_dict()
 
-    def rebuilt(old: pd.DataFrame) -> np.ndarray:  # probe rows of a store whose fingerprint is not the current one
-        return np.asarray([kind in PROBE_KINDS and (d, f) in current and str(fp) not in current[(d, f)]
-                           for kind, d, f, fp in old[["kind", "dataset", "features", "store_fingerprint"]].itertuples(index=False)], bool)
+    def rebuilt(old: pd.DataFrame) -> np.ndarray:  # probe rows of a store whose fingerprint is not the current one, or of other code
+        stale = stale_probe_rows(old)
+        return np.asarray([is_stale or (kind in PROBE_KINDS and (d, f) in current and str(fp) not in current[(d, f)])
+                           for is_stale, (kind, d, f, fp) in zip(stale, old[["kind", "dataset", "features", "store_fingerprint"]].itertuples(index=False))], bool)
 
     return update_csv(csv_path, lambda old: merge_rows(old, new, key=RESULT_KEY, sort_by=SORT_ORDER, drop=rebuilt), read=check_results)
 
@@ -273,9 +297,17 @@ def best_per(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return pd.DataFrame([row for row in chosen if row is not None])
 
 
+def stale_probe_rows(results: pd.DataFrame) -> np.ndarray:
+    """Which rows are probes made by another ``PROBES_VERSION`` (or before rows recorded one)."""
+    version = pd.to_numeric(results["probe_version"], errors="coerce") if "probe_version" in results else pd.Series(np.nan, index=results.index)
+    return np.asarray(results["kind"].isin(PROBE_KINDS) & (version != PROBES_VERSION), bool)
+
+
 def live_rows(results: pd.DataFrame, stores: dict[str, dict] | None) -> pd.DataFrame:
     """Rows of probes whose store still exists with the same fingerprint and layer (every tap of a fused
-    layer); trained models' rows (no store) are kept. ``stores``: extractor -> {"fingerprint_id", "taps"}; None keeps all."""
+    layer), made by this ``PROBES_VERSION``; trained models' rows (no store) are kept. ``stores``:
+    extractor -> {"fingerprint_id", "taps"}; None keeps every store's."""
+    results = results[~stale_probe_rows(results)]
     if stores is None:
         return results
     probe = results["kind"].isin(PROBE_KINDS)

@@ -16,6 +16,9 @@ from extract.backbones import FeatureInfo, get_backbone, layer_paths, tap_tensor
 from extract.images import RESIZES, VIEW_COUNTS, check_views, fit_to_input, view_inputs, views_side
 from extract.errors import UserError
 
+# Bump when a change to this code (decoding, resizing, preprocessing, pooling, the models) alters CNN
+# features (CONTRIBUTING.md): every CNN store made before is then refused, and no baseline store.
+FEATURES_VERSION = 1
 POOLINGS = ("avg", "max", "avgmax", "spp")
 # The model's weights and arithmetic. bfloat16 halves the memory traffic and runs on the
 # tensor cores of a GPU; the stored features are float32 either way.
@@ -304,7 +307,8 @@ class CNNFeaturizer:
             **({"views": {"name": self.views, "count": self.view_count, "from_side": self.min_side}} if self.views != "centre" else {}),
             "taps": {info.name: info.layer for info in self.feature_info},
             "keras_backend": keras.backend.backend(),
-            "versions": package_versions("offshelf", "keras", *BACKEND_PACKAGES.get(keras.backend.backend(), ()), "numpy", "pillow",
+            "features_version": FEATURES_VERSION,
+            "versions": package_versions("keras", *BACKEND_PACKAGES.get(keras.backend.backend(), ()), "numpy", "pillow",
                                          "opencv-python-headless", "h5py"),
         }
 

@@ -1,5 +1,6 @@
-"""A store's fingerprint names every package that computed its features, and offshelf itself:
-after an upgrade of any of them, the next run refuses to mix old and new features."""
+"""A store's fingerprint names every package that computed its features, and the version of
+offshelf's code that did (``features_version``, tests/test_versions.py): after an upgrade of any of
+them, the next run refuses to mix old and new features."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _pretend_upgrade(path, package: str) -> None:
         f.attrs["fingerprint"] = canonical_json(fingerprint)
 
 
-@pytest.mark.parametrize("package", ["opencv-python-headless", "offshelf", "keras"])
+@pytest.mark.parametrize("package", ["opencv-python-headless", "keras"])
 def test_cnn_store_refuses_features_of_another_package_version(image_tree, tmp_path, package):
     dataset = load_dataset(f"folder:{image_tree}")
     featurizer = CNNFeaturizer("efficientnet_lite0", weights="random", layers="stem")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from classify.embed import balanced_sample, embed_layer, knn_accuracy
-from classify.results import RESULT_COLUMNS
+from classify.results import PROBES_VERSION, RESULT_COLUMNS
 from classify.report import write_report, write_summary
 
 
@@ -37,7 +37,7 @@ def test_balanced_sample_is_seeded_and_balanced():
 
 
 def _rows(dataset, records):
-    base = {column: 0 for column in RESULT_COLUMNS}
+    base = {**{column: 0 for column in RESULT_COLUMNS}, "probe_version": PROBES_VERSION}
     return pd.DataFrame([{**base, "dataset": dataset, "converged": True, "normalization": "standard", "mAP": np.nan,
                           "mAP_voc07": np.nan, **r} for r in records], columns=RESULT_COLUMNS)
 
@@ -110,7 +110,7 @@ def test_rule_of_thumb_section_draws_curves_names_winners_and_crossovers(tmp_pat
     assert "- `all` beats `probe` from 50 images per class on" in text
     assert (tmp_path / "reports" / "flowers" / "rule_of_thumb.png").read_bytes()[:4] == b"\x89PNG"
     summary_results = tmp_path / "results"
-    pd.DataFrame([{**{c: 0 for c in RESULT_COLUMNS}, "dataset": "flowers", "features": "efficientnet_lite0", "kind": "cnn",
+    pd.DataFrame([{**{c: 0 for c in RESULT_COLUMNS}, "probe_version": PROBES_VERSION, "dataset": "flowers", "features": "efficientnet_lite0", "kind": "cnn",
                    "layer": "pre_logits", "classifier": "logreg", "protocol": "given", "top1": 0.9, "cv_score": 0.9,
                    "mAP": np.nan, "n_train": 1, "n_test": 1}]).to_csv(summary_results / "flowers" / "results.csv", index=False)
     summary = write_summary(summary_results, tmp_path / "reports", ["flowers"]).read_text()

@@ -357,8 +357,7 @@ def test_page_of_500_classes_and_a_layer_of_40000_values_opens_in_seconds(browse
     what this checks."""
     from classify.embed import embed_stores
     from classify.evaluate import store_fingerprint_id
-    from classify.report import _predictions_path
-    from classify.results import RESULT_COLUMNS
+    from classify.results import PROBES_VERSION, RESULT_COLUMNS, write_predictions
     from extract.datasets import load_dataset
     from extract.store import StoreWriter
 
@@ -377,15 +376,13 @@ def test_page_of_500_classes_and_a_layer_of_40000_values_opens_in_seconds(browse
     tsne_seconds = time.perf_counter() - started
     test = np.asarray(dataset.splits) == "test"
     predicted = np.where(dataset.labels < 100, dataset.labels + 1, dataset.labels)[test]
-    row = {**{c: 0 for c in RESULT_COLUMNS}, "dataset": "many", "features": "wide", "kind": "cnn", "layer": "wide", "classifier": "logreg",
+    row = {**{c: 0 for c in RESULT_COLUMNS}, "probe_version": PROBES_VERSION, "dataset": "many", "features": "wide", "kind": "cnn", "layer": "wide", "classifier": "logreg",
            "protocol": "given", "normalization": "standard", "C": 1.0, "cv_score": 0.8, "top1": float(np.mean(predicted == dataset.labels[test])),
            "mean_per_class_acc": 0.8, "mAP": np.nan, "n_train": 500, "n_test": 500,
            "store_fingerprint": store_fingerprint_id({"wide": 1}, dataset.digest())}
     pd.DataFrame([row], columns=RESULT_COLUMNS).to_csv(tmp_path / "results" / "many" / "results.csv", index=False)
-    out = _predictions_path(tmp_path / "results" / "many", row)
-    out.parent.mkdir(parents=True)
     classes = np.asarray(dataset.classes)
-    pd.DataFrame({"path": np.asarray(dataset.paths)[test], "label": classes[dataset.labels[test]], "predicted": classes[predicted]}).to_csv(out, index=False)
+    write_predictions(tmp_path / "results" / "many", row, np.asarray(dataset.paths)[test], classes[dataset.labels[test]], classes[predicted])
     started = time.perf_counter()
     page = write_page(tmp_path / "results" / "many", tmp_path / "reports" / "many", features_dir=tmp_path / "features",
                       images=ImageSource(f"folder:{tree}"))

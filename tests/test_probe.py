@@ -10,7 +10,7 @@ from classify.evaluate import Evaluation, ProbeSettings, parse_protocol
 from classify.metrics import mean_per_class_accuracy
 from classify.probe import NORMALIZATIONS, LinearProbe, parse_cs
 from extract.errors import UserError
-from classify.results import RESULT_COLUMNS, update_results
+from classify.results import PROBES_VERSION, RESULT_COLUMNS, update_results
 from extract.datasets.base import ImageDataset
 from extract.store import StoreWriter
 
@@ -353,7 +353,8 @@ def test_unseen_test_classes_are_counted_and_named_in_the_log(tmp_path, caplog):
 def _append_results(csv, worker: int, count: int) -> None:
     for i in range(count):
         update_results(csv, [{**{c: 0 for c in RESULT_COLUMNS}, "dataset": "d", "features": f"f{worker}", "kind": "cnn",
-                              "store_fingerprint": f"fp{worker}", "layer": f"layer{i}", "classifier": "logreg", "protocol": "given"}])
+                              "store_fingerprint": f"fp{worker}", "layer": f"layer{i}", "classifier": "logreg", "protocol": "given",
+                              "probe_version": PROBES_VERSION}])
 
 
 def test_concurrent_updates_of_results_csv_lose_no_row(tmp_path):
@@ -374,7 +375,7 @@ def test_concurrent_updates_of_results_csv_lose_no_row(tmp_path):
 
 
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
-    from extract.cli import run_command
+    from extract.commands import run_command
     from extract.errors import UserError
 
     def user_fault(args):
