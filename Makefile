@@ -23,7 +23,7 @@ q = $(call quote,$(value $(1)))
 opt = $(if $(value $(2)),$(1) $(call q,$(2)))
 # Not into the recipes' environment either: exporting expands a value (and runs any $(shell) in it).
 unexport DATASET DATASETS DATA_DIR MODEL LAYER LAYERS POOLING VIEWS WEIGHTS DTYPE LIMIT FULL OVERWRITE ON_ERROR CROP RESIZE SEED \
-	CHECKPOINT_SECONDS WORKERS RAY_ADDRESS SHIP_BYTES RECIPE CLASSIFIER NORMALIZATION FUSE BASELINES BASELINES_PRESET CODEBOOK_SPLIT FEATURES REPEATS REGIMES SIZES PROTOCOL N TRAIN EPOCHS FEATURES_DIR RESULTS_DIR REPORTS_DIR
+	CHECKPOINT_SECONDS WORKERS RAY_ADDRESS SHIP_BYTES RECIPE CLASSIFIER NORMALIZATION FUSE BASELINES BASELINES_PRESET CODEBOOK_SPLIT FEATURES REPEATS REGIMES SIZES PROTOCOL N TRAIN EPOCHS BATCHNORM FEATURES_DIR RESULTS_DIR REPORTS_DIR
 
 # Where stores, results and reports go (default: features/, results/, reports/ here).
 RESULT_DIRS = $(call opt,--results-dir,RESULTS_DIR) $(call opt,--reports-dir,REPORTS_DIR)
@@ -96,7 +96,7 @@ endif
 # Transfer mechanics: TRAIN=head|top1|top2|all; the autoencoder recipe; rows land in results.csv.
 finetune: setup
 	$(PY) -m transfer finetune $(DATA_ARGS) $(call opt,--results-dir,RESULTS_DIR) --model $(call q,MODEL) --train $(call q,TRAIN) \
-		$(call opt,--epochs,EPOCHS) $(call opt,--weights,WEIGHTS)
+		$(call opt,--epochs,EPOCHS) $(call opt,--weights,WEIGHTS) $(call opt,--batchnorm,BATCHNORM)
 
 pretrain: setup
 	$(PY) -m transfer pretrain-cae $(DATA_ARGS) $(call opt,--results-dir,RESULTS_DIR) $(call opt,--pretrain-epochs,EPOCHS)
@@ -107,7 +107,7 @@ recipe: setup
 # How many layers to train for how much data: REGIMES=probe,head,top1,top2[,all,scratch] SIZES=5,10,20 REPEATS=3
 rule-of-thumb: setup
 	$(PY) -m transfer rule-of-thumb $(DATA_ARGS) $(call opt,--results-dir,RESULTS_DIR) --model $(call q,MODEL) \
-		$(call opt,--regimes,REGIMES) $(call opt,--sizes,SIZES) $(call opt,--repeats,REPEATS) $(call opt,--max-epochs,EPOCHS)
+		$(call opt,--regimes,REGIMES) $(call opt,--sizes,SIZES) $(call opt,--repeats,REPEATS) $(call opt,--max-epochs,EPOCHS) $(call opt,--batchnorm,BATCHNORM)
 
 # The browser tests drive Debian's Chromium: installed here when missing and apt-get can (root), a no-op
 # otherwise (the tests then skip, saying how to install it).

@@ -24,9 +24,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract.backbones import get_backbone, tap_tensor  # noqa: E402
-from transfer.finetune import trainable_block_patterns  # noqa: E402
+from transfer.finetune import unfrozen_layer_paths  # noqa: E402
 from transfer.layers import set_trainable  # noqa: E402
-from transfer.rule_of_thumb import cut_layer, freeze_batchnorm  # noqa: E402
+from transfer.layers import apply_batchnorm_policy  # noqa: E402
+from transfer.rule_of_thumb import cut_layer  # noqa: E402
 
 
 def seconds_per_epoch(model, x, y, epochs: int) -> float:
@@ -49,8 +50,8 @@ def main() -> None:
     keras.utils.set_random_seed(0)
     backbone, _ = spec.build(spec.default_weights)
     set_trainable(backbone, ["*"], False)
-    set_trainable(backbone, trainable_block_patterns(spec, backbone, args.regime), True)
-    freeze_batchnorm(backbone)
+    set_trainable(backbone, unfrozen_layer_paths(spec, backbone, args.regime), True)
+    apply_batchnorm_policy(backbone, "frozen")
     cut, top = tap_tensor(backbone, cut_layer(spec, backbone, args.regime)), tap_tensor(backbone, spec.feature_info[-1].layer)
     head = keras.layers.Dense(args.classes, activation="softmax")
     pool = keras.layers.GlobalAveragePooling2D()

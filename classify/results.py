@@ -40,7 +40,7 @@ RESULT_COLUMNS = [
     "normalization", "search", "select_by", "Cs", "selection", "C", "cv_score", "converged", "cv_splits", "seed", "repeats", "probe_version",
     "n_train", "n_test", "n_features", "classes_unseen_in_train",
     "top1", "top1_std", "mean_per_class_acc", "mean_per_class_acc_std", "mAP", "mAP_voc07", "images_without_features", "fit_seconds",
-    "store_fingerprint", "created",
+    "store_fingerprint", "settings", "created",
 ]
 # The version of the code that turns a store into a probe row (classify/: probe.py, evaluate.py, metrics.py,
 # fusion.py, recipe.py): bump it when a change there alters a row's numbers (CONTRIBUTING.md). Rows of another
@@ -48,11 +48,12 @@ RESULT_COLUMNS = [
 # the stores are untouched.
 PROBES_VERSION = 1
 # What determines a row's numbers; a row with the same key is the same experiment.
+# ``settings``: a trained run's settings (transfer.training.settings_text); empty for probes, whose settings are columns.
 RESULT_KEY = ["dataset", "features", "store_fingerprint", "layer", "classifier", "protocol", "normalization", "search", "select_by", "Cs", "seed",
-              "repeats", "probe_version"]
+              "repeats", "probe_version", "settings"]
 SORT_ORDER = ["features", "layer_depth", "layer", "classifier", "normalization", "protocol"]
 # The settings besides layer, classifier and protocol that tell two rows of one store apart.
-SETTING_COLUMNS = ["normalization", "search", "select_by", "Cs", "seed", "repeats", "probe_version"]
+SETTING_COLUMNS = ["normalization", "search", "select_by", "Cs", "seed", "repeats", "probe_version", "settings"]
 PROBE_KINDS = ("cnn", "baseline")  # rows of linear probes on a store; other kinds are trained models
 # What a results.csv must hold to be read at all, and the range of each number a row may hold
 # (low, high): a hand-edited cell outside it leaves its row out.
@@ -135,9 +136,11 @@ def update_csv(path: str | Path, merge: Callable[[pd.DataFrame | None], pd.DataF
 
 
 def row_keys(frame: pd.DataFrame, key=RESULT_KEY) -> list[tuple]:
-    """Each row's values of the ``key`` columns, as strings: 5 and 5.0 agree (an integer column
-    with empty cells reads back from a CSV as floats)."""
+    """Each row's values of the ``key`` columns, as strings, as they read back from a CSV: 5 and 5.0
+    agree (an integer column with empty cells reads back as floats), and so do "" and a missing value."""
     def text(value) -> str:
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return ""
         return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
     return list(map(tuple, frame.reindex(columns=key).astype(object).map(text).to_numpy()))

@@ -229,7 +229,8 @@ MAKE_TARGETS = {
                  "PROTOCOL": "--protocol", "SEED": "--seed"},
     "tsne": {"DATASET": "--dataset", "MODEL": "--model", "N": "--n"},
     "report": {"DATASET": "--dataset"},
-    "finetune": {"DATASET": "--dataset", "MODEL": "--model", "TRAIN": "--train", "EPOCHS": "--epochs", "WEIGHTS": "--weights"},
+    "finetune": {"DATASET": "--dataset", "MODEL": "--model", "TRAIN": "--train", "EPOCHS": "--epochs", "WEIGHTS": "--weights",
+                 "BATCHNORM": "--batchnorm"},
     "pretrain": {"DATASET": "--dataset", "EPOCHS": "--pretrain-epochs"},
     "recipe": {"DATASET": "--dataset", "EPOCHS": "--epochs"},
 }

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import ROOT, make_image_tree
 from extract.backbones import get_backbone, tap_tensor
-from transfer.finetune import trainable_block_patterns
-from transfer.layers import set_trainable
-from transfer.rule_of_thumb import RuleSettings, Trainable, _fit, cut_layer, freeze_batchnorm
+from transfer.finetune import unfrozen_layer_paths
+from transfer.layers import apply_batchnorm_policy, set_trainable
+from transfer.rule_of_thumb import RuleSettings, Trainable, _fit, cut_layer
 
 
 def test_training_the_top_block_on_cached_activations_is_training_the_frozen_network():
@@ -25,8 +25,8 @@ def test_training_the_top_block_on_cached_activations_is_training_the_frozen_net
     keras.utils.set_random_seed(0)
     backbone, _ = spec.build("random")
     set_trainable(backbone, ["*"], False)
-    set_trainable(backbone, trainable_block_patterns(spec, backbone, "top1"), True)
-    assert freeze_batchnorm(backbone) > 0
+    set_trainable(backbone, unfrozen_layer_paths(spec, backbone, "top1"), True)
+    assert apply_batchnorm_policy(backbone, "frozen") > 0
     cut, top = tap_tensor(backbone, cut_layer(spec, backbone, "top1")), tap_tensor(backbone, spec.feature_info[-1].layer)
     assert cut_layer(spec, backbone, "top1") == spec.feature_info[-2].layer  # stage7 ends the last frozen block
     head = keras.layers.Dense(3, activation="softmax")

@@ -165,18 +165,18 @@ def _variables_by_layer(model):
     return {v.path: np.array(v.numpy()) for v in model.weights}
 
 
-def test_finetune_top1_keeps_frozen_weights_bit_identical(tmp_path):
-    from transfer.finetune import FinetuneSettings, build_finetune_model, make_optimizer, run_finetune, trainable_block_patterns
+@pytest.mark.parametrize("batchnorm", ["frozen", "train"])
+def test_finetune_top1_keeps_frozen_weights_bit_identical_and_follows_the_batchnorm_policy(tmp_path, batchnorm):
+    from transfer.finetune import FinetuneSettings, build_finetune_model, make_optimizer, unfrozen_layer_paths
+    from transfer.training import compile_and_fit, image_arrays
 
     tree = make_image_tree(tmp_path / "shapes", per_class={"train": 6, "test": 3})
     dataset = load_dataset(f"folder:{tree}")
-    settings = FinetuneSettings(train="top1", epochs=1, batch_size=4, weights="imagenet")
+    settings = FinetuneSettings(train="top1", epochs=1, batch_size=4, weights="imagenet", batchnorm=batchnorm)
     model, backbone, spec, notes, dim = build_finetune_model("efficientnet_lite0", 2, settings)
-    unfrozen = set(trainable_block_patterns(spec, backbone, "top1"))
+    unfrozen = set(unfrozen_layer_paths(spec, backbone, "top1"))
     assert unfrozen == {"top_conv", "top_bn", "top_activation"} and dim == 1280
     before = _variables_by_layer(model)
-    from transfer.training import compile_and_fit, image_arrays
-
     x = image_arrays(dataset, np.arange(len(dataset)), spec.input_size, progress=False)
     compile_and_fit(model, x, dataset.labels, optimizer=make_optimizer(backbone, settings), epochs=1, batch_size=4, seed=0, progress=False)
     after = _variables_by_layer(model)
@@ -184,16 +184,32 @@ def test_finetune_top1_keeps_frozen_weights_bit_identical(tmp_path):
     frozen_paths = {v.path for v in model.weights if v.path.split("/")[0] not in unfrozen | {"head_classifier"}}
     assert frozen_paths and not (changed & frozen_paths)  # BatchNorm statistics of frozen blocks included
     assert any(p.startswith("top_conv") for p in changed) and any(p.startswith("head_classifier") for p in changed)
+    # The one policy: "frozen" keeps the unfrozen block's BatchNorm in inference mode (statistics and scales
+    # as pretrained), "train" trains it and updates its statistics.
+    top_bn = {p for p in before if p.startswith("top_bn")}
+    assert len(top_bn) == 4 and (top_bn <= changed) == (batchnorm == "train") and not (top_bn & changed) == (batchnorm == "frozen")
 
-    row = run_finetune(dataset, "efficientnet_lite0", FinetuneSettings(train="head", epochs=1, batch_size=4),
-                       results_dir=tmp_path / "results", progress=False)
-    table = pd.read_csv(tmp_path / "results" / "results.csv")
-    assert list(table["layer"]) == ["finetune:head"] and table["kind"][0] == "finetune"
-    assert 0.0 <= row["top1"] <= 1.0 and row["n_test"] == 6
-    from classify.results import output_stem
 
-    assert output_stem(row) == output_stem(table.iloc[0])  # the report finds it from the row it reads back
-    assert (tmp_path / "results" / "predictions" / "efficientnet_lite0" / f"{output_stem(row)}.csv").is_file()
+def test_finetune_rows_are_keyed_by_their_settings(tmp_path):
+    """EPOCHS=1, then EPOCHS=2, then EPOCHS=2 again: two rows, each saying its settings; the rerun replaces its own."""
+    from classify.results import read_predictions
+    from transfer.finetune import FinetuneSettings, run_finetune
+
+    tree = make_image_tree(tmp_path / "shapes", per_class={"train": 6, "test": 3})
+    dataset = load_dataset(f"folder:{tree}")
+    results = tmp_path / "results"
+    rows = [run_finetune(dataset, "efficientnet_lite0", FinetuneSettings(train="head", epochs=epochs, batch_size=4), results_dir=results,
+                         progress=False) for epochs in (1, 2, 2)]
+    table = pd.read_csv(results / "results.csv")
+    assert len(table) == 2 and list(table["layer"]) == ["finetune:head"] * 2 and set(table["kind"]) == {"finetune"}
+    assert sorted("epochs=1" in s.split() for s in table["settings"]) == [False, True]
+    assert all({"learning_rate=0.001", "batchnorm=frozen", "backbone_lr_scale=0.1", "init_from="} <= set(s.split()) for s in table["settings"])
+    assert rows[1]["settings"] == rows[2]["settings"] != rows[0]["settings"]
+    for row in rows[:2]:  # the report finds each row's predictions from the row it reads back, and they are its numbers
+        stored = table[table["settings"] == row["settings"]].iloc[0]
+        predictions = read_predictions(results, stored)
+        assert len(predictions) == row["n_test"] == 6
+        assert row["top1"] == pytest.approx(np.mean(predictions["label"] == predictions["predicted"]))
 
 
 def test_original_recipe_autoencoder_restore_freeze_train(tmp_path):

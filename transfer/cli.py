@@ -9,6 +9,7 @@ from extract.arguments import POSITIVE, ArgumentParser, names, number, option, w
 from extract.commands import add_dataset_arguments, dataset_from, run_command
 from extract.datasets import dataset_slug
 from transfer.finetune import TRAIN_MODES, FinetuneSettings, run_finetune
+from transfer.layers import BATCHNORM_POLICIES, DEFAULT_BATCHNORM
 from transfer.recipe import RecipeSettings, pretrain_cae, train_classifier
 from transfer.training import image_arrays, split_rows
 
@@ -41,7 +42,7 @@ def cmd_pretrain(args) -> None:
 def cmd_finetune(args) -> None:
     settings = FinetuneSettings(train=args.train, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                                 backbone_lr_scale=args.backbone_lr_scale, weights=args.weights, seed=args.seed,
-                                init_from=args.init_from, restore=tuple(args.restore.split(",")))
+                                init_from=args.init_from, restore=tuple(args.restore.split(",")), batchnorm=args.batchnorm)
     dataset = dataset_from(args)
     row = run_finetune(dataset, args.model, settings, results_dir=Path(args.results_dir) / dataset.name, progress=not args.no_progress)
     print(f"{row['features']} {row['layer']}: top-1 {100 * row['top1']:.2f}%, mean per-class {100 * row['mean_per_class_acc']:.2f}% "
@@ -90,7 +91,7 @@ def cmd_rule_of_thumb(args) -> None:
 
     settings = RuleSettings(model=args.model, regimes=args.regimes,
                             sizes=args.sizes, repeats=args.repeats, seed=args.seed, max_epochs=args.max_epochs,
-                            max_epochs_uncached=args.max_epochs_uncached, batch_size=args.batch_size or 32)
+                            max_epochs_uncached=args.max_epochs_uncached, batch_size=args.batch_size or 32, batchnorm=args.batchnorm)
     dataset = dataset_from(args)
     csv = Path(args.results_dir) / dataset.name / CSV_NAME
     table = RuleOfThumb(dataset, settings, csv_path=csv, progress=not args.no_progress).run()
@@ -105,11 +106,16 @@ def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m transfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p):
+    def common(p, *, epochs: bool = True):
         add_dataset_arguments(p)
         p.add_argument("--results-dir", default="results")
         p.add_argument("--batch-size", type=option(POSITIVE), default=None)
-        p.add_argument("--epochs", type=option(POSITIVE), default=None, help="training epochs")
+        if epochs:  # the rule of thumb stops early, within --max-epochs
+            p.add_argument("--epochs", type=option(POSITIVE), default=None, help="training epochs")
+
+    def batchnorm_option(p):
+        p.add_argument("--batchnorm", default=DEFAULT_BATCHNORM, choices=BATCHNORM_POLICIES,
+                       help="BatchNorm of the unfrozen pretrained layers: frozen (inference mode, pretrained statistics) or train")
 
     def cae_options(p):
         p.add_argument("--input-size", type=option(whole(4)), default=28, help="autoencoder input side (a multiple of 4)")
@@ -137,10 +143,12 @@ def main(argv=None) -> int:
     finetune.add_argument("--weights", default="imagenet")
     finetune.add_argument("--init-from", default=None, help="restore layers from this .keras / .weights.h5 first")
     finetune.add_argument("--restore", default="*", help="comma-separated layer patterns to restore from --init-from")
+    batchnorm_option(finetune)
     finetune.set_defaults(func=cmd_finetune)
 
     rule = sub.add_parser("rule-of-thumb", help="probe vs head vs top blocks vs all vs scratch, at several images per class")
-    common(rule)
+    common(rule, epochs=False)
+    batchnorm_option(rule)
     rule.add_argument("--model", default="efficientnet_lite0")
     rule.add_argument("--regimes", type=names, default="probe,head,top1,top2",
                       help="comma-separated: probe, probe:<tap>, head, top1, top2, ..., all, scratch")
@@ -154,5 +162,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     defaults = {"pretrain-cae": (128, 5), "recipe": (128, 10), "finetune": (32, 3), "rule-of-thumb": (32, 0)}[args.command]
     args.batch_size = args.batch_size or defaults[0]
-    args.epochs = args.epochs or defaults[1]
+    if "epochs" in args:
+        args.epochs = args.epochs or defaults[1]
     return run_command(args.func, args)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import keras
 
 from extract.backbones import get_backbone, layer_paths, tap_tensor
-from transfer.layers import LayerwiseAdam, count_parameters, restore_layers, set_trainable
+from transfer.layers import (
+    BATCHNORM_POLICIES, DEFAULT_BATCHNORM, LayerwiseAdam, apply_batchnorm_policy, build_head, count_parameters, restore_layers, set_trainable,
+)
 from transfer.training import compile_and_fit, labelled_images, record, score_row
 from extract.arguments import POSITIVE, SEEDS, check, number
 from extract.errors import UserError
@@ -40,16 +42,19 @@ class FinetuneSettings:
     seed: int = 0
     init_from: str | None = None  # restore layers from another model's weights file first
     restore: tuple[str, ...] = ("*",)
+    batchnorm: str = DEFAULT_BATCHNORM  # transfer.layers.BATCHNORM_POLICIES
 
     def __post_init__(self):
         if self.train not in TRAIN_MODES:
             raise UserError(f"train={self.train!r} is not one of {TRAIN_MODES}")
+        if self.batchnorm not in BATCHNORM_POLICIES:
+            raise UserError(f"batchnorm={self.batchnorm!r} is not one of {BATCHNORM_POLICIES}")
         for name, allowed in (("epochs", POSITIVE), ("batch_size", POSITIVE), ("learning_rate", LEARNING_RATES),
                               ("backbone_lr_scale", number(0)), ("dropout", number(0, 1, closed="left")), ("seed", SEEDS)):
             check("fine-tuning", name, getattr(self, name), allowed)
 
 
-def trainable_block_patterns(spec, backbone: keras.Model, train: str) -> list[str]:
+def unfrozen_layer_paths(spec, backbone: keras.Model, train: str) -> list[str]:
     """Layer paths of the backbone that ``train`` unfreezes."""
     if train == "head":
         return []
@@ -73,16 +78,15 @@ def build_finetune_model(model_name: str, n_classes: int, settings: FinetuneSett
     if settings.init_from:
         notes.append(str(restore_layers(backbone, settings.init_from, settings.restore)))
     features = tap_tensor(backbone, spec.feature_info[-1].layer)
-    if len(features.shape) == 4:
-        features = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
-    x = keras.layers.Dropout(settings.dropout, name="head_dropout")(features)
-    outputs = keras.layers.Dense(n_classes, activation="softmax", name="head_classifier")(x)
+    outputs, _ = build_head(features, n_classes, dropout=settings.dropout)
     model = keras.Model(backbone.inputs, outputs, name=f"{spec.name}_finetune")
     set_trainable(backbone, ["*"], False)
-    unfrozen = trainable_block_patterns(spec, backbone, settings.train)
+    unfrozen = unfrozen_layer_paths(spec, backbone, settings.train)
     if unfrozen:
         changed = set_trainable(backbone, unfrozen, True).changed
         notes.append(f"unfrozen for {settings.train}: {len(changed)} layers, {changed[0]} .. {changed[-1]}")
+        frozen = apply_batchnorm_policy(backbone, settings.batchnorm)
+        notes.append(f"BatchNorm: {settings.batchnorm}" + (f" ({frozen} layers in inference mode)" if frozen else ""))
     trainable, frozen = count_parameters(model)
     notes.append(f"{trainable:,} trainable parameters, {frozen:,} frozen")
     return model, backbone, spec, notes, int(features.shape[-1])
@@ -104,7 +108,7 @@ def run_finetune(dataset, model_name: str, settings: FinetuneSettings, *, result
                                  epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed, progress=progress)
     row = score_row(
         model, data, dataset.classes, dataset=dataset.name, features=spec.name, kind="finetune", layer=f"finetune:{settings.train}",
-        classifier="softmax", seed=settings.seed, seconds=seconds, n_features=dim, predictions_dir=results_dir / "predictions",
+        classifier="softmax", seed=settings.seed, seconds=seconds, n_features=dim, settings=settings, results_dir=results_dir,
     )
     record(results_dir, [row])
     return row

@@ -186,3 +186,39 @@ class LayerwiseAdam(keras.optimizers.Adam):
 
     def get_config(self):
         return {**super().get_config(), "multipliers": self.multipliers}
+
+
+# How BatchNormalization layers of a pretrained network behave while some of its layers train:
+# "frozen" keeps every one in inference mode with its pretrained statistics and scales (Keras'
+# advice for fine-tuning on small data: a batch of a few dozen images gives noisy statistics, and
+# the frozen layers computed the cached activations with the pretrained ones); "train" lets the
+# BatchNorm layers of the unfrozen blocks update their statistics and scales as ordinary layers.
+BATCHNORM_POLICIES = ("frozen", "train")
+DEFAULT_BATCHNORM = "frozen"
+
+
+def apply_batchnorm_policy(model: keras.Model, policy: str) -> int:
+    """Apply ``policy`` (``BATCHNORM_POLICIES``) to ``model`` after its trainable layers are set:
+    "frozen" freezes every BatchNormalization (in nested models too). Returns how many it froze."""
+    if policy not in BATCHNORM_POLICIES:
+        raise UserError(f"batchnorm={policy!r} is not one of {BATCHNORM_POLICIES}")
+    if policy == "train":
+        return 0
+    frozen = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            frozen += apply_batchnorm_policy(layer, policy)
+        elif isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
+            layer.trainable = False
+            frozen += 1
+    return frozen
+
+
+def build_head(features, n_classes: int, *, dropout: float) -> tuple[object, keras.layers.Dense]:
+    """The new classifier on a backbone's top features: global average pooling (spatial features),
+    dropout, and a softmax layer. Returns (the outputs, the softmax layer)."""
+    if len(features.shape) == 4:
+        features = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(features)
+    head = keras.layers.Dense(n_classes, activation="softmax", name="head_classifier")
+    return head(x), head

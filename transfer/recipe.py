@@ -65,7 +65,7 @@ def train_classifier(dataset, checkpoint: Path | None, settings: RecipeSettings,
     row = score_row(
         model, data, dataset.classes, dataset=dataset.name, features="cae-recipe" if checkpoint is not None else "scratch-cnn",
         kind="trained", layer=name, classifier="softmax", seed=settings.seed, seconds=seconds,
-        n_features=int(model.get_layer("fc1").input.shape[-1]), predictions_dir=results_dir / "predictions",
+        n_features=int(model.get_layer("fc1").input.shape[-1]), settings=settings, results_dir=results_dir,
     )
     record(results_dir, [row])
     return row, model

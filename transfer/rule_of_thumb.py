@@ -52,8 +52,9 @@ from extract.backbones import get_backbone, layer_paths, tap_tensor
 from extract.datasets.base import choose_splits
 from extract.arguments import POSITIVE, SEEDS, check, number
 from extract.errors import UserError
-from transfer.finetune import trainable_block_patterns
-from transfer.layers import LayerwiseAdam, count_parameters, set_trainable
+from transfer.finetune import unfrozen_layer_paths
+from transfer.layers import BATCHNORM_POLICIES, DEFAULT_BATCHNORM, LayerwiseAdam, apply_batchnorm_policy, build_head, count_parameters, set_trainable
+from transfer.training import TRAINED_VERSION
 from transfer.training import image_arrays
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,6 @@ CSV_NAME = "rule_of_thumb.csv"
 COLUMNS = ["dataset", "model", "regime", "per_class", "seed", "layer", "n_train", "n_test", "top1", "mean_per_class_acc",
            "val_score", "epochs", "selection", "train_seconds", "trainable_params", "settings", "created"]
 KEY = ["dataset", "model", "regime", "per_class", "seed", "settings"]
-# Changes when the same settings give other numbers, so older rows are not taken as done:
-# 2 = dropout's random state reset with every run (before, it carried over from the previous run).
-RUNS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -86,6 +84,7 @@ class RuleSettings:
     backbone_lr_scale: float = 0.1
     dropout: float = 0.2
     batch_size: int = 32
+    batchnorm: str = DEFAULT_BATCHNORM  # transfer.layers.BATCHNORM_POLICIES, in every transfer regime
 
     def __post_init__(self):
         if not self.regimes:
@@ -99,11 +98,13 @@ class RuleSettings:
             check("the rule of thumb", name, getattr(self, name), POSITIVE)
         check("the rule of thumb", "seed", self.seed, SEEDS)
         check("the rule of thumb", "val_fraction", self.val_fraction, number(0, 1, closed="neither"))
+        if self.batchnorm not in BATCHNORM_POLICIES:
+            raise UserError(f"batchnorm={self.batchnorm!r} is not one of {BATCHNORM_POLICIES}")
 
     def settings_id(self, dataset_digest: str) -> str:
         """What a row's numbers depend on besides (regime, size, seed): the training settings and the images."""
         fixed = {k: v for k, v in asdict(self).items() if k not in ("regimes", "sizes", "repeats", "seed", "model")}
-        return hashlib.sha256(f"{sorted(fixed.items())}{dataset_digest}{RUNS_VERSION}".encode()).hexdigest()[:12]
+        return hashlib.sha256(f"{sorted(fixed.items())}{dataset_digest}{TRAINED_VERSION}".encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -122,7 +123,7 @@ def cut_layer(spec, backbone: keras.Model, regime: str) -> str:
     top = spec.feature_info[-1].layer
     if regime == "head":
         return top
-    trainable = trainable_block_patterns(spec, backbone, regime)
+    trainable = unfrozen_layer_paths(spec, backbone, regime)
     paths = layer_paths(backbone)
     return paths[paths.index(trainable[0]) - 1]
 
@@ -269,7 +270,7 @@ class RuleOfThumb:
                 backbone, _ = spec.build("random")
             set_trainable(backbone, ["*"], True)
             if regime == "all":
-                freeze_batchnorm(backbone)  # as in every transfer regime: the pretrained statistics stay
+                apply_batchnorm_policy(backbone, self.settings.batchnorm)
             inputs, features = backbone.inputs, tap_tensor(backbone, spec.feature_info[-1].layer)
             scaled = backbone.trainable_weights if regime == "all" else []
             data, layer, max_epochs = images, "input", self.settings.max_epochs_uncached
@@ -278,17 +279,14 @@ class RuleOfThumb:
             inputs = keras.Input(data.shape[1:], name="cut")
             features, scaled = inputs, []
             if regime != "head":
-                set_trainable(backbone, trainable_block_patterns(spec, backbone, regime), True)
-                freeze_batchnorm(backbone)
+                set_trainable(backbone, unfrozen_layer_paths(spec, backbone, regime), True)
+                apply_batchnorm_policy(backbone, self.settings.batchnorm)
                 upper = keras.Model(tap_tensor(backbone, trunk.cuts[regime]), tap_tensor(backbone, spec.feature_info[-1].layer),
                                     name=f"{spec.name}_upper")
                 features, scaled = upper(inputs), upper.trainable_weights
             layer, max_epochs = trunk.cuts[regime], self.settings.max_epochs
-        if len(features.shape) == 4:
-            features = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
-        x = keras.layers.Dropout(self.settings.dropout, name="head_dropout")(features)
-        head = keras.layers.Dense(n_classes, activation="softmax", name="head_classifier")
-        model = keras.Model(inputs, head(x), name=f"rule_of_thumb_{regime}")
+        outputs, head = build_head(features, n_classes, dropout=self.settings.dropout)
+        model = keras.Model(inputs, outputs, name=f"rule_of_thumb_{regime}")
         optimizer = LayerwiseAdam({v.path: self.settings.backbone_lr_scale for v in scaled}, learning_rate=self.settings.learning_rate)
         model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=False)
         return Trainable(regime, model, head, data, layer, max_epochs, model.get_weights(),
@@ -368,19 +366,6 @@ def _fit(model, x, y, seed, epochs, settings: RuleSettings, validation=None) -> 
     callbacks = [keras.callbacks.EarlyStopping("val_loss", patience=settings.patience)] if validation else []
     return model.fit(x, y, epochs=epochs, batch_size=settings.batch_size, shuffle=True, verbose=0,
                      validation_data=validation, callbacks=callbacks).history
-
-
-def freeze_batchnorm(model: keras.Model) -> int:
-    """Every BatchNormalization layer (in nested models too) frozen, so it runs in inference mode with
-    its moving statistics, as the frozen trunk did when its activations were cached. Returns the count."""
-    frozen = 0
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            frozen += freeze_batchnorm(layer)
-        elif isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-            frozen += 1
-    return frozen
 
 
 def _pooled(tensor):

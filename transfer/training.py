@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import keras
 import numpy as np
-import pandas as pd
 from sklearn.metrics import accuracy_score
 from tqdm.auto import tqdm
 
 from classify.metrics import mean_per_class_accuracy
-from classify.results import output_stem, update_results, write_csv
+from classify.results import update_results, write_predictions
 from extract.datasets import ImageDataset
 from extract.datasets.base import choose_splits
 from extract.images import fit_to_input
 from extract.parallel import decode_pool
 from extract.errors import UserError
+
+# The version of the training code: bump it when a change to transfer/ (training, a head, the
+# BatchNorm policy, a schedule, the rule of thumb's protocol) alters a trained run's numbers
+# (CONTRIBUTING.md). It is part of every trained row's settings, so older rows are trained again.
+# 3: the BatchNorm policy (transfer.layers) is one for finetune and the rule of thumb: frozen by default.
+TRAINED_VERSION = 3
 
 
 def image_arrays(dataset: ImageDataset, rows, size: int, *, progress: bool = True) -> np.ndarray:
@@ -77,8 +82,10 @@ def compile_and_fit(model: keras.Model, x, y, *, optimizer, epochs: int, batch_s
 
 
 def score_row(model: keras.Model, data: LabelledImages, classes, *, dataset: str, features: str, kind: str, layer: str,
-              classifier: str, seed: int, seconds: float, n_features: int, predictions_dir: Path) -> dict:
-    """A results.csv row (the probes' columns) for a trained softmax classifier; predictions CSV beside it."""
+              classifier: str, seed: int, seconds: float, n_features: int, settings, results_dir: Path) -> dict:
+    """A results.csv row (the probes' columns) for a trained softmax classifier; predictions CSV beside it.
+    ``settings`` (the run's settings dataclass) is written out in the row's ``settings`` column, part of
+    its key: a rerun with the same settings replaces its row, other settings get a row of their own."""
     x_test, y_test = data.x_test, data.y_test
     predicted = np.argmax(model.predict(x_test, batch_size=64, verbose=0), axis=1) if len(x_test) else np.zeros(0, int)
     true_names = np.asarray([classes[i] for i in y_test])
@@ -92,12 +99,16 @@ def score_row(model: keras.Model, data: LabelledImages, classes, *, dataset: str
         "n_features": n_features, "top1": float(accuracy_score(true_names, predicted_names)), "top1_std": 0.0,
         "mean_per_class_acc": mean_per_class_accuracy(true_names, predicted_names), "mean_per_class_acc_std": 0.0,
         "mAP": np.nan, "mAP_voc07": np.nan, "images_without_features": 0, "fit_seconds": round(seconds, 3),
-        "store_fingerprint": "", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "store_fingerprint": "", "settings": settings_text(settings), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out = predictions_dir / features / f"{output_stem(row)}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(pd.DataFrame({"path": data.test_paths, "label": true_names, "predicted": predicted_names}), out)
+    write_predictions(results_dir, row, data.test_paths, true_names, predicted_names)
     return row
+
+
+def settings_text(settings) -> str:
+    """A run's settings as ``name=value`` pairs (the seed has its own column), with ``TRAINED_VERSION``."""
+    values = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in asdict(settings).items() if k != "seed"}
+    return " ".join(f"{k}={'' if v is None else v}" for k, v in {**values, "version": TRAINED_VERSION}.items())
 
 
 def record(results_dir: Path, rows: list[dict]) -> Path:
