@@ -185,7 +185,7 @@ def _code(value) -> str:
 def _markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub-Markdown table; every header and cell is text (``md``) unless it is ``Markdown``."""
     header = "| " + " | ".join(md(c) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---" for c in frame.columns) + "|"
+    rule = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(frame[c].infer_objects()) else "---" for c in frame.columns) + "|"
     body = ["| " + " | ".join(md(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])
 
@@ -609,7 +609,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
         "CV % is that held-out score; it alone chooses the bold row. Trained models (fine-tuned, the recipe) have no CV score "
         "and are shown, never chosen.",
         "",
-        _markdown_table(pd.DataFrame(rows)),
+        _markdown_table(pd.DataFrame(rows, dtype=object)),  # object: pandas' str columns would drop Markdown, the bold
         "",
         f"Source: {_code(results_csv.as_posix())}.",
         "",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -30,6 +32,36 @@ WITHOUT_TENSORFLOW = textwrap.dedent('''
 
     sys.meta_path.insert(0, NoTensorFlow())
 ''')
+
+# The opening lines of a child process's script in which torch cannot be imported, and every
+# attempt to import it is recorded in TORCH_IMPORTS. Looking at sys.modules afterwards proves
+# nothing where torch is not installed: a reader that tries torch and falls back would pass.
+WITHOUT_TORCH = textwrap.dedent('''
+    import importlib.abc, sys
+
+    TORCH_IMPORTS = []
+
+    class NoTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                TORCH_IMPORTS.append(name)
+                raise ModuleNotFoundError(f"No module named {name!r}")
+
+    for _name in [n for n in sys.modules if n == "torch" or n.startswith("torch.")]:  # imported at start-up
+        del sys.modules[_name]
+    sys.meta_path.insert(0, NoTorch())
+''')
+
+
+def run_without_torch(script: str, *args: str) -> dict:
+    """Run ``script`` after ``WITHOUT_TORCH`` in a fresh Python, with ``args`` as sys.argv[1:]; the
+    script leaves a JSON-able dict in ``result``, returned with ``torch_imports``: the torch
+    modules it tried to import."""
+    code = WITHOUT_TORCH + textwrap.dedent(script) + "\nimport json\nprint(json.dumps({**result, 'torch_imports': TORCH_IMPORTS}))\n"
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def shared_data(name: str) -> Path:

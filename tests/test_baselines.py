@@ -3,10 +3,12 @@ atomically, descriptors computed once for every encoder, the registry, scikit-le
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -14,11 +16,11 @@ from PIL import Image
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from baselines.__main__ import build, codebook_path, run_baselines
-from baselines.descriptors import DescriptorSpec, sift_descriptors, surf_descriptors
+from baselines.descriptors import DescriptorSpec, dense_sift, sift_descriptors, surf_descriptors
 from baselines.encoders import VLAD, BagOfWords, FisherVector
 from baselines.hog import HOGFeaturizer
 from baselines.local import LocalFeaturizer, fit_codebooks
-from baselines.registry import PRESETS, REGISTRY, build_baseline, list_baselines
+from baselines.registry import DENSE_GRID, PHOW_BINS, PRESETS, REGISTRY, build_baseline, list_baselines
 from baselines.simple import ColorHistogram, RawPixels
 from extract.datasets import load_dataset
 from extract.pipeline import extract_to_store, store_path
@@ -55,6 +57,76 @@ def test_dense_sift_is_a_sift_descriptor():
     along_y = rotated.reshape(len(rotated), 16, 8).sum(axis=(0, 1))
     assert np.argmax(along_x) in (0, 7) or np.argmax(along_x) == 0
     assert abs(int(np.argmax(along_y)) - int(np.argmax(along_x))) % 8 in (2, 6)
+
+
+def _upright_sift(gray, centres, bin_size, window_at):
+    """Upright SIFT at each integer (y, x) centre, pixel by pixel as OpenCV's calcSIFTDescriptor
+    computes it for a keypoint of size 2 * bin_size / 3 (its bins are 3 * size / 2 px) with
+    SIFT_create(sigma=bin_size / 6), whose first octave is then the image smoothed by
+    sqrt(sigma^2 - 0.5^2), as ours is: every pixel within 2.5 bins adds its gradient (central
+    differences, angle with y up) trilinearly to the 4 x 4 x 8 bins, weighted by a Gaussian of 2 bins
+    taken at the pixel (``window_at="pixel"``, OpenCV) or at the bin's centre (``"bin"``, vl_dsift's
+    fast window, ours); then L2, clipped at 0.2 of the norm, L2 (float64)."""
+    smooth = np.sqrt(max((bin_size / 6) ** 2 - 0.25, 0.01))
+    image = cv2.GaussianBlur(gray.astype(np.float32), (0, 0), smooth).astype(np.float64)
+    reach = np.arange(-int(2.5 * bin_size), int(2.5 * bin_size) + 1)
+    i, j = (a.ravel() for a in np.meshgrid(reach, reach, indexing="ij"))
+    row_bin, col_bin = i / bin_size + 1.5, j / bin_size + 1.5
+    inside = (row_bin > -1) & (row_bin < 4) & (col_bin > -1) & (col_bin < 4)
+    i, j, row_bin, col_bin = i[inside], j[inside], row_bin[inside], col_bin[inside]
+    y, x = (centres[:, :1].astype(int) + i), (centres[:, 1:].astype(int) + j)  # (keypoints, pixels)
+    dx, dy = image[y, x + 1] - image[y, x - 1], image[y - 1, x] - image[y + 1, x]
+    magnitude = np.hypot(dx, dy)
+    if window_at == "pixel":
+        magnitude = magnitude * np.exp(-((i / bin_size) ** 2 + (j / bin_size) ** 2) / 8)
+    angle_bin = np.degrees(np.arctan2(dy, dx)) % 360 / 45
+    r0, c0, o0 = (np.floor(b).astype(int) for b in (row_bin, col_bin, angle_bin))
+    fractions = [(1 - (b - b0), b - b0) for b, b0 in ((row_bin, r0), (col_bin, c0), (angle_bin, o0))]  # weight of bin b0, b0 + 1
+    histogram = np.zeros((len(centres), 6, 6, 8))  # a bin on each side, as OpenCV's, for the spill-over
+    keypoint = np.arange(len(centres))[:, None]
+    for dr, dc, do in itertools.product((0, 1), repeat=3):
+        weight = fractions[0][dr] * fractions[1][dc] * fractions[2][do]
+        np.add.at(histogram, (keypoint, r0 + dr + 1, c0 + dc + 1, (o0 + do) % 8), magnitude * weight)
+    histogram = histogram[:, 1:5, 1:5]
+    if window_at == "bin":
+        centre = np.arange(4) - 1.5
+        histogram = histogram * np.exp(-(centre[:, None] ** 2 + centre[None] ** 2) / 8)[:, :, None]
+    histogram = histogram.reshape(len(centres), 128)
+    histogram = np.minimum(histogram, 0.2 * np.linalg.norm(histogram, axis=1, keepdims=True))
+    return histogram / np.linalg.norm(histogram, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("bin_size", sorted(set(PHOW_BINS) | set(DENSE_GRID["bin_sizes"])))
+def test_dense_sift_is_opencvs_sift_with_vl_dsifts_window(bin_size):
+    """Dense SIFT against OpenCV's SIFT.compute, keypoint by keypoint, on the same grid.
+
+    They differ by one documented choice: vl_dsift's fast window (vl_phow's default) weights a
+    bin by the Gaussian at its centre, OpenCV weights each pixel. ``_upright_sift`` computes both,
+    so the bound has two parts, each derived:
+    - the reference with OpenCV's window is OpenCV's descriptor: OpenCV stores 512 x the value
+      rounded and saturated to a byte, so equal within 1 (a sum rounded on the other side of .5);
+    - ours, its 8 angle bins mirrored (OpenCV's y axis points up, ours and VLFeat's down), is the
+      reference with the bin-centre window: float32 filtering against float64 sums and
+      cartToPolar's angle approximation, measured under 2e-4; 1e-3 allowed.
+    So ours differs from OpenCV by the window alone (on this photo 0.06-0.07 in L2 on average, 0.15 at
+    most), which is what the last assertion bounds. Grid centres at least 3 bins + 4 px from the
+    border: the 2.5-bin support, the gradient's 1 px and the smoothing kernel stay inside."""
+    from skimage import data
+
+    gray = cv2.resize(data.camera(), (128, 128), interpolation=cv2.INTER_AREA)
+    ours, centres = dense_sift(gray, step=8, bin_size=bin_size, margin=3 * bin_size + 4)
+    keypoints = [cv2.KeyPoint(float(x), float(y), 2 * bin_size / 3, 0) for y, x in centres]
+    computed, opencv = cv2.SIFT_create(sigma=bin_size / 6).compute(gray, keypoints)
+    assert len(computed) == len(centres) >= 16
+    as_opencv_stores = lambda d: np.minimum(np.round(512 * d), 255)  # noqa: E731
+    pixel_window, bin_window = (_upright_sift(gray, centres, bin_size, window) for window in ("pixel", "bin"))
+    assert np.abs(as_opencv_stores(pixel_window) - opencv).max() <= 1
+    mirrored = ours.reshape(-1, 16, 8)[:, :, (-np.arange(8)) % 8].reshape(-1, 128)
+    np.testing.assert_allclose(mirrored, bin_window, atol=1e-3, rtol=0)
+    # hence: |stored(ours) - OpenCV| / 512 <= the window's part + 1e-3 * sqrt(128) + 2 roundings of sqrt(128) / 512
+    window = np.linalg.norm(bin_window - pixel_window, axis=1)
+    difference = np.linalg.norm(as_opencv_stores(mirrored) - opencv, axis=1) / 512
+    assert (difference <= window + 1e-3 * np.sqrt(128) + 2 * np.sqrt(128) / 512).all()
 
 
 def _two_class_tree(root, *, splits=(("train", 6), ("test", 2))):
@@ -138,13 +210,44 @@ def test_fisher_vector_shape_and_layout(image_tree, tmp_path):
     np.testing.assert_allclose([np.linalg.norm(part) for part in vector.reshape(4, -1)], 0.5, rtol=1e-5)
 
 
-def test_simple_baselines_shapes():
-    image = _textured(96)
-    assert RawPixels(32).prepare(image).shape == (1024,)
+GRAY_601 = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, the grey every baseline uses
+
+
+def test_raw_pixels_are_the_grey_thumbnail():
+    """A 96 x 128 image: the centre 96 x 96 square, averaged over 3 x 3 blocks (area resampling
+    at a factor of 3), grey, in [0, 1]. OpenCV rounds the resampled RGB and the grey to uint8:
+    within 1 level of the exact value."""
+    image = np.random.default_rng(0).integers(0, 256, (96, 128, 3)).astype(np.uint8)
+    blocks = image[:, 16:112].reshape(32, 3, 32, 3, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(RawPixels(32).prepare(image), (blocks @ GRAY_601).ravel() / 255, atol=1.01 / 255, rtol=0)
+    # at the thumbnail's own size nothing is resampled: the grey itself
+    np.testing.assert_allclose(RawPixels(32).prepare(image[:32, :32]), (image[:32, :32] @ GRAY_601).ravel() / 255, atol=0.51 / 255, rtol=0)
+
+
+def test_hog_is_scikit_images_on_the_grey_centre_square():
+    """The documented settings (9 orientations, side / 16 px cells but at least 4, 2 x 2-cell
+    blocks, L2-Hys) on the grey centre square, computed here with skimage directly."""
+    from skimage.feature import hog
+
+    rng = np.random.default_rng(1)
+    for side, cell, dims in ((128, 8, 8100), (28, 4, 1296)):  # photos: 16 x 16 cells; Fashion-MNIST: 7 x 7 cells
+        image = rng.integers(0, 256, (side, side + 32, 3)).astype(np.uint8)  # its centre square is side x side: not resampled
+        grey = image[:, 16 : 16 + side].astype(np.float32) @ GRAY_601.astype(np.float32)
+        expected = hog(grey, orientations=9, pixels_per_cell=(cell, cell), cells_per_block=(2, 2), block_norm="L2-Hys")
+        assert expected.shape == (dims,)
+        np.testing.assert_allclose(HOGFeaturizer(side).prepare(image), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_color_histogram_puts_each_colour_in_its_hsv_bin():
+    """Half pure red (hue 0, full saturation and value) and half pure blue (OpenCV hue 120 of 180):
+    half the mass in bin (0, 3, 3), half in bin (120 * 16 // 180, 3, 3) = (10, 3, 3) of 16 x 4 x 4."""
+    image = np.zeros((128, 128, 3), np.uint8)
+    image[:64, :, 0] = 255
+    image[64:, :, 2] = 255
     histogram = ColorHistogram().prepare(image)
-    assert histogram.shape == (256,) and histogram.sum() == pytest.approx(1.0)
-    assert HOGFeaturizer(128).prepare(image).shape == (8100,)  # 16x16 cells of 8 px, 15x15 blocks of 2x2x9
-    assert HOGFeaturizer(28).prepare(image).shape == (1296,)  # Fashion-MNIST: 7x7 cells of 4 px
+    expected = np.zeros((16, 4, 4), np.float32)
+    expected[0, 3, 3] = expected[10, 3, 3] = 0.5
+    np.testing.assert_array_equal(histogram, expected.ravel())
 
 
 # -- the registry ---------------------------------------------------------------------------

@@ -42,7 +42,15 @@ def test_end_to_end_on_generated_images(tmp_path):
     assert (results["n_train"] == 24).all() and (results["n_test"] == 12).all()
     assert results.set_index("layer").loc["pre_logits", "top1"] >= 0.9  # circles vs squares are easy for ImageNet features
     report = (tmp_path / "reports" / "shapes" / "report.md").read_text()
-    assert "**" in report and "![accuracy by layer](accuracy_by_layer.png)" in report
+    # the headline names the results.csv row of highest CV score (ties: first by features, depth,
+    # classifier) with its own numbers, and the table bolds that row's test scores
+    top = results[results["cv_score"] == results["cv_score"].max()].sort_values(["features", "layer_depth", "classifier"]).iloc[0]
+    assert (f"Best by cross-validation on the training data: **{top.features} / {top.layer} / {top.classifier}** "
+            f"(CV {100 * top.cv_score:.2f}%, the highest of {len(results)} candidates), top-1 {100 * top.top1:.2f}%, "
+            f"mean per-class {100 * top.mean_per_class_acc:.2f}% on the test split") in report
+    bold_rows = [line for line in report.splitlines() if line.startswith("| ") and f"| **{100 * top.top1:.2f}** |" in line]
+    assert len(bold_rows) == 1 and bold_rows[0].startswith(f"| {top.features} | {top.layer} | {top.classifier} |"), bold_rows
+    assert "![accuracy by layer](accuracy_by_layer.png)" in report
     assert (tmp_path / "reports" / "shapes" / "accuracy_by_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     layers = pd.read_csv(tmp_path / "results" / "shapes" / "layers.csv")

@@ -37,9 +37,16 @@ def test_alpha_is_composited_on_white(tmp_path):
     assert tuple(rgb[0, 0]) == (255, 0, 0) and tuple(rgb[9, 9]) == (255, 255, 255)
 
 
-def test_palette_image(tmp_path):
-    Image.fromarray(_gradient()).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(tmp_path / "p.gif")
-    assert read_image(tmp_path / "p.gif").shape == (30, 40, 3)
+def test_palette_image_gives_each_pixel_its_palette_colour(tmp_path):
+    paletted = Image.fromarray(_gradient()).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette = np.asarray(paletted.getpalette(), np.uint8).reshape(-1, 3)
+    indices = np.asarray(paletted)
+    paletted.save(tmp_path / "p.gif")
+    np.testing.assert_array_equal(read_image(tmp_path / "p.gif"), palette[indices])
+    # an index marked transparent is shown on white, the others keep their colour
+    paletted.save(tmp_path / "t.png", transparency=int(indices[0, 0]))
+    expected = np.where((indices == indices[0, 0])[..., None], np.uint8(255), palette[indices])
+    np.testing.assert_array_equal(read_image(tmp_path / "t.png"), expected)
 
 
 def test_16_bit_png_uses_the_full_range(tmp_path):
@@ -49,12 +56,34 @@ def test_16_bit_png_uses_the_full_range(tmp_path):
     assert rgb[..., 0].min() == 0 and rgb[..., 0].max() == 255  # scaled, not clipped to white
 
 
-def test_exif_orientation_is_applied(tmp_path):
-    image = Image.fromarray(_gradient(40, 30))
-    exif = image.getexif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    image.save(tmp_path / "o.jpg", exif=exif.tobytes())
-    assert read_image(tmp_path / "o.jpg").shape == (40, 30, 3)
+# What a viewer shows for each EXIF orientation (TIFF 6.0, tag 0x0112: where the stored
+# image's row 0 and column 0 go), as an operation on the stored (rows, columns) array.
+EXIF_DISPLAYED = {
+    1: lambda a: a,  # row 0 top, column 0 left
+    2: lambda a: a[:, ::-1],  # row 0 top, column 0 right: mirrored
+    3: lambda a: a[::-1, ::-1],  # row 0 bottom, column 0 right: turned half round
+    4: lambda a: a[::-1],  # row 0 bottom, column 0 left: flipped
+    5: lambda a: a.transpose(1, 0, 2),  # row 0 left, column 0 top: transposed
+    6: lambda a: np.rot90(a, -1),  # row 0 right, column 0 top: turned a quarter clockwise
+    7: lambda a: np.rot90(a, -1)[::-1],  # row 0 right, column 0 bottom: transverse
+    8: lambda a: np.rot90(a, 1),  # row 0 left, column 0 bottom: turned a quarter anticlockwise
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(EXIF_DISPLAYED))
+def test_exif_orientation_gives_the_displayed_pixels(tmp_path, orientation):
+    """2 x 3 blocks of 16 px, each its own colour: each of the 8 orientations gives another array.
+    Blocks on JPEG's 8 px grid, no chroma subsampling, quality 100: each decodes within 2 levels
+    of its colour (1 here), where another orientation would put a colour 255 levels off."""
+    colours = np.array([[(255, 0, 0), (0, 255, 0), (0, 0, 255)], [(255, 255, 0), (0, 255, 255), (255, 0, 255)]], np.uint8)
+    stored = np.kron(colours, np.ones((16, 16, 1), np.uint8))  # 32 x 48
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "o.jpg", exif=exif.tobytes(), quality=100, subsampling=0)
+    decoded = read_image(tmp_path / "o.jpg")
+    expected = EXIF_DISPLAYED[orientation](stored)
+    assert decoded.shape == expected.shape
+    assert np.abs(decoded.astype(int) - expected).max() <= 2
 
 
 def test_huge_jpeg_is_decoded_at_reduced_scale(tmp_path):

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from baselines.hog import HOGFeaturizer
+from conftest import run_without_torch
 from extract.datasets import load_dataset
 from extract.pipeline import extract_to_store
-from extract.store import FeatureStore, StoreLock, StoreLockedError, StoreWriter
+from extract.store import FeatureStore, StoreLock, StoreLockedError, StoreMismatchError, StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +108,7 @@ def test_lock_is_released_when_opening_fails(image_tree, tmp_path):
     dataset = load_dataset(f"folder:{image_tree}")
     store = tmp_path / "hog.h5"
     extract_to_store(dataset, HOGFeaturizer(32), store, progress=False)
-    with pytest.raises(Exception, match="other settings"):
+    with pytest.raises(StoreMismatchError, match=r"hog\.h5 holds features made with other settings:\n  side: 32 in the store, 40 now\n"):
         extract_to_store(dataset, HOGFeaturizer(40), store, progress=False)
     with StoreLock(store):  # free again
         pass
@@ -188,11 +189,17 @@ def test_storage_smaller_than_its_tensor_is_refused_not_read_past(tmp_path):
     liar = Storage("0", "FloatStorage", 256, data_numel=1)
     path = tmp_path / "liar.pth"
     path.write_bytes(legacy_bytes({"w": Tensor(liar, 0, (16, 16), (16, 1))}, [liar]))
-    from extract.torch_weights import CheckpointError, load_state_dict
+    read = run_without_torch('''
+        from extract.torch_weights import CheckpointError, load_state_dict
 
-    with pytest.raises(CheckpointError, match=r"liar\.pth: .*storage '0' holds 1 elements, its tensors say 256"):
-        load_state_dict(path)
-    assert "torch" not in sys.modules or hasattr(sys.modules["torch"], "load")
+        try:
+            load_state_dict(sys.argv[1])
+            result = {"refused": None}
+        except CheckpointError as error:
+            result = {"refused": str(error)}
+    ''', str(path))
+    assert read["refused"] and re.search(r"liar\.pth: .*storage '0' holds 1 elements, its tensors say 256", read["refused"]), read
+    assert read["torch_imports"] == []  # refused by this reader, which never tried torch
 
 
 # -- 6. make passes every value as one argument ----------------------------------------------------
