@@ -1,4 +1,5 @@
-"""Command line: ``python -m classify {probe,predict,tsne,projector,summary,report}``."""
+"""Command line: ``python -m classify {probe,predict,tsne,projector,summary,report}``: probes on every store and layer,
+predictions of a saved probe, t-SNE of every layer, Embedding Projector files, the summary across datasets, and the report."""
 
 from __future__ import annotations
 
