@@ -3,13 +3,14 @@
 ``train``:
 
 * ``head``: the backbone is frozen; only the new classifier learns (a linear probe
-  trained by SGD, with dropout);
+  trained by Adam, with dropout);
 * ``top1`` / ``top2``: also the last one or two blocks, where a block is everything after
   one declared tap up to the next (Lite0 ``top2``: ``block7a_*`` and the head conv);
 * ``all``: everything.
 
 Unfrozen pretrained layers learn at ``backbone_lr_scale`` times the head's rate
-(``LayerwiseAdam``). Frozen layers, BatchNorm statistics included, are not touched.
+(``LayerwiseAdam``). Frozen layers, BatchNorm statistics included, are not touched; the BatchNorm
+layers of unfrozen blocks follow ``settings.batchnorm`` (``transfer.layers.BATCHNORM_POLICIES``).
 """
 
 from __future__ import annotations
