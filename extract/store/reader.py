@@ -32,11 +32,11 @@ class FeatureStore:
     that of the index read. ``dataset``: the dataset the caller reads (the folder the store is in);
     a store made for another one (renamed or copied) is refused. ``expect``: the fingerprint the
     caller needs (its settings now, a saved probe's, another store's); a store made otherwise is
-    refused with every setting that differs, ``expected_by`` naming whose they are and ``fix`` what
+    refused with every setting that differs, ``expected_by`` naming whose they are (default: the caller's) and ``fix`` what
     to do. Any fault is one ``StoreError``."""
 
     def __init__(self, path: str | Path, *, dataset: str | None = None, expect: dict | None = None,
-                 expected_by: str = "this run's", fix: str = "Extract it again with the same settings, or pass OVERWRITE=1."):
+                 expected_by: str | None = None, fix: str = "Extract it again with the same settings, or pass OVERWRITE=1."):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"feature store not found: {self.path}")
@@ -50,7 +50,8 @@ class FeatureStore:
                 raise StoreMismatchError(f"{self.path} holds features of dataset {self.dataset!r}, not {dataset!r} (renamed or copied "
                                          f"from another dataset's folder?): move it back, or extract {dataset} into its own store")
             if expect is not None:
-                check_same_settings(expect, self.fingerprint, subject=f"{self.path} holds features made with other settings than {expected_by}", fix=fix)
+                check_same_settings(expect, self.fingerprint, subject=f"{self.path} holds features made with other settings" + (f" than {expected_by}" if expected_by else ""),
+                                    fix=fix)
         except Exception:
             self._file.close()
             raise
