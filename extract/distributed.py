@@ -205,7 +205,7 @@ def _user_error(error: BaseException) -> UserError | None:
     return None
 
 
-class ray_batches:
+class RayBatches:
     """The batches of ``extract_group`` computed by ``workers`` Ray actors, in the order they finish:
     ``(rows, good_rows, parts, errors)``. ``workers``: how many actors were used. A context of its
     own: ``close()`` stops the pipeline and shuts down a cluster started here."""

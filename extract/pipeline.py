@@ -244,9 +244,9 @@ def extract_group(
         bar = tqdm(total=len(pending), desc=f"{dataset.name}/{name}", unit="img", disable=not progress)
         try:
             if distributed:
-                from extract.distributed import ray_batches
+                from extract.distributed import RayBatches
 
-                source = ray_batches(dataset, featurizers, todo, prepare, batches, workers=workers, address=ray_address,
+                source = RayBatches(dataset, featurizers, todo, prepare, batches, workers=workers, address=ray_address,
                                      ship_bytes=ship_bytes, on_error=on_error)
             else:
                 source = _local_batches(dataset, featurizers, todo, prepare, batches, threads=threads, processes=processes, pool=pool)
