@@ -31,8 +31,10 @@ import numpy as np
 import pandas as pd
 
 from classify import fusion
+from classify.evaluate import PROBE_RANGES
 from classify.probe import DEFAULT_CS, WIDE_CS
 from classify.results import PROBE_KINDS, select_best
+from extract.arguments import check_params
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class Recipe:
     Cs: tuple[float, ...]
     cv_repeats: int
     fuse: tuple[int, ...]
+
+    def __post_init__(self):
+        check_params(f"recipe {self.name!r}", {k: v for k, v in self.probe_settings().items() if k != "recipe"}, PROBE_RANGES)
 
     def probe_settings(self) -> dict:
         """The ``ProbeSettings`` fields this recipe sets."""
