@@ -11,8 +11,9 @@ accuracy itself, as Kornblith et al. did). All splits walk the C path together f
 to weak regularisation, logistic fits warm-started from the previous C, and the walk stops
 once the criterion has stayed worse than its best for ``patience`` grid points (it falls
 then rises against log C; the large-C fits past the best are the slow ones). The
-splits run in parallel processes with single-threaded BLAS: on 2 cores, two OpenBLAS
-pools fighting over small matrices made L-BFGS 19x slower. Features wider than the training
+splits run in parallel processes with single-threaded BLAS: BLAS thread pools fighting over
+the cores for small matrices slow L-BFGS down many times over (README > Benchmarks,
+``probe_search.py``). Features wider than the training
 rows are many (hand-crafted encodings of 8,000-40,000 values) are projected onto the span of
 the training rows first (``RowSpan``): the same optimum, found on at most n features.
 Then the probe is refitted on all training rows with the chosen C. Test rows never reach ``fit``.
@@ -67,7 +68,7 @@ DEFAULT_VAL_FRACTION = 0.2
 # worker process costs: such searches (few-shot draws, small datasets) run in this process, and
 # so do the layers of a store of fewer images (``classify.evaluate`` spreads larger stores' layers).
 # Narrow layers are no cheaper: 32 values of 1,088 Flowers-17 images take many L-BFGS steps
-# at large C, and the nine Lite0 layers' searches ran 1.3x faster in processes (8.4 -> 6.5 s).
+# at large C, and the nine Lite0 layers' searches ran faster in worker processes than in this one.
 PARALLEL_MIN_ROWS = 500
 
 
@@ -166,7 +167,7 @@ def make_classifier(classifier: str, *, C: float, max_iter: int, seed: int):
     if classifier == "logreg":
         return LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, warm_start=True, random_state=seed)
     if classifier == "svm":
-        # The dual solver: with as many samples as dimensions the primal one was 20-30x slower here.
+        # The dual solver: with as many samples as dimensions the primal one was many times slower.
         return LinearSVC(C=C, max_iter=max_iter, random_state=seed, dual=True)
     raise UserError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
 
@@ -221,7 +222,7 @@ def _threadpools() -> ThreadpoolController:
 
 def one_blas_thread():
     """``threadpool_limits(1)`` as a context, without finding the loaded BLAS/OpenMP libraries again
-    at every call: that search took 4 ms, and a layer's C search makes some 30 fits."""
+    at every call: a layer's C search would repeat that search for each of its dozens of fits."""
     return _threadpools().limit(limits=1)
 
 

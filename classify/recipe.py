@@ -57,8 +57,8 @@ class Recipe:
 
 RECIPES = {
     "plain": Recipe("plain", ("logreg",), ("standard",), DEFAULT_CS, 1, ()),
-    # The linear SVM is left out: as a candidate it never paid (README > Beyond the plain probe) and its
-    # dual solver took 9x logistic regression's time at large C. `--classifier auto` adds it.
+    # The linear SVM is left out: as a candidate it never paid and its dual solver took many times
+    # logistic regression's time at large C (README > Beyond the plain probe). `--classifier auto` adds it.
     "best": Recipe("best", ("logreg",), ("standard", "l2", "sqrt"), WIDE_CS, 3, (2, 3)),
 }
 DEFAULT_RECIPE = "plain"
