@@ -12,8 +12,8 @@ the image smoothed by ``bin / 6`` px per scale. It is computed the way ``vl_dsif
 it, not keypoint by keypoint: 8 orientation planes of the gradient (linear in angle),
 each filtered once with the bilinear bin kernel, then read at the 16 bin centres of
 every grid point, weighted by a Gaussian window of 2 bins, L2-normalised, clipped at 0.2
-and renormalised (Lowe 2004). That was 2.7x (6 px step) to 4.6x (4 px) faster here than
-OpenCV's per-keypoint ``SIFT.compute`` on the same grid. Detected-keypoint SIFT is OpenCV's.
+and renormalised (Lowe 2004): faster than OpenCV's per-keypoint ``SIFT.compute`` on the same
+grid (README > Baselines says by how much). Detected-keypoint SIFT is OpenCV's.
 Descriptors are kept plain (SIFT); RootSIFT, where a paper used it, is the encoder's
 choice (:func:`root_sift`), so one descriptor pass serves both kinds.
 """

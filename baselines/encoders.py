@@ -111,7 +111,7 @@ def _kmeans(n_clusters: int, descriptors: np.ndarray, seed: int, *, max_iter: in
     """Lloyd's k-means from ``n_clusters`` distinct descriptors chosen at random (seeded).
 
     Random-selection start, as VLFeat's ``vl_kmeans`` offers: scikit-learn's k-means++ start
-    took 20x as long as the 20 Lloyd iterations on 100,000 SIFT-like descriptors here (138 s vs 6 s)."""
+    took many times as long as the 20 Lloyd iterations on 100,000 SIFT-like descriptors."""
     from sklearn.cluster import KMeans
 
     k = min(n_clusters, len(descriptors))
@@ -210,7 +210,7 @@ class FisherVector(_Encoder):
         reduced = self.pca_.transform(descriptors)
         if len(reduced) > self.gmm_descriptors:  # EM costs n x modes x dims per iteration
             reduced = reduced[np.sort(np.random.default_rng(self.seed).choice(len(reduced), self.gmm_descriptors, replace=False))]
-        # Started from k-means, as VLFeat's vl_gmm can be (scikit-learn's k-means++ start alone took 60 s here).
+        # Started from k-means, as VLFeat's vl_gmm can be (scikit-learn's k-means++ start alone was slow: README > Baselines).
         modes = min(self.n_modes, len(reduced))
         means = _kmeans(modes, reduced, self.seed, max_iter=10)
         assignment = nearest(reduced, means, (means**2).sum(axis=1))

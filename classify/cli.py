@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from classify.evaluate import ALL_CLASSIFIERS, PROTOCOL_HELP, Evaluation, ProbeSettings, parse_protocol, store_paths
+from classify.evaluate import (ALL_CLASSIFIERS, FUSE_SIZES, PROBE_RANGES, PROTOCOL_HELP, Evaluation, ProbeSettings, parse_protocol,
+                               store_paths)
 from classify.persist import SavedProbe
-from classify.probe import CLASSIFIERS, CV_FOLDS, NORMALIZATIONS, SEARCHES, SELECT_BY, parse_cs
+from classify.probe import CLASSIFIERS, NORMALIZATIONS, SEARCHES, SELECT_BY, parse_cs
 from classify.recipe import DEFAULT_RECIPE, RECIPES
 from classify.results import read_results, update_results, write_csv
 from extract.arguments import POSITIVE, SEEDS, ArgumentParser, names, option, user_option, whole
@@ -48,7 +49,7 @@ def probe_settings(args) -> ProbeSettings:
         "normalizations": None if args.normalization is None else
         (RECIPES["best"].normalizations if args.normalization == "auto" else (args.normalization,)),
         "Cs": args.cs, "cv_repeats": args.cv_repeats,
-        "fuse": None if args.fuse is None else parse_fuse(args.fuse),
+        "fuse": args.fuse,
     }
     fields = recipe.probe_settings()
     given = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in chosen.items() if v is not None}
@@ -59,17 +60,18 @@ def probe_settings(args) -> ProbeSettings:
 
 
 def parse_fuse(text: str) -> tuple[int, ...]:
-    """``auto`` (the top 2 and top 3 taps), ``none``, or sizes ``2,3,4``."""
+    """``auto`` (the top 2 and top 3 taps), ``none``, or sizes ``2,3,4`` (each in ``FUSE_SIZES``)."""
     if text == "auto":
         return RECIPES["best"].fuse
     if text == "none":
         return ()
+    bad = UserError(f"{text!r}: give auto, none, or how many taps to join, each {FUSE_SIZES.each.describe()}, e.g. 2,3")
     try:
         sizes = tuple(int(k) for k in text.split(",") if k.strip())
     except ValueError:
-        raise UserError(f"--fuse {text!r}: give auto, none, or how many taps to join, e.g. 2,3") from None
-    if not sizes or min(sizes) < 2:
-        raise UserError(f"--fuse {text!r}: a fused layer joins at least 2 taps, e.g. 2,3")
+        raise bad from None
+    if not sizes or sizes not in FUSE_SIZES:
+        raise bad
     return sizes
 
 
@@ -213,18 +215,18 @@ def main(argv=None) -> int:
                        help=f"{PROTOCOL_HELP} (default: the dataset's standard protocols)")
     probe.add_argument("--normalization", default=None, choices=(*NORMALIZATIONS, "auto"),
                        help="auto: standard, l2 and sqrt, each a candidate (default: the recipe's)")
-    probe.add_argument("--fuse", default=None,
+    probe.add_argument("--fuse", type=user_option(parse_fuse), default=None,
                        help="fused layers from the best taps by CV: auto (top 2 and top 3), none, or sizes 2,3 "
                             "(default: the recipe's); LAYERS=a+b names one")
     probe.add_argument("--search", default="cv", choices=SEARCHES, help="C chosen by k-fold CV or on a held-out validation split")
     probe.add_argument("--select-by", default="loss", choices=SELECT_BY,
                        help="C with the lowest mean held-out loss (stable under tiny feature changes), or the highest held-out accuracy")
     probe.add_argument("--cs", type=user_option(parse_cs), default=None, help="C grid: LOW:HIGH:COUNT (log-spaced) or a,b,c (default: the recipe's)")
-    probe.add_argument("--cv", type=option(CV_FOLDS), default=3, help="cross-validation folds on the training split")
-    probe.add_argument("--cv-repeats", type=option(POSITIVE), default=None, help="repeat the k-fold CV on this many seeded partitions (default: the recipe's)")
-    probe.add_argument("--repeats", type=option(POSITIVE), default=5, help="few-shot draws per k")
-    probe.add_argument("--seed", type=option(SEEDS), default=0)
-    probe.add_argument("--jobs", type=option(POSITIVE), default=None, help="worker processes: one probe (layer, classifier) each, or the C search's folds when a store has one probe to fit (default: all cores)")
+    probe.add_argument("--cv", type=option(PROBE_RANGES["cv"]), default=3, help="cross-validation folds on the training split")
+    probe.add_argument("--cv-repeats", type=option(PROBE_RANGES["cv_repeats"]), default=None, help="repeat the k-fold CV on this many seeded partitions (default: the recipe's)")
+    probe.add_argument("--repeats", type=option(PROBE_RANGES["repeats"]), default=5, help="few-shot draws per k")
+    probe.add_argument("--seed", type=option(PROBE_RANGES["seed"]), default=0)
+    probe.add_argument("--jobs", type=option(PROBE_RANGES["n_jobs"]), default=None, help="worker processes: one probe (layer, classifier) each, or the C search's folds when a store has one probe to fit (default: all cores)")
     probe.add_argument("--save-probes", action="store_true", help="save each probe to results/<dataset>/probes/ (npz)")
     probe.add_argument("--refit", action="store_true", help="fit every probe again, even those whose rows results.csv already holds")
     probe.add_argument("--no-progress", action="store_true")

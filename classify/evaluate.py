@@ -29,7 +29,7 @@ import copy
 import hashlib
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,10 +42,11 @@ from tqdm.auto import tqdm
 from classify import fusion
 from classify.metrics import mean_average_precision, mean_per_class_accuracy
 from classify.persist import save_probe
-from classify.probe import CLASSIFIERS, CV_FOLDS, DEFAULT_CS, NORMALIZATIONS, LinearProbe, StreamingSGDProbe, check_cs, worker_processes
+from classify.probe import (C_GRID, CLASSIFIERS, CV_FOLDS, DEFAULT_CS, NORMALIZATIONS, SEARCHES, SELECT_BY, LinearProbe,
+                            StreamingSGDProbe, worker_processes)
 from classify import results as result_file
 from classify.results import PREDICTIONS, PROBES, cached_rows, output_path, write_csv, write_predictions
-from extract.arguments import POSITIVE, SEEDS, check
+from extract.arguments import POSITIVE, SEEDS, Names, OrNone, Several, check_params, whole
 from extract.datasets.base import choose_splits
 from extract.errors import UserError
 from extract.store import FeatureStore, canonical_json
@@ -58,6 +59,13 @@ DEFAULT_SHOTS = (1, 2, 5, 10, 20)
 # Office-Caltech-10, from caltech), 8 from the small dslr and webcam domains.
 SAMPLED_SOURCE_SHOTS = {"amazon": 20, "caltech": 20}
 SAMPLED_SMALL_DOMAIN_SHOTS = 8
+FUSE_SIZES = Several(whole(2), least=0)  # how many taps each fused layer joins: two at least
+# The allowed values of each field of ``ProbeSettings``, which the command line's options reuse.
+PROBE_RANGES = {
+    "classifiers": Several(Names(ALL_CLASSIFIERS)), "Cs": C_GRID, "search": Names(SEARCHES), "cv": CV_FOLDS,
+    "cv_repeats": POSITIVE, "select_by": Names(SELECT_BY), "normalizations": Several(Names(NORMALIZATIONS)), "fuse": FUSE_SIZES,
+    "seed": SEEDS, "repeats": POSITIVE, "n_jobs": OrNone(POSITIVE),
+}
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,7 @@ class ProbeSettings:
     """What a run fits: every (layer, classifier, normalisation) is a candidate and a row of its own;
     ``fuse`` adds the fused layers of the top k single layers by CV score for each k (``classify.fusion``);
     ``cv_repeats`` repeats the k-fold CV on other seeded partitions. ``recipe`` names the settings
-    (``classify.recipe``) in the rows."""
+    (``classify.recipe``) in the rows. Each field's allowed values are declared in ``PROBE_RANGES``."""
 
     classifiers: tuple[str, ...] = ("logreg",)
     Cs: tuple[float, ...] = DEFAULT_CS
@@ -81,18 +89,8 @@ class ProbeSettings:
     recipe: str = "plain"
 
     def __post_init__(self):
-        unknown = [c for c in self.classifiers if c not in ALL_CLASSIFIERS]
-        if unknown:
-            raise UserError(f"classifiers {unknown} are not among {ALL_CLASSIFIERS}")
-        unknown = [n for n in self.normalizations if n not in NORMALIZATIONS]
-        if unknown or not self.normalizations:
-            raise UserError(f"normalizations {list(self.normalizations)} must be some of {NORMALIZATIONS}")
-        for name, allowed in (("cv", CV_FOLDS), ("cv_repeats", POSITIVE), ("repeats", POSITIVE), ("seed", SEEDS)):
-            check("probe settings", name, getattr(self, name), allowed)
-        check("probe settings", "n_jobs", self.n_jobs, POSITIVE, optional=True)
-        check_cs("probe settings", self.Cs)
-        if any(k < 2 for k in self.fuse):
-            raise UserError(f"fuse={list(self.fuse)}: a fused layer joins at least 2 taps")
+        # recipe is a label of the rows, not a setting
+        check_params("probe settings", {f.name: getattr(self, f.name) for f in fields(self) if f.name != "recipe"}, PROBE_RANGES)
 
     @property
     def search_name(self) -> str:

@@ -11,8 +11,9 @@ accuracy itself, as Kornblith et al. did). All splits walk the C path together f
 to weak regularisation, logistic fits warm-started from the previous C, and the walk stops
 once the criterion has stayed worse than its best for ``patience`` grid points (it falls
 then rises against log C; the large-C fits past the best are the slow ones). The
-splits run in parallel processes with single-threaded BLAS: on 2 cores, two OpenBLAS
-pools fighting over small matrices made L-BFGS 19x slower. Features wider than the training
+splits run in parallel processes with single-threaded BLAS: BLAS thread pools fighting over
+the cores for small matrices slow L-BFGS down many times over (README > Benchmarks,
+``probe_search.py``). Features wider than the training
 rows are many (hand-crafted encodings of 8,000-40,000 values) are projected onto the span of
 the training rows first (``RowSpan``): the same optimum, found on at most n features.
 Then the probe is refitted on all training rows with the chosen C. Test rows never reach ``fit``.
@@ -20,6 +21,11 @@ Then the probe is refitted on all training rows with the chosen C. Test rows nev
 ``StreamingSGDProbe`` is the variant for stores too large for memory: it reads the
 HDF5 layer in chunks (``partial_fit``), choosing the regularisation on a held-out part
 of the training rows.
+
+Each estimator declares the allowed values of its parameters in ``_parameter_ranges``
+(scikit-learn's ``_parameter_constraints``, written with ``extract.arguments``' ranges, which
+the command lines share) and checks them when ``fit`` starts: a bad one is a ``UserError`` (a
+``ValueError``) naming the parameter, its value and what is allowed.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import ThreadpoolController
 from extract.parallel import host_cores
-from extract.arguments import POSITIVE, SEEDS, check, number, whole
+from extract.arguments import POSITIVE, SEEDS, Names, OrNone, Several, check_params, number, whole
 from extract.errors import UserError
 
 CLASSIFIERS = ("logreg", "svm")
@@ -62,7 +68,7 @@ DEFAULT_VAL_FRACTION = 0.2
 # worker process costs: such searches (few-shot draws, small datasets) run in this process, and
 # so do the layers of a store of fewer images (``classify.evaluate`` spreads larger stores' layers).
 # Narrow layers are no cheaper: 32 values of 1,088 Flowers-17 images take many L-BFGS steps
-# at large C, and the nine Lite0 layers' searches ran 1.3x faster in processes (8.4 -> 6.5 s).
+# at large C, and the nine Lite0 layers' searches ran faster in worker processes than in this one.
 PARALLEL_MIN_ROWS = 500
 
 
@@ -73,20 +79,8 @@ def worker_processes(tasks: int, rows: int, n_jobs: int | None = None) -> int:
 
 
 CV_FOLDS = whole(2)
-
-
-def valid_cs(Cs) -> bool:
-    """A C grid: one or more finite numbers above 0."""
-    try:
-        values = np.asarray(Cs, dtype=float)
-    except (TypeError, ValueError):
-        return False
-    return values.ndim == 1 and len(values) > 0 and bool(np.all(np.isfinite(values) & (values > 0)))
-
-
-def check_cs(owner: str, Cs) -> None:
-    if not valid_cs(Cs):
-        raise UserError(f"{owner}: Cs={Cs!r} must be one or more finite numbers above 0")
+C_GRID = Several(number(0, None, closed="neither"))  # one or more finite Cs above 0
+VAL_FRACTIONS = number(0, 1, closed="neither")
 
 
 def parse_cs(text: str) -> tuple[float, ...]:
@@ -97,14 +91,14 @@ def parse_cs(text: str) -> tuple[float, ...]:
         if ":" in text:
             low, high, count = text.split(":")
             low, high, count = float(low), float(high), int(count)
-            if not (count >= 1 and valid_cs((low, high)) and low <= high):
+            if not (count >= 1 and (low, high) in C_GRID and low <= high):
                 raise bad
             Cs = tuple(float(c) for c in np.logspace(np.log10(low), np.log10(high), count))
         else:
             Cs = tuple(float(c) for c in text.split(","))
     except ValueError:  # not numbers, or not three of them
         raise bad from None
-    if not valid_cs(Cs):
+    if Cs not in C_GRID:
         raise bad
     return Cs
 
@@ -137,6 +131,8 @@ class BlockNormalizer(TransformerMixin, BaseEstimator):
     one four to one; l2 and sqrt blocks have norm 1 already). The hypercolumn recipe: normalise
     each layer, then concatenate (Hariharan et al., CVPR 2015; Razavian et al., 2014)."""
 
+    _parameter_ranges = {"normalization": Names(NORMALIZATIONS), "blocks": Several(POSITIVE)}
+
     def __init__(self, normalization: str = "standard", blocks: tuple[int, ...] = ()):
         self.normalization = normalization
         self.blocks = blocks
@@ -145,6 +141,7 @@ class BlockNormalizer(TransformerMixin, BaseEstimator):
         return np.cumsum([0, *self.blocks])
 
     def fit(self, X, y=None):
+        check_params(type(self).__name__, self.get_params(deep=False), self._parameter_ranges)
         edges = self._edges()
         if X.shape[1] != edges[-1]:
             raise UserError(f"a fused layer of blocks {list(self.blocks)} has {edges[-1]} columns. Received {X.shape[1]}")
@@ -170,7 +167,7 @@ def make_classifier(classifier: str, *, C: float, max_iter: int, seed: int):
     if classifier == "logreg":
         return LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, warm_start=True, random_state=seed)
     if classifier == "svm":
-        # The dual solver: with as many samples as dimensions the primal one was 20-30x slower here.
+        # The dual solver: with as many samples as dimensions the primal one was many times slower.
         return LinearSVC(C=C, max_iter=max_iter, random_state=seed, dual=True)
     raise UserError(f"classifier={classifier!r} is not one of {CLASSIFIERS}")
 
@@ -225,7 +222,7 @@ def _threadpools() -> ThreadpoolController:
 
 def one_blas_thread():
     """``threadpool_limits(1)`` as a context, without finding the loaded BLAS/OpenMP libraries again
-    at every call: that search took 4 ms, and a layer's C search makes some 30 fits."""
+    at every call: a layer's C search would repeat that search for each of its dozens of fits."""
     return _threadpools().limit(limits=1)
 
 
@@ -283,6 +280,13 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     ``average_precision`` for a binary probe of a multi-label dataset.
     """
 
+    _parameter_ranges = {
+        "classifier": Names(CLASSIFIERS), "Cs": C_GRID, "search": Names(SEARCHES), "cv": CV_FOLDS,
+        "val_fraction": VAL_FRACTIONS, "normalization": Names(NORMALIZATIONS), "blocks": OrNone(Several(POSITIVE)),
+        "cv_repeats": POSITIVE, "scoring": Names(SCORINGS), "max_iter": POSITIVE, "patience": OrNone(POSITIVE),
+        "select_by": Names(SELECT_BY), "seed": SEEDS, "n_jobs": OrNone(POSITIVE),
+    }
+
     def __init__(
         self,
         classifier: str = "logreg",
@@ -324,12 +328,11 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             if self.cv_repeats > 1:  # other seeded partitions of the same rows: a less noisy estimate
                 return list(RepeatedStratifiedKFold(n_splits=folds, n_repeats=self.cv_repeats, random_state=self.seed).split(X, y))
             return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.seed).split(X, y))
-        if self.search == "val":
-            n_val = max(len(self.classes_), round(self.val_fraction * len(y)))
-            if smallest_class < 2 or len(y) - n_val < len(self.classes_):
-                return []
-            return list(StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=self.seed).split(X, y))
-        raise UserError(f"search={self.search!r} is not one of {SEARCHES}")
+        # search == "val" (checked at fit)
+        n_val = max(len(self.classes_), round(self.val_fraction * len(y)))
+        if smallest_class < 2 or len(y) - n_val < len(self.classes_):
+            return []
+        return list(StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=self.seed).split(X, y))
 
     def _search_path(self, X, y, splits, Cs) -> tuple[np.ndarray, np.ndarray]:
         """Held-out scores and losses (each n_Cs x n_splits), walking C upwards; NaN where the walk
@@ -358,6 +361,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y):
         start = time.perf_counter()
+        check_params(type(self).__name__, self.get_params(deep=False), self._parameter_ranges)
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y)
         if X.ndim != 2 or len(X) != len(y):
@@ -366,16 +370,6 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             rows = np.flatnonzero(~np.isfinite(X).all(axis=1))
             raise UserError(f"{len(rows)} of {len(X)} training rows have features that are not finite (NaN or infinity), "
                             f"the first row {rows[0]}: extract them again, or leave those images out")
-        if self.scoring not in SCORINGS:
-            raise UserError(f"scoring={self.scoring!r} is not one of {SCORINGS}")
-        if self.select_by not in SELECT_BY:
-            raise UserError(f"select_by={self.select_by!r} is not one of {SELECT_BY}")
-        for name, allowed in (("cv", CV_FOLDS), ("cv_repeats", POSITIVE), ("max_iter", POSITIVE), ("seed", SEEDS)):
-            check("LinearProbe", name, getattr(self, name), allowed)
-        check("LinearProbe", "val_fraction", self.val_fraction, number(0, 1, closed="neither"))
-        check("LinearProbe", "patience", self.patience, POSITIVE, optional=True)
-        check("LinearProbe", "n_jobs", self.n_jobs, POSITIVE, optional=True)
-        check_cs("LinearProbe", self.Cs)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
             raise UserError(f"a probe needs at least two classes in the training rows; found {self.classes_.tolist()}")
@@ -432,6 +426,8 @@ class StreamingSGDProbe(ClassifierMixin, BaseEstimator):
     """
 
     normalization = "standard"
+    _parameter_ranges = {"Cs": C_GRID, "epochs": POSITIVE, "tol": number(0, None, closed="neither"), "chunk_rows": POSITIVE,
+                         "val_fraction": VAL_FRACTIONS, "seed": SEEDS}
 
     def __init__(self, *, Cs=DEFAULT_CS, epochs: int = 5, tol: float = 1e-2, chunk_rows: int = 4096,
                  val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0):
@@ -469,6 +465,7 @@ class StreamingSGDProbe(ClassifierMixin, BaseEstimator):
     def fit_store(self, store, layer: str, rows, labels):
         """Fit on ``store``'s ``layer`` at dataset ``rows``; ``labels`` is indexed by row."""
         start = time.perf_counter()
+        check_params(type(self).__name__, self.get_params(deep=False), self._parameter_ranges)
         rows = np.sort(np.asarray(rows))
         self.classes_ = np.unique(labels[rows])
         scaler = StandardScaler()

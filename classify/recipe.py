@@ -31,8 +31,10 @@ import numpy as np
 import pandas as pd
 
 from classify import fusion
+from classify.evaluate import PROBE_RANGES
 from classify.probe import DEFAULT_CS, WIDE_CS
 from classify.results import PROBE_KINDS, select_best
+from extract.arguments import check_params
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class Recipe:
     cv_repeats: int
     fuse: tuple[int, ...]
 
+    def __post_init__(self):
+        check_params(f"recipe {self.name!r}", {k: v for k, v in self.probe_settings().items() if k != "recipe"}, PROBE_RANGES)
+
     def probe_settings(self) -> dict:
         """The ``ProbeSettings`` fields this recipe sets."""
         return {"classifiers": self.classifiers, "normalizations": self.normalizations, "Cs": self.Cs,
@@ -52,8 +57,8 @@ class Recipe:
 
 RECIPES = {
     "plain": Recipe("plain", ("logreg",), ("standard",), DEFAULT_CS, 1, ()),
-    # The linear SVM is left out: as a candidate it never paid (README > Beyond the plain probe) and its
-    # dual solver took 9x logistic regression's time at large C. `--classifier auto` adds it.
+    # The linear SVM is left out: as a candidate it never paid and its dual solver took many times
+    # logistic regression's time at large C (README > Beyond the plain probe). `--classifier auto` adds it.
     "best": Recipe("best", ("logreg",), ("standard", "l2", "sqrt"), WIDE_CS, 3, (2, 3)),
 }
 DEFAULT_RECIPE = "plain"

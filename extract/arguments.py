@@ -3,9 +3,11 @@
 A command-line option declares its range as its argparse ``type`` (``--batch-size`` is
 ``whole(1)``), so a bad value is refused while the command line is parsed, before anything is
 read or written, in one line: ``error: --seed: '-1' is not a whole number in [0, 4294967295]``
-(``ArgumentParser``, every command's parser). The settings dataclasses and estimators check the
-same ranges with ``check``, which raises ``UserError`` naming the owner, the value and the range.
-Ranges are written as intervals: ``[1, inf)`` includes 1, ``(0, 1]`` excludes 0.
+(``ArgumentParser``, every command's parser). The settings dataclasses (in ``__post_init__``) and
+the estimators (at ``fit``, scikit-learn's ``_validate_params`` made small: ``check_params`` over
+the class's ``_parameter_ranges``) check the same declarations with ``check``, which raises
+``UserError`` (a ``ValueError``, as scikit-learn raises) naming the owner, the value and what is
+allowed. Ranges are written as intervals: ``[1, inf)`` includes 1, ``(0, 1]`` excludes 0.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class Interval:
     def noun(self) -> str:
         return "whole number" if self.kind is int else "number"
 
+    def describe(self) -> str:
+        return f"a {self.noun} in {self}"
+
     def __str__(self) -> str:
         left = "[" if self.low is not None and self.closed in ("both", "left") else "("
         right = "]" if self.high is not None and self.closed in ("both", "right") else ")"
@@ -61,21 +66,78 @@ def number(low: float | None, high: float | None = None, closed: str = "both") -
     return Interval(float, low, high, closed)
 
 
+@dataclass(frozen=True)
+class Names:
+    """One of ``allowed`` (scikit-learn's ``StrOptions``)."""
+
+    allowed: tuple[str, ...]
+
+    def __contains__(self, value) -> bool:
+        return isinstance(value, str) and value in self.allowed
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(map(repr, self.allowed))
+
+
+@dataclass(frozen=True)
+class Several:
+    """A list of at least ``least`` values, each in ``each`` (an ``Interval`` or ``Names``)."""
+
+    each: Interval | Names
+    least: int = 1
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, (str, bytes)):
+            return False
+        try:
+            values = list(value)
+        except TypeError:
+            return False
+        return len(values) >= self.least and all(v in self.each for v in values)
+
+    def describe(self) -> str:
+        least = {0: "zero", 1: "one"}.get(self.least, str(self.least))
+        return f"{least} or more values, each {self.each.describe()}"
+
+
+@dataclass(frozen=True)
+class OrNone:
+    """None, or a value in ``inner``; on the command line, the option left out."""
+
+    inner: Interval | Names | Several
+
+    def __contains__(self, value) -> bool:
+        return value is None or value in self.inner
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} (or None)"
+
+
 SEEDS = whole(0, SEED_MAX)
 POSITIVE = whole(1)
 FRACTION = number(0, 1, closed="right")  # (0, 1]: a crop, a share
 
 
-def check(owner: str, name: str, value, interval: Interval, *, optional: bool = False) -> None:
-    """``UserError`` unless ``value`` is in ``interval`` (or None, when ``optional``)."""
-    if optional and value is None:
-        return
-    if value not in interval:
-        raise UserError(f"{owner}: {name}={value!r} must be a {interval.noun} in {interval}" + (" (or None)" if optional else ""))
+def check(owner: str, name: str, value, allowed, *, optional: bool = False) -> None:
+    """``UserError`` unless ``value`` is in ``allowed`` (an ``Interval``, ``Names``, ``Several`` or
+    ``OrNone``; None passes too, when ``optional``)."""
+    allowed = OrNone(allowed) if optional else allowed
+    if value not in allowed:
+        shown = " ".join(repr(value).split())  # one line, even for a NumPy array's wrapped repr
+        raise UserError(f"{owner}: {name}={shown} must be {allowed.describe()}")
 
 
-def option(interval: Interval):
-    """The argparse ``type`` of an option whose value lies in ``interval``."""
+def check_params(owner: str, values: dict, ranges: dict) -> None:
+    """``check`` of every value in ``values`` against its declaration in ``ranges``; a value that
+    has none is a bug (``KeyError``): every parameter is declared."""
+    for name, value in values.items():
+        check(owner, name, value, ranges[name])
+
+
+def option(interval: Interval | OrNone):
+    """The argparse ``type`` of an option whose value lies in ``interval`` (an ``OrNone``'s: its
+    interval; None is the option left out)."""
+    interval = interval.inner if isinstance(interval, OrNone) else interval
 
     def parse(text: str):
         try:

@@ -184,7 +184,8 @@ class CNNFeaturizer:
     With ``views`` other than ``centre`` (``extract.images.view_inputs``), ``prepare`` makes
     every view of the image from its one decode, ``__call__`` runs the views of the whole
     batch in one forward pass and returns, per image and tap, the mean of its views' pooled
-    features: one row per image, as with one view. ``batch_size`` counts images.
+    features: one row per image, as with one view. ``batch_size`` is the images of each forward pass:
+    a call with fewer is padded to it (one static shape, traced once), one with more runs in several.
     """
 
     def __init__(
@@ -323,6 +324,9 @@ class CNNFeaturizer:
         batch = np.stack(batch) if isinstance(batch, list) else batch
         if self._forward is None:
             self._forward = compile_forward(self.model)
+        if len(batch) > self.batch_size:
+            parts = [self(batch[start : start + self.batch_size]) for start in range(0, len(batch), self.batch_size)]
+            return {name: np.concatenate([part[name] for part in parts]) for name in self.taps}
         n = len(batch)
         if n < self.batch_size:  # pad to one static shape: no retracing on the last batch
             batch = np.concatenate([batch, np.zeros((self.batch_size - n, *batch.shape[1:]), batch.dtype)])

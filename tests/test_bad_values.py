@@ -49,6 +49,10 @@ CASES = [
     ("classify", ["probe", "--repeats", "-1", "--protocol", "fewshot:1,2"], "--repeats: '-1' is not a whole number in [1, inf)"),
     ("classify", ["probe", "--seed", "-1"], "--seed: '-1' is not a whole number in [0, 4294967295]"),
     ("classify", ["probe", "--layers", ",,"], "--layers: ',,' names nothing"),
+    *(("classify", ["probe", "--fuse", sizes], f"--fuse: '{sizes}': give auto, none, or how many taps to join, each a whole number "
+       "in [2, inf), e.g. 2,3") for sizes in ("1,3", "x", ",")),
+    ("classify", ["probe", "--cv-repeats", "0"], "--cv-repeats: '0' is not a whole number in [1, inf)"),
+    ("classify", ["probe", "--jobs", "0"], "--jobs: '0' is not a whole number in [1, inf)"),
     *(("classify", ["tsne", "--n", n], f"--n: '{n}' is not a whole number in [3, inf)") for n in ("0", "-5", "2")),
     ("transfer", ["finetune", "--epochs", "0"], "--epochs: '0' is not a whole number in [1, inf)"),
     ("transfer", ["finetune", "--epochs", "-2"], "--epochs: '-2' is not a whole number in [1, inf)"),
@@ -86,7 +90,7 @@ def test_settings_are_checked_where_they_are_declared():
     for make, message in [
         (lambda: LinearProbe(cv=1).fit(X, y), "LinearProbe: cv=1 must be a whole number in [2, inf)"),
         (lambda: LinearProbe(seed=-1).fit(X, y), "LinearProbe: seed=-1 must be a whole number in [0, 4294967295]"),
-        (lambda: LinearProbe(Cs=()).fit(X, y), "LinearProbe: Cs=() must be one or more finite numbers above 0"),
+        (lambda: LinearProbe(Cs=()).fit(X, y), "LinearProbe: Cs=() must be one or more values, each a number in (0, inf)"),
         (lambda: FinetuneSettings(epochs=0), "fine-tuning: epochs=0 must be a whole number in [1, inf)"),
         (lambda: RecipeSettings(train_epochs=-2), "the recipe: train_epochs=-2 must be a whole number in [1, inf)"),
         (lambda: RuleSettings(regimes=()), "no regime given (REGIMES=)"),
@@ -95,6 +99,107 @@ def test_settings_are_checked_where_they_are_declared():
         with pytest.raises(UserError) as refused:
             make()
         assert message in str(refused.value), str(refused.value)
+
+
+def _refusal(make) -> str:
+    """The one-line ``UserError`` (a ``ValueError``, as scikit-learn raises for a bad parameter) of ``make()``."""
+    with pytest.raises(UserError) as refused:
+        make()
+    message = str(refused.value)
+    assert isinstance(refused.value, ValueError) and "\n" not in message, message
+    return message
+
+
+BAD_PARAMETERS = [  # (estimator, parameter, value, what the line says is allowed)
+    ("LinearProbe", "classifier", "knn", "one of 'logreg', 'svm'"),
+    ("LinearProbe", "search", "grid", "one of 'cv', 'val'"),
+    ("LinearProbe", "normalization", "zscore", "one of 'standard', 'l2', 'sqrt', 'none'"),
+    ("LinearProbe", "scoring", "f1", "one of 'accuracy', 'average_precision'"),
+    ("LinearProbe", "blocks", (3, 0), "one or more values, each a whole number in [1, inf) (or None)"),
+    ("LinearProbe", "blocks", (), "one or more values, each a whole number in [1, inf) (or None)"),
+    ("LinearProbe", "Cs", (0.1, float("nan")), "one or more values, each a number in (0, inf)"),
+    ("LinearProbe", "Cs", "1", "one or more values, each a number in (0, inf)"),
+    ("LinearProbe", "val_fraction", 1.0, "a number in (0, 1)"),
+    ("LinearProbe", "cv_repeats", 0, "a whole number in [1, inf)"),
+    ("LinearProbe", "max_iter", 0, "a whole number in [1, inf)"),
+    ("LinearProbe", "patience", 0, "a whole number in [1, inf) (or None)"),
+    ("LinearProbe", "n_jobs", 0, "a whole number in [1, inf) (or None)"),
+    ("LinearProbe", "cv", 2.5, "a whole number in [2, inf)"),
+    ("StreamingSGDProbe", "Cs", (), "one or more values, each a number in (0, inf)"),
+    ("StreamingSGDProbe", "epochs", 0, "a whole number in [1, inf)"),
+    ("StreamingSGDProbe", "tol", 0.0, "a number in (0, inf)"),
+    ("StreamingSGDProbe", "chunk_rows", 0, "a whole number in [1, inf)"),
+    ("StreamingSGDProbe", "val_fraction", 0.0, "a number in (0, 1)"),
+    ("StreamingSGDProbe", "seed", -1, "a whole number in [0, 4294967295]"),
+    ("BlockNormalizer", "normalization", "zscore", "one of 'standard', 'l2', 'sqrt', 'none'"),
+    ("BlockNormalizer", "blocks", (2, 0), "one or more values, each a whole number in [1, inf)"),
+]
+
+
+@pytest.mark.parametrize("estimator,name,value,allowed", BAD_PARAMETERS, ids=[f"{e}.{n}={v!r}" for e, n, v, _ in BAD_PARAMETERS])
+def test_an_estimator_refuses_a_bad_parameter_at_fit_naming_it_and_its_range(tmp_path, estimator, name, value, allowed):
+    import numpy as np
+
+    import classify.probe
+    from extract.store import FeatureStore
+
+    valid = {"BlockNormalizer": {"blocks": (4,)}}.get(estimator, {})  # the other parameters' defaults are valid
+    made = getattr(classify.probe, estimator)(**{**valid, name: value})  # scikit-learn's rule: __init__ only stores
+    X, y = np.random.default_rng(0).normal(size=(12, 4)), np.arange(12) % 2
+    if estimator == "StreamingSGDProbe":
+        with FeatureStore(_small_store(tmp_path)) as store:
+            message = _refusal(lambda: made.fit_store(store, "x", np.arange(14), store.labels))
+    else:
+        message = _refusal(lambda: made.fit(X, y))
+    assert message == f"{estimator}: {name}={value!r} must be {allowed}", message
+
+
+def test_every_estimator_parameter_and_settings_field_has_a_declared_range():
+    from dataclasses import fields
+
+    from classify.evaluate import PROBE_RANGES, ProbeSettings
+    from classify.probe import BlockNormalizer, LinearProbe, StreamingSGDProbe
+
+    for estimator in (LinearProbe, StreamingSGDProbe, BlockNormalizer):
+        assert set(estimator._parameter_ranges) == set(estimator().get_params(deep=False)), estimator
+    assert set(PROBE_RANGES) == {f.name for f in fields(ProbeSettings)} - {"recipe"}  # the recipe's name labels the rows
+
+
+BAD_SETTINGS = [  # (ProbeSettings field, value, what the line says is allowed)
+    ("classifiers", (), "one or more values, each one of 'logreg', 'svm', 'sgd'"),
+    ("classifiers", ("logreg", "knn"), "one or more values, each one of 'logreg', 'svm', 'sgd'"),
+    ("normalizations", (), "one or more values, each one of 'standard', 'l2', 'sqrt', 'none'"),
+    ("search", "grid", "one of 'cv', 'val'"),
+    ("select_by", "accuracy", "one of 'loss', 'score'"),
+    ("fuse", (1,), "zero or more values, each a whole number in [2, inf)"),
+    ("fuse", (2.5,), "zero or more values, each a whole number in [2, inf)"),
+    ("Cs", (0.0, 1.0), "one or more values, each a number in (0, inf)"),
+    ("cv", 1, "a whole number in [2, inf)"),
+    ("cv_repeats", 0, "a whole number in [1, inf)"),
+    ("repeats", 0, "a whole number in [1, inf)"),
+    ("seed", 2**32, "a whole number in [0, 4294967295]"),
+    ("n_jobs", 0, "a whole number in [1, inf) (or None)"),
+]
+
+
+@pytest.mark.parametrize("name,value,allowed", BAD_SETTINGS, ids=[f"{n}={v!r}" for n, v, _ in BAD_SETTINGS])
+def test_probe_settings_and_recipes_refuse_a_bad_value_naming_it_and_its_range(name, value, allowed):
+    from dataclasses import replace
+
+    from classify.evaluate import ProbeSettings
+    from classify.recipe import RECIPES
+
+    assert _refusal(lambda: ProbeSettings(**{name: value})) == f"probe settings: {name}={value!r} must be {allowed}"
+    if name in RECIPES["best"].probe_settings():  # a recipe's fields are the settings' fields, with their ranges
+        assert _refusal(lambda: replace(RECIPES["best"], **{name: value})) == f"recipe 'best': {name}={value!r} must be {allowed}"
+
+
+def test_the_probe_command_refuses_a_bad_value_in_one_line_in_its_own_process(tmp_path):
+    """A real ``python -m classify`` process: exit 2, one line, no traceback, nothing written."""
+    done = subprocess.run([sys.executable, "-m", "classify", "probe", "--features-dir", str(tmp_path), "--results-dir", str(tmp_path),
+                           "--protocol", "fewshot:1,2", "--repeats", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == "error: --repeats: '0' is not a whole number in [1, inf)", done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_more_words_than_descriptors_is_one_line(image_tree, tmp_path):

@@ -84,7 +84,7 @@ def test_select_by_picks_c_by_its_criterion_and_rounding_does_not_move_it(select
     again = LinearProbe(Cs=(1e-3, 1e-2, 0.1, 1.0, 10.0), select_by=select_by, patience=None).fit(rounded, y)
     assert again.best_C_ == probe.best_C_
     np.testing.assert_array_equal(again.predict(X_test), probe.predict(X_test))
-    with pytest.raises(UserError, match="select_by='accuracy' is not one of"):
+    with pytest.raises(UserError, match="select_by='accuracy' must be one of 'loss', 'score'"):
         LinearProbe(select_by="accuracy").fit(X, y)
 
 

@@ -99,7 +99,7 @@ def test_every_normalisation_and_classifier_is_a_candidate_row_cached_like_any(t
     again = Evaluation(path, GIVEN, settings, results=read_results(csv))
     again.run(progress=False)
     assert again.cached == 6
-    with pytest.raises(ValueError, match="must be some of"):
+    with pytest.raises(ValueError, match=r"normalizations=\('zscore',\) must be one or more values, each one of 'standard'"):
         ProbeSettings(normalizations=("zscore",))
 
 

@@ -95,6 +95,22 @@ def test_centre_keeps_todays_name_fingerprint_and_features(tiny):
         np.testing.assert_allclose(got[tap], np.asarray(direct[tap]), rtol=1e-6, atol=1e-7)
 
 
+def test_batch_size_is_the_images_of_each_forward_pass(tiny):
+    """More images than ``batch_size`` in one call run in passes of ``batch_size`` (the last one padded),
+    with the features of the model run on all of them at once."""
+    featurizer = CNNFeaturizer(tiny, batch_size=2)
+    prepared = [featurizer.prepare(RNG.integers(0, 256, (40, 52, 3), dtype=np.uint8)) for _ in range(5)]
+    featurizer(prepared[:1])  # compiles the forward pass
+    forward, passes = featurizer._forward, []
+    featurizer._forward = lambda batch: (passes.append(len(batch)), forward(batch))[1]
+    got = featurizer(prepared)
+    assert passes == [2, 2, 2]
+    direct = featurizer.model([np.stack(prepared).astype(np.float32)], training=False)
+    for tap in featurizer.taps:
+        assert got[tap].shape == (5, featurizer.dims[tap])
+        np.testing.assert_allclose(got[tap], np.asarray(direct[tap]), rtol=1e-6, atol=1e-7)
+
+
 def test_centre_keeps_efficientnet_lite0s_name_and_fingerprint():
     featurizer = CNNFeaturizer("efficientnet_lite0", weights="random", layers="stem", views="centre")
     assert featurizer.name == "efficientnet_lite0" and featurizer.min_side == 224
