@@ -23,6 +23,7 @@ from classify.results import PROBE_KINDS, PROBES_VERSION, best_per, live_rows, r
 from extract import package_versions
 from extract.errors import UserError
 from extract.store import FeatureStore, StoreError
+from transfer.analysis import RULE_OF_THUMB_CSV, regime_depth, rule_of_thumb_crossovers, rule_of_thumb_curves, rule_of_thumb_winners
 
 log = logging.getLogger(__name__)
 PUBLISHED = Path(__file__).with_name("published.csv")
@@ -323,60 +324,10 @@ def environment_section(stores: list[dict]) -> list[str]:
             "- Packages: " + ", ".join(f"{md(k)} {md(v)}" for k, v in sorted(versions.items(), key=str)), ""]
 
 
-RULE_OF_THUMB_CSV = "rule_of_thumb.csv"
-
-
-def _regime_depth(regime: str) -> float:
-    """How much of the network a regime trains: probe < head < top1 < top2 < ... < all; scratch apart."""
-    if regime.startswith("probe"):
-        return 0
-    if regime == "head":
-        return 0.5
-    if regime.startswith("top"):
-        return int(regime[3:])
-    return {"all": 1e3, "scratch": 1e4}.get(regime, 1e5)
-
-
-def rule_of_thumb_curves(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over draws (population std, as the few-shot rows) of the test top-1 of each (regime, images per class)."""
-    return table.groupby(["regime", "per_class"])["top1"].agg(mean="mean", std=lambda s: s.std(ddof=0), count="count").reset_index()
-
-
-def rule_of_thumb_winners(curves: pd.DataFrame) -> pd.DataFrame:
-    """Per size, the regime(s) with the highest mean test top-1, ties joined (a description of the curves)."""
-    rows = []
-    for k, group in curves.groupby("per_class"):
-        best = group["mean"].max()
-        tied = sorted(group.loc[np.isclose(group["mean"], best), "regime"], key=_regime_depth)
-        rows.append({"per_class": k, "best regime": ", ".join(tied), "top-1": best})
-    return pd.DataFrame(rows)
-
-
-def rule_of_thumb_crossovers(curves: pd.DataFrame, reference: str = "probe") -> list[str]:
-    """Where each regime beats the linear probe (the rule's starting point): from which size on, at
-    which sizes only, or never; and where scratch beats training everything from ImageNet."""
-    pivot = curves.pivot(index="per_class", columns="regime", values="mean").sort_index()
-    sizes = pivot.index.to_numpy()
-    pairs = [(reference, r) for r in sorted(pivot.columns, key=_regime_depth) if r != reference and reference in pivot]
-    if {"all", "scratch"} <= set(pivot.columns):
-        pairs.append(("all", "scratch"))
-    lines = []
-    for fewer, more in pairs:
-        ahead = (pivot[more] > pivot[fewer] + 1e-9).to_numpy()
-        from_here = [k for j, k in enumerate(sizes) if ahead[j:].all()]
-        if not ahead.any():
-            lines.append(f"- {_code(more)} never beats {_code(fewer)} (sizes {', '.join(map(str, sizes))} per class)")
-        elif from_here:
-            lines.append(f"- {_code(more)} beats {_code(fewer)} from {from_here[0]} images per class on")
-        else:
-            lines.append(f"- {_code(more)} beats {_code(fewer)} at {', '.join(str(k) for k, a in zip(sizes, ahead) if a)} images per class only")
-    return lines
-
-
 @plt.rc_context(TEXT_ONLY)
 def plot_rule_of_thumb(curves: pd.DataFrame, path: Path, *, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
-    for regime in sorted(curves["regime"].unique(), key=_regime_depth):
+    for regime in sorted(curves["regime"].unique(), key=regime_depth):
         rows = curves[curves["regime"] == regime].sort_values("per_class")
         ax.errorbar(rows["per_class"], 100 * rows["mean"], yerr=100 * rows["std"], marker="o", capsize=3, label=regime)
     ax.set_xscale("log")
@@ -404,7 +355,7 @@ def rule_of_thumb_section(results_dir: Path, report_dir: Path) -> list[str]:
                               title=f"{report_dir.name}: how many layers to train for how much data")
     wide = curves.assign(cell=[f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in zip(curves["mean"], curves["std"])])
     wide = wide.pivot(index="per_class", columns="regime", values="cell").reset_index()
-    wide = wide[["per_class", *sorted(wide.columns[1:], key=_regime_depth)]]
+    wide = wide[["per_class", *sorted(wide.columns[1:], key=regime_depth)]]
     winners = rule_of_thumb_winners(curves).set_index("per_class")["best regime"]
     wide.insert(1, "best regime", wide["per_class"].map(winners))
     draws = int(curves["count"].max())
@@ -415,7 +366,7 @@ def rule_of_thumb_section(results_dir: Path, report_dir: Path) -> list[str]:
             "early stopping on held-out training images. \"best regime\" names the highest mean test accuracy: it describes "
             "the curves, nothing was chosen by it.", "",
             f"![rule of thumb]({plot.name})", "", _markdown_table(wide.rename(columns={"per_class": "per class"})), "",
-            *rule_of_thumb_crossovers(curves), ""]
+            *(f"- {_code(c.regime)} {c.verb} {_code(c.reference)} {c.when}" for c in rule_of_thumb_crossovers(curves)), ""]
 
 
 def main_rows(results: pd.DataFrame) -> pd.DataFrame:

@@ -124,5 +124,29 @@ def test_regimes_and_sizes_are_checked():
 
     with pytest.raises(UserError, match="regime 'top' is not one of"):
         RuleSettings(regimes=("probe", "top"))
-    with pytest.raises(UserError, match="at least 1"):
+    with pytest.raises(UserError, match=r"sizes=\(0, 5\) must be images per class, one or more whole numbers in \[1, inf\)"):
         RuleSettings(sizes=(0, 5))
+
+
+def test_the_regimes_the_experiment_accepts_are_the_ones_the_report_orders():
+    """One grammar (transfer.analysis): every regime the experiment runs has its place from fewest to most
+    layers trained; a name it refuses (a hand-edited table) goes last in the report."""
+    from extract.errors import UserError
+    from transfer.analysis import regime_depth
+
+    accepted = ["probe", "probe:stage5", "head", "top1", "top2", "top12", "all", "scratch"]
+    RuleSettings(regimes=tuple(accepted))
+    assert sorted(reversed(accepted), key=regime_depth) == ["probe:stage5", "probe", *accepted[2:]]  # the probes tie, stable
+    for refused in ("top", "top0", "probex", "head2", "everything"):
+        with pytest.raises(UserError, match=f"regime '{refused}' is not one of probe, probe:<tap>, head"):
+            RuleSettings(regimes=(refused,))
+        assert regime_depth(refused) > regime_depth("scratch")
+
+
+def test_epochs_is_not_an_option_of_the_rule_of_thumb(capsys):
+    """Its epochs come from early stopping, at most --max-epochs (EPOCHS= in make): --epochs is refused, not ignored."""
+    from transfer.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["rule-of-thumb", "--epochs", "3"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == "error: unrecognized arguments: --epochs 3"

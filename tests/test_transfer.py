@@ -14,8 +14,12 @@ from conftest import make_image_tree
 from extract.backbones import get_backbone, tap_tensor
 from extract.backbones.keras_apps import WeightsUnavailableError
 from extract.datasets import load_dataset
+from extract.errors import UserError
 from extract.extractor import CNNFeaturizer
+from transfer.finetune import FinetuneSettings
 from transfer.layers import LayerwiseAdam, restore_layers, set_trainable
+from transfer.recipe import RecipeSettings
+from transfer.rule_of_thumb import RuleSettings
 
 RNG = np.random.default_rng(0)
 
@@ -210,6 +214,37 @@ def test_finetune_rows_are_keyed_by_their_settings(tmp_path):
         predictions = read_predictions(results, stored)
         assert len(predictions) == row["n_test"] == 6
         assert row["top1"] == pytest.approx(np.mean(predictions["label"] == predictions["predicted"]))
+
+
+@pytest.mark.parametrize("settings, values, message", [
+    (FinetuneSettings, {"learning_rate": 0.0}, "fine-tuning: learning_rate=0.0 must be a number in (0, inf)"),
+    (FinetuneSettings, {"backbone_lr_scale": -0.1}, "fine-tuning: backbone_lr_scale=-0.1 must be a number in [0, inf)"),
+    (FinetuneSettings, {"dropout": -0.2}, "fine-tuning: dropout=-0.2 must be a number in [0, 1)"),
+    (FinetuneSettings, {"batchnorm": "moving"}, "batchnorm='moving' is not one of ('frozen', 'train')"),
+    (RecipeSettings, {"input_size": 30}, "the recipe: input_size=30 must be a multiple of 4"),
+    (RecipeSettings, {"input_size": 0}, "the recipe: input_size=0 must be a whole number in [4, inf)"),
+    (RuleSettings, {"learning_rate": -1e-3}, "the rule of thumb: learning_rate=-0.001 must be a number in (0, inf)"),
+    (RuleSettings, {"backbone_lr_scale": -1.0}, "the rule of thumb: backbone_lr_scale=-1.0 must be a number in [0, inf)"),
+    (RuleSettings, {"dropout": 1.5}, "the rule of thumb: dropout=1.5 must be a number in [0, 1)"),
+    (RuleSettings, {"sizes": (5, 2.5)}, "the rule of thumb: sizes=(5, 2.5) must be images per class, one or more whole numbers in [1, inf)"),
+    (RuleSettings, {"batchnorm": "moving"}, "batchnorm='moving' is not one of ('frozen', 'train')"),
+])
+def test_every_transfer_setting_is_checked_where_it_is_declared(settings, values, message):
+    """A value out of range is refused when the settings are made, in one line naming it and the range."""
+    with pytest.raises(UserError) as refused:
+        settings(**values)
+    assert message in str(refused.value) and "\n" not in str(refused.value), str(refused.value)
+
+
+def test_a_recipe_input_size_the_autoencoder_cannot_halve_twice_is_refused_before_any_image_is_read(tmp_path, capsys):
+    """`make recipe` with --input-size 30: one line from the settings, before the dataset (absent here) is opened."""
+    from transfer.cli import main
+
+    code = main(["recipe", "--dataset", f"folder:{tmp_path / 'absent'}", "--input-size", "30", "--results-dir", str(tmp_path / "results"),
+                 "--models-dir", str(tmp_path / "models"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: the recipe: input_size=30 must be a multiple of 4 (the autoencoder halves the image twice), e.g. 28"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 
 
 def test_original_recipe_autoencoder_restore_freeze_train(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from extract.arguments import check, whole
 from extract.backbones.saved import CAE_CODE_LAYER, Grayscale
 from extract.errors import UserError
 
@@ -21,9 +22,15 @@ CODE_UNITS = 128
 ENCODER_PATTERNS = ("conv1", "conv2")
 
 
-def _preprocessed_input(input_size: int):
+def check_input_size(owner: str, input_size: int) -> None:
+    """The autoencoder halves the image twice: its side is a multiple of 4."""
+    check(owner, "input_size", input_size, whole(4))
     if input_size % 4:
-        raise UserError(f"the autoencoder halves the image twice: input_size must be a multiple of 4. Received: {input_size}")
+        raise UserError(f"{owner}: input_size={input_size!r} must be a multiple of 4 (the autoencoder halves the image twice), e.g. 28")
+
+
+def _preprocessed_input(input_size: int):
+    check_input_size("the autoencoder", input_size)
     inputs = keras.Input((input_size, input_size, 3), name="rgb_0_255")
     x = keras.layers.Rescaling(1 / 255, name="scale")(Grayscale(name="gray")(inputs))
     return inputs, x

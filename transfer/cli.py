@@ -8,6 +8,7 @@ from pathlib import Path
 from extract.arguments import POSITIVE, ArgumentParser, names, number, option, whole
 from extract.commands import add_dataset_arguments, dataset_from, run_command
 from extract.datasets import dataset_slug
+from transfer.analysis import REGIMES_TEXT
 from transfer.finetune import TRAIN_MODES, FinetuneSettings, run_finetune
 from transfer.layers import BATCHNORM_POLICIES, DEFAULT_BATCHNORM
 from transfer.recipe import RecipeSettings, pretrain_cae, train_classifier
@@ -87,13 +88,14 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def cmd_rule_of_thumb(args) -> None:
-    from transfer.rule_of_thumb import CSV_NAME, RuleOfThumb, RuleSettings
+    from transfer.analysis import RULE_OF_THUMB_CSV
+    from transfer.rule_of_thumb import RuleOfThumb, RuleSettings
 
     settings = RuleSettings(model=args.model, regimes=args.regimes,
                             sizes=args.sizes, repeats=args.repeats, seed=args.seed, max_epochs=args.max_epochs,
                             max_epochs_uncached=args.max_epochs_uncached, batch_size=args.batch_size or 32, batchnorm=args.batchnorm)
     dataset = dataset_from(args)
-    csv = Path(args.results_dir) / dataset.name / CSV_NAME
+    csv = Path(args.results_dir) / dataset.name / RULE_OF_THUMB_CSV
     table = RuleOfThumb(dataset, settings, csv_path=csv, progress=not args.no_progress).run()
     summary = table.groupby(["regime", "per_class"])["top1"].agg(["mean", "std", "count"]).reset_index()
     for row in summary.itertuples(index=False):
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     batchnorm_option(rule)
     rule.add_argument("--model", default="efficientnet_lite0")
     rule.add_argument("--regimes", type=names, default="probe,head,top1,top2",
-                      help="comma-separated: probe, probe:<tap>, head, top1, top2, ..., all, scratch")
+                      help=f"comma-separated: {REGIMES_TEXT}")
     rule.add_argument("--sizes", type=_sizes, default=(5, 10, 20, 50, 100),
                       help="training images per class (sizes above the smallest class are left out)")
     rule.add_argument("--repeats", type=option(POSITIVE), default=3, help="seeded draws per size")

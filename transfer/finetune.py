@@ -29,6 +29,8 @@ from extract.errors import UserError
 
 TRAIN_MODES = ("head", "top1", "top2", "all")
 LEARNING_RATES = number(0, closed="neither")
+LR_SCALES = number(0)  # 0 keeps the unfrozen pretrained layers still
+DROPOUTS = number(0, 1, closed="left")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class FinetuneSettings:
         if self.batchnorm not in BATCHNORM_POLICIES:
             raise UserError(f"batchnorm={self.batchnorm!r} is not one of {BATCHNORM_POLICIES}")
         for name, allowed in (("epochs", POSITIVE), ("batch_size", POSITIVE), ("learning_rate", LEARNING_RATES),
-                              ("backbone_lr_scale", number(0)), ("dropout", number(0, 1, closed="left")), ("seed", SEEDS)):
+                              ("backbone_lr_scale", LR_SCALES), ("dropout", DROPOUTS), ("seed", SEEDS)):
             check("fine-tuning", name, getattr(self, name), allowed)
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from extract.arguments import POSITIVE, SEEDS, check, whole
-from transfer.cae import ENCODER_PATTERNS, build_autoencoder, build_recipe_classifier, reconstruction_target
+from extract.arguments import POSITIVE, SEEDS, check
+from transfer.cae import ENCODER_PATTERNS, build_autoencoder, build_recipe_classifier, check_input_size, reconstruction_target
 from transfer.finetune import LEARNING_RATES
 from transfer.layers import restore_layers, set_trainable
 from transfer.training import compile_and_fit, labelled_images, record, score_row
@@ -30,7 +30,8 @@ class RecipeSettings:
     seed: int = 0
 
     def __post_init__(self):
-        for name, allowed in (("input_size", whole(4)), ("pretrain_epochs", POSITIVE), ("train_epochs", POSITIVE),
+        check_input_size("the recipe", self.input_size)
+        for name, allowed in (("pretrain_epochs", POSITIVE), ("train_epochs", POSITIVE),
                               ("batch_size", POSITIVE), ("learning_rate", LEARNING_RATES), ("seed", SEEDS)):
             check("the recipe", name, getattr(self, name), allowed)
 

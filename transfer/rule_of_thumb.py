@@ -7,9 +7,10 @@ is shared by every regime, and every regime is tested on the same test split:
   cross-validation score on the k images; ``probe:<tap>`` fixes the tap;
 * ``head``: a softmax layer trained by gradient descent on the frozen top tap (pooled);
 * ``top1``, ``top2``, ...: the last N blocks and the head trained, lower layers frozen;
-* ``all``: every layer trained (pretrained layers at 0.1x the head's step, as ``make finetune``);
-  in every transfer regime BatchNorm layers stay in inference mode, statistics and scales frozen
-  (Keras' own advice for fine-tuning on small data);
+* ``all``: every layer trained (pretrained layers at ``backbone_lr_scale`` times the head's step,
+  as ``make finetune``); in every transfer regime BatchNorm layers follow ``batchnorm``
+  (``transfer.layers.BATCHNORM_POLICIES``), by default in inference mode, statistics and scales
+  frozen (Keras' own advice for fine-tuning on small data);
 * ``scratch``: the same architecture from a seeded random initialisation, every layer trained.
 
 No augmentation, so the frozen part of the network computes the same activations every
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -52,7 +52,8 @@ from extract.backbones import get_backbone, layer_paths, tap_tensor
 from extract.datasets.base import choose_splits
 from extract.arguments import POSITIVE, SEEDS, check, number
 from extract.errors import UserError
-from transfer.finetune import unfrozen_layer_paths
+from transfer.analysis import REGIME, REGIMES_TEXT
+from transfer.finetune import DROPOUTS, LEARNING_RATES, LR_SCALES, unfrozen_layer_paths
 from transfer.layers import BATCHNORM_POLICIES, DEFAULT_BATCHNORM, LayerwiseAdam, apply_batchnorm_policy, build_head, count_parameters, set_trainable
 from transfer.training import TRAINED_VERSION
 from transfer.training import image_arrays
@@ -62,7 +63,6 @@ log = logging.getLogger(__name__)
 DEFAULT_REGIMES = ("probe", "head", "top1", "top2")
 DEFAULT_SIZES = (5, 10, 20, 50, 100)
 MIN_PER_CLASS_FOR_VALIDATION = 3
-CSV_NAME = "rule_of_thumb.csv"
 COLUMNS = ["dataset", "model", "regime", "per_class", "seed", "layer", "n_train", "n_test", "top1", "mean_per_class_acc",
            "val_score", "epochs", "selection", "train_seconds", "trainable_params", "settings", "created"]
 KEY = ["dataset", "model", "regime", "per_class", "seed", "settings"]
@@ -88,16 +88,17 @@ class RuleSettings:
 
     def __post_init__(self):
         if not self.regimes:
-            raise UserError("no regime given (REGIMES=): give one or more of probe, probe:<tap>, head, top1, top2, ..., all, scratch")
+            raise UserError(f"no regime given (REGIMES=): give one or more of {REGIMES_TEXT}")
         for regime in self.regimes:
-            if not re.fullmatch(r"probe(:.+)?|head|top[1-9][0-9]*|all|scratch", regime):
-                raise UserError(f"regime {regime!r} is not one of probe, probe:<tap>, head, top1, top2, ..., all, scratch")
-        if not self.sizes or min(self.sizes) < 1:
-            raise UserError(f"sizes are images per class, at least 1. Received: {self.sizes}")
-        for name in ("repeats", "max_epochs", "max_epochs_uncached", "fixed_epochs", "patience", "batch_size"):
-            check("the rule of thumb", name, getattr(self, name), POSITIVE)
-        check("the rule of thumb", "seed", self.seed, SEEDS)
-        check("the rule of thumb", "val_fraction", self.val_fraction, number(0, 1, closed="neither"))
+            if not REGIME.fullmatch(regime):
+                raise UserError(f"regime {regime!r} is not one of {REGIMES_TEXT}")
+        if not self.sizes or any(k not in POSITIVE for k in self.sizes):
+            raise UserError(f"the rule of thumb: sizes={self.sizes!r} must be images per class, one or more whole numbers in {POSITIVE}")
+        for name, allowed in (("repeats", POSITIVE), ("max_epochs", POSITIVE), ("max_epochs_uncached", POSITIVE),
+                              ("fixed_epochs", POSITIVE), ("patience", POSITIVE), ("batch_size", POSITIVE), ("seed", SEEDS),
+                              ("val_fraction", number(0, 1, closed="neither")), ("learning_rate", LEARNING_RATES),
+                              ("backbone_lr_scale", LR_SCALES), ("dropout", DROPOUTS)):
+            check("the rule of thumb", name, getattr(self, name), allowed)
         if self.batchnorm not in BATCHNORM_POLICIES:
             raise UserError(f"batchnorm={self.batchnorm!r} is not one of {BATCHNORM_POLICIES}")
 

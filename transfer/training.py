@@ -72,8 +72,8 @@ def labelled_images(dataset: ImageDataset, size: int, *, progress: bool = True) 
 
 def compile_and_fit(model: keras.Model, x, y, *, optimizer, epochs: int, batch_size: int, seed: int,
                     loss="sparse_categorical_crossentropy", progress: bool = True) -> tuple[float, dict]:
-    """Seeded training; returns (seconds, Keras history). XLA stays off: it was 2-10x slower
-    for convnets on our CPUs."""
+    """Seeded training; returns (seconds, Keras history). XLA stays off: on CPUs it made convnet
+    training slower, not faster."""
     keras.utils.set_random_seed(seed)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"] if "categorical" in str(loss) else None, jit_compile=False)
     start = time.perf_counter()
