@@ -33,6 +33,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
+from extract.arguments import POSITIVE, SEEDS, Several, check_params, whole
 from extract.errors import UserError
 
 CENTRE = np.array([[0.5, 0.5]], np.float32)
@@ -83,6 +84,7 @@ class _Encoder(TransformerMixin, BaseEstimator):
         return tags
 
     def _fit_input(self, X) -> np.ndarray:
+        check_params(type(self).__name__, self.get_params(deep=False), self._parameter_ranges)
         if _is_images(X):
             descriptors = stacked(as_images(X))
             self.n_features_in_ = descriptors.shape[1]
@@ -138,6 +140,8 @@ class BagOfWords(_Vocabulary):
     histograms) weighted as Lazebnik et al. 2006. An image without descriptors gets zeros.
     """
 
+    _parameter_ranges = {"n_words": POSITIVE, "levels": POSITIVE, "seed": SEEDS}
+
     def __init__(self, n_words: int = 1000, *, levels: int = 1, seed: int = 0):
         self.n_words = n_words
         self.levels = levels
@@ -164,6 +168,8 @@ class BagOfWords(_Vocabulary):
 
 class VLAD(_Vocabulary):
     """VLAD over ``n_words`` k-means centres: per-word residual sums, intra-normalised, signed sqrt, L2."""
+
+    _parameter_ranges = {"n_words": POSITIVE, "seed": SEEDS}
 
     def __init__(self, n_words: int = 64, *, seed: int = 0):
         self.n_words = n_words
@@ -195,6 +201,9 @@ class FisherVector(_Encoder):
     ``n_modes * 2 * pca_dim * 4`` values. The GMM is fitted by EM (``max_iter``) on up to
     ``gmm_descriptors`` of the descriptors, started from k-means.
     """
+
+    _parameter_ranges = {"n_modes": POSITIVE, "pca_dim": POSITIVE, "layout": Several(Several(POSITIVE, 2, 2)), "max_iter": POSITIVE,
+                         "gmm_descriptors": whole(2), "seed": SEEDS}
 
     def __init__(self, n_modes: int = 16, *, pca_dim: int = 64, layout=((1, 1),), max_iter: int = 20, gmm_descriptors: int = 50_000, seed: int = 0):
         self.n_modes = n_modes

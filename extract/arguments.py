@@ -41,7 +41,7 @@ class Interval:
             return False
         if self.low is not None and (value < self.low or (value == self.low and self.closed in ("right", "neither"))):
             return False
-        return self.high is None or value < self.high or (value == self.high and self.closed in ("left", "both"))
+        return self.high is None or value < self.high or (value == self.high and self.closed in ("right", "both"))
 
     @property
     def noun(self) -> str:
@@ -81,10 +81,12 @@ class Names:
 
 @dataclass(frozen=True)
 class Several:
-    """A list of at least ``least`` values, each in ``each`` (an ``Interval`` or ``Names``)."""
+    """A list of at least ``least`` (and at most ``most``) values, each in ``each`` (an
+    ``Interval``, ``Names`` or ``Several``: a grid of (rows, columns) is ``Several(POSITIVE, 2, 2)``)."""
 
-    each: Interval | Names
+    each: Interval | Names | Several
     least: int = 1
+    most: int | None = None
 
     def __contains__(self, value) -> bool:
         if isinstance(value, (str, bytes)):
@@ -93,11 +95,12 @@ class Several:
             values = list(value)
         except TypeError:
             return False
-        return len(values) >= self.least and all(v in self.each for v in values)
+        return self.least <= len(values) <= (self.most if self.most is not None else len(values)) and all(v in self.each for v in values)
 
     def describe(self) -> str:
         least = {0: "zero", 1: "one"}.get(self.least, str(self.least))
-        return f"{least} or more values, each {self.each.describe()}"
+        count = f"{least} values" if self.most == self.least else f"{least} or more values" if self.most is None else f"{least} to {self.most} values"
+        return f"{count}, each {self.each.describe()}"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -24,6 +26,36 @@ POOLINGS = ("avg", "max", "avgmax", "spp")
 # tensor cores of a GPU; the stored features are float32 either way.
 DTYPES = ("float32", "bfloat16")
 WHOLE_IMAGE = 1.0
+
+
+def _name_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+]+", "_", text).strip("_.") or "_"
+
+
+def store_name(spec, *, pooling: str, views: str, requested_weights, weights: dict,
+               dtype: str) -> str:
+    """The store's file name (without ``.h5``): the backbone, then each setting that differs from
+    its default, so that stores of different settings sit side by side instead of refusing each
+    other: ``efficientnet_lite0``, ``efficientnet_lite0-max-crops10``, ``efficientnet_lite0-random``,
+    ``efficientnet_lite0-bfloat16``. The fingerprint still decides whether a store holds what a run
+    asks for; the name only keeps different asks apart. A ``LAYERS`` subset keeps the name (quick
+    runs and the transfer commands find the store by it; a second subset asks for ``OVERWRITE=1``).
+    """
+    parts = [spec.name]
+    if pooling != "avg":
+        parts.append(pooling)
+    if views != "centre":
+        parts.append(views)
+    # ImageNet, a saved model's own, a backbone's default: no suffix.
+    own_weights = requested_weights in (None, "default", "imagenet", spec.default_weights)
+    if not own_weights and weights.get("weights") == "random":
+        parts.append("random" if not weights.get("seed") else f"random-seed{weights['seed']}")
+    elif not own_weights:  # a weights file: named by its file and its first hash digits
+        stem = re.sub(r"(\.weights)?\.(h5|keras)$", "", Path(str(weights.get("weights_file") or requested_weights)).name)
+        parts.append(f"weights-{_name_part(stem)}" + (f"-{weights['weights_sha256'][:8]}" if weights.get("weights_sha256") else ""))
+    if dtype != "float32":
+        parts.append(dtype)
+    return "-".join(parts)
 
 
 def select_taps(feature_info: Sequence[FeatureInfo], layers=None, layer_names: Sequence[str] = ()) -> list[FeatureInfo]:
@@ -213,8 +245,6 @@ class CNNFeaturizer:
                                           crop_pct=crop_pct, resize=resize, fold_batchnorm=fold_batchnorm, dtype=dtype,
                                           views=views))
         self.spec = get_backbone(backbone)
-        # Defaults leave the name alone: efficientnet_lite0, efficientnet_lite0-max-crops10.
-        self.name = "-".join([self.spec.name, *([pooling] if pooling != "avg" else []), *([views] if views != "centre" else [])])
         self.views, self.view_count = views, VIEW_COUNTS[views]
         self.pooling = pooling
         self.batch_size = batch_size
@@ -231,6 +261,8 @@ class CNNFeaturizer:
         self.dtype = dtype
         with dtype_policy(dtype):
             self._build(backbone, layers, pooling, weights, seed, fold_batchnorm)
+        self.name = store_name(self.spec, pooling=pooling, views=views, requested_weights=weights,
+                               weights=self.weights, dtype=dtype)
         self._forward = None
 
     def _build(self, backbone, layers, pooling, weights, seed, fold_batchnorm) -> None:

@@ -304,3 +304,32 @@ def test_read_only_results_and_reports_folders(capsys, tmp_path, tmpfs):
     tmpfs(reports, 2000, read_only=True)
     line = _one_line(capsys, "classify", ["report", *probe[1:-3]])
     assert str(reports) in line and line.endswith("write elsewhere with --reports-dir"), line
+
+
+@pytest.mark.parametrize("closed, low_in, high_in", [("both", True, True), ("left", True, False), ("right", False, True), ("neither", False, False)])
+def test_an_interval_holds_exactly_the_ends_it_says(closed, low_in, high_in):
+    """As scikit-learn's Interval: ``closed="right"`` is (0, 1] (a crop of 1.0 is the whole image), ``"left"`` is [0, 1)
+    (a dropout of 1 drops everything); its printed form says the same."""
+    from extract.arguments import number
+
+    interval = number(0, 1, closed=closed)
+    assert (0 in interval, 1 in interval, 0.5 in interval, 1.5 in interval) == (low_in, high_in, True, False)
+    assert str(interval) == ("[" if low_in else "(") + "0, 1" + ("]" if high_in else ")")
+
+
+@pytest.mark.parametrize("encoder, params, message", [
+    ("BagOfWords", {"n_words": 0}, r"BagOfWords: n_words=0 must be a whole number in \[1, inf\)"),
+    ("BagOfWords", {"levels": 1.5}, r"BagOfWords: levels=1.5 must be a whole number"),
+    ("VLAD", {"seed": -1}, r"VLAD: seed=-1 must be a whole number in \[0, 4294967295\]"),
+    ("FisherVector", {"layout": ((1, 1), (3,))}, r"FisherVector: layout=\(\(1, 1\), \(3,\)\) must be one or more values, each 2 values, each a whole number"),
+    ("FisherVector", {"pca_dim": 0}, r"FisherVector: pca_dim=0 must be"),
+])
+def test_an_encoder_names_a_bad_parameter_when_it_is_fitted(encoder, params, message):
+    """Checked where declared (scikit-learn's contract: ``__init__`` stores, ``fit`` checks), before any descriptor is read."""
+    import numpy as np
+
+    from baselines import encoders
+
+    descriptors = np.random.default_rng(0).random((50, 8), dtype=np.float32)
+    with pytest.raises(UserError, match=message):
+        getattr(encoders, encoder)(**params).fit(descriptors)

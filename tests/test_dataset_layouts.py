@@ -347,7 +347,7 @@ def test_make_extract_birds_and_data_info_on_the_official_layout(tmp_path):
     done = run("features", "--dataset", "birds", "--data-dir", str(root), "--model", "efficientnet_lite0", "--weights", "random",
                "--layers", "stage1,pre_logits", "--features-dir", str(features), "--on-error", "skip", "--no-progress")
     assert done.returncode == 0, done.stderr
-    with FeatureStore(features / "birds" / "efficientnet_lite0.h5") as store:
+    with FeatureStore(features / "birds" / "efficientnet_lite0-random.h5") as store:
         assert store.classes == ["001.Bird_1", "002.Bird_2"]
         assert Counter(store.splits) == {"train": 3, "test": 1}  # 6 images, 2 skipped, flags alternate
         assert sorted(p for p, _ in store.skipped) == ["images/001.Bird_1/Bird_1_0002_3.jpg", "images/002.Bird_2/Bird_2_0001_5.jpg"]

@@ -11,7 +11,7 @@ import pytest
 
 from extract.datasets import load_dataset
 from extract.extractor import CNNFeaturizer
-from extract.pipeline import extract_to_store
+from extract.pipeline import extract_to_store, store_path
 from extract.store import StoreMismatchError, canonical_json
 
 
@@ -33,3 +33,24 @@ def test_cnn_store_refuses_features_of_another_package_version(image_tree, tmp_p
     _pretend_upgrade(path, package)
     with pytest.raises(StoreMismatchError, match=rf"versions: .*'{package}': '0.0.1'"):
         extract_to_store(dataset, featurizer, path, progress=False)
+
+
+
+def test_stores_of_other_weights_or_dtype_sit_beside_the_default_store(image_tree, tmp_path):
+    """WEIGHTS=random and DTYPE=bfloat16 each get a store of their own beside the pretrained one (a
+    random-weights control can then sit in the same report); the defaults keep the plain name, and
+    asking again for the same settings finds the same store."""
+    dataset = load_dataset(f"folder:{image_tree}").subset(list(range(4)))
+    features = tmp_path / "features"
+    variants = {
+        "efficientnet_lite0": CNNFeaturizer("efficientnet_lite0", layers="stem"),
+        "efficientnet_lite0-random": CNNFeaturizer("efficientnet_lite0", weights="random", layers="stem"),
+        "efficientnet_lite0-random-seed3": CNNFeaturizer("efficientnet_lite0", weights="random", seed=3, layers="stem"),
+        "efficientnet_lite0-max-bfloat16": CNNFeaturizer("efficientnet_lite0", dtype="bfloat16", pooling="max", layers="stem"),
+    }
+    assert {name: featurizer.name for name, featurizer in variants.items()} == {name: name for name in variants}
+    written = {extract_to_store(dataset, featurizer, store_path(features, dataset, featurizer), progress=False).name
+               for featurizer in variants.values()}
+    assert written == {f"{name}.h5" for name in variants}  # four stores, none refused by another
+    again = CNNFeaturizer("efficientnet_lite0", weights="random", layers="stem")
+    assert extract_to_store(dataset, again, store_path(features, dataset, again), progress=False).name == "efficientnet_lite0-random.h5"

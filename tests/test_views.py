@@ -111,9 +111,9 @@ def test_batch_size_is_the_images_of_each_forward_pass(tiny):
         np.testing.assert_allclose(got[tap], np.asarray(direct[tap]), rtol=1e-6, atol=1e-7)
 
 
-def test_centre_keeps_efficientnet_lite0s_name_and_fingerprint():
+def test_centre_keeps_efficientnet_lite0s_name_and_fingerprint():  # a random-weights store: named so, views or not
     featurizer = CNNFeaturizer("efficientnet_lite0", weights="random", layers="stem", views="centre")
-    assert featurizer.name == "efficientnet_lite0" and featurizer.min_side == 224
+    assert featurizer.name == "efficientnet_lite0-random" and featurizer.min_side == 224
     assert set(featurizer.fingerprint()) == {"model", "weights", "seed", "input_size", "preprocessing", "pooling", "batchnorm", "taps",
                                              "keras_backend", "features_version", "versions"}
 
