@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 from extract.errors import UserError
+from extract.fileio import file_digest
 
 
 @dataclass(frozen=True)
@@ -132,14 +132,6 @@ def _outer_inputs(model: keras.Model, layer: keras.Model) -> list:
     return calls[0].input_tensors
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_keras_weights_file(model: keras.Model, path: str | Path) -> dict:
     """Load a Keras ``.weights.h5`` or ``.keras`` file into ``model``; describe what was loaded."""
     path = Path(path)
@@ -157,4 +149,4 @@ def load_keras_weights_file(model: keras.Model, path: str | Path) -> dict:
 
 def weights_record(path: str | Path, *, source: str | None = None) -> dict:
     path = Path(path)
-    return {"weights": source or str(path), "weights_file": path.name, "weights_sha256": file_sha256(path)}
+    return {"weights": source or str(path), "weights_file": path.name, "weights_sha256": file_digest(path)}
