@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import keras
 
-from extract.backbones.registry import BackboneSpec, FeatureInfo, load_keras_weights_file, register_backbone
+from extract.backbones.registry import BackboneSpec, FeatureInfo, register_backbone
+from extract.backbones.weights_files import load_weights_file
 from extract.errors import UserError
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -117,7 +118,7 @@ def _builder(name: str, app: KerasApp):
         if weights == "imagenet":
             return _build_app(name, app, "imagenet"), {"weights": "imagenet", "weights_source": f"keras.applications.{app.constructor}"}
         model = _build_app(name, app, None)
-        return model, load_keras_weights_file(model, weights)
+        return model, load_weights_file(model, weights)
 
     return build
 

@@ -23,7 +23,8 @@ from extract.backbones.efficientnet_lite.architecture import (
 )
 from extract.backbones.efficientnet_lite.folding import batchnorm_pairs, fold_batchnorm
 from extract.backbones.efficientnet_lite.weights import load_torch_weights, packaged_weights_path
-from extract.backbones.registry import BackboneSpec, FeatureInfo, load_keras_weights_file, register_backbone, weights_record
+from extract.backbones.registry import BackboneSpec, FeatureInfo, register_backbone
+from extract.backbones.weights_files import load_weights_file, weights_record
 
 
 def _builder(name: str):
@@ -36,7 +37,7 @@ def _builder(name: str):
         if path.suffix == ".pth":
             load_torch_weights(model, path, name)
             return model, weights_record(path, source=weights)
-        return model, load_keras_weights_file(model, path)
+        return model, load_weights_file(model, path)
 
     return build
 
