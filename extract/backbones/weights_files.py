@@ -4,6 +4,8 @@ the file its features came from."""
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import keras
@@ -59,4 +61,18 @@ def weights_record(path: str | Path, *, source: str | None = None) -> dict:
     """What a store's fingerprint keeps of a weights file: where it came from (``source``, else the
     path), its name and its SHA-256."""
     path = Path(path)
-    return {"weights": source or str(path), "weights_file": path.name, "weights_sha256": file_digest(path)}
+    return {"weights": source or str(path), "weights_file": path.name, "weights_sha256": weights_sha256(path)}
+
+
+def weights_sha256(path: str | Path) -> str:
+    """``file_digest`` of a weights file, read once per process while the file is unchanged: a
+    featurizer built twice, or its trainable backbone built beside the folded one, hashes the
+    tens to hundreds of megabytes once."""
+    stat = os.stat(path)
+    # The change time too: a copy that keeps size and modification time (cp -p) still changes it.
+    return _sha256_of(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    return file_digest(path)
