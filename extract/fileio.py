@@ -6,12 +6,16 @@ embeddings, thumbnails, results.csv) goes through ``atomic_write``: a temporary 
 the target, fsync'ed, renamed over it, and the folder fsync'ed. A full disk, a file-size limit
 or a read-only or foreign folder (``DISK_ERRNOS``) is the user's to fix: it is raised as an
 ``OSError`` naming the target, which the command line turns into one line with the fix.
+
+``file_digest`` is the one checksum of a file: downloads check theirs with it, and a store's
+fingerprint records the SHA-256 of the weights file its features came from.
 """
 
 from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import io
 import logging
 import os
@@ -25,6 +29,13 @@ import numpy as np
 from extract.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """The hex digest of the bytes of ``path`` by ``algorithm`` (a ``hashlib`` name: ``sha256``, ``md5``).
+    An integrity check, not a security one, so MD5 works where FIPS mode forbids it for security."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
 
 
 def fsync_dir(folder: Path) -> None:

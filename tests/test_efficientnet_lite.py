@@ -109,7 +109,7 @@ def test_imagenet_sanity_cat_and_espresso(featurizer):
 
 
 def test_taps_match_independent_reference(featurizer):
-    from extract.backbones.efficientnet_lite import packaged_weights_path
+    from extract.backbones.efficientnet_lite.weights import packaged_weights_path
 
     image = featurizer.prepare(data.coffee())
     ours = featurizer(image[None])

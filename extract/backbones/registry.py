@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import keras
 from extract.errors import UserError
@@ -130,31 +128,3 @@ def _outer_inputs(model: keras.Model, layer: keras.Model) -> list:
     if len(calls) != 1:
         raise UserError(f"{layer.name!r} is called {len(calls)} times in {model.name!r}; a tap inside it is ambiguous")
     return calls[0].input_tensors
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_keras_weights_file(model: keras.Model, path: str | Path) -> dict:
-    """Load a Keras ``.weights.h5`` or ``.keras`` file into ``model``; describe what was loaded."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.name.endswith(".keras"):
-        source = keras.saving.load_model(path, compile=False)
-        model.set_weights(source.get_weights())
-    elif path.name.endswith(".weights.h5") or path.suffix == ".h5":
-        model.load_weights(path)
-    else:
-        raise UserError(f"{path}: weights files must end in .weights.h5, .h5 or .keras")
-    return weights_record(path)
-
-
-def weights_record(path: str | Path, *, source: str | None = None) -> dict:
-    path = Path(path)
-    return {"weights": source or str(path), "weights_file": path.name, "weights_sha256": file_sha256(path)}

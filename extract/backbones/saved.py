@@ -13,7 +13,8 @@ from pathlib import Path
 
 import keras
 
-from extract.backbones.registry import BackboneSpec, FeatureInfo, register_factory, weights_record
+from extract.backbones.registry import BackboneSpec, FeatureInfo, register_factory
+from extract.backbones.weights_files import weights_record
 from extract.datasets.base import slugify
 from extract.errors import UserError
 

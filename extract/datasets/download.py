@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tarfile
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 from extract.errors import UserError
+from extract.fileio import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +46,11 @@ class Download:
         return self.filename.endswith(ARCHIVE_SUFFIXES)
 
 
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(download: Download, folder: Path, *, progress: bool = True) -> Path:
     """Download into ``folder`` (kept when already there and verified); refuse a checksum mismatch."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / download.filename
-    if target.is_file() and file_md5(target) == download.md5:
+    if target.is_file() and file_digest(target, "md5") == download.md5:
         return target
     partial = target.with_name(target.name + ".part")
     log.info("downloading %s", download.url)
@@ -68,7 +60,7 @@ def fetch(download: Download, folder: Path, *, progress: bool = True) -> Path:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
                 bar.update(len(block))
-    found = file_md5(partial)
+    found = file_digest(partial, "md5")
     if found != download.md5:
         partial.unlink()
         raise UserError(f"{download.url}: MD5 {found} does not match the published {download.md5}; nothing was kept")
