@@ -35,7 +35,7 @@ DATA_ARGS = $(DATASET_ARGS) --seed $(call q,SEED) $(call opt,--resize,RESIZE) \
 # (one worker per GPU where it has GPUs); SHIP_BYTES=1: send images' bytes to workers that cannot read the paths.
 SCALE_ARGS = $(call opt,--workers,WORKERS) $(call opt,--ray-address,RAY_ADDRESS) $(if $(value SHIP_BYTES),--ship-bytes)
 
-.PHONY: setup data fetch extract layers baselines classify tsne report projector benchmark data-info finetune pretrain recipe rule-of-thumb browser test
+.PHONY: setup data fetch extract layers baselines classify tsne report projector benchmark data-info finetune pretrain recipe rule-of-thumb browser test test-slow
 
 setup: $(STAMP) data
 
@@ -120,5 +120,9 @@ browser:
 		echo "could not install $(BROWSER_PACKAGES) with apt-get: the browser tests will skip"; \
 	else echo "no chromium: the browser tests will skip (as root: apt-get install $(BROWSER_PACKAGES))"; fi
 
+# `make test` leaves out the end-to-end runs marked slow (about 3/4 of the time); CI runs both.
 test: setup browser
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+test-slow: setup browser
+	$(PY) -m pytest -m slow

@@ -106,6 +106,7 @@ def test_store_begun_by_one_process_is_finished_by_ray(ray_cluster, tree, tmp_pa
     _same_store(store, reference)
 
 
+@pytest.mark.slow
 def test_baselines_with_a_codebook_through_ray_equal_the_local_path(ray_cluster, tree, tmp_path):
     from baselines.__main__ import run_baselines
 
@@ -133,6 +134,7 @@ def _unseen_by_workers(tree: Path, variable: str):
     return dataclasses.replace(dataset, read=read)
 
 
+@pytest.mark.slow
 def test_a_path_workers_cannot_read_is_named_and_ship_bytes_sends_it(ray_cluster, tree, tmp_path, monkeypatch):
     monkeypatch.setenv("OFFSHELF_TEST_SHARE", str(tree))
     dataset = _unseen_by_workers(tree, "OFFSHELF_TEST_SHARE")

@@ -142,6 +142,7 @@ def test_the_ablation_adds_each_step_to_the_choice_before_it(tmp_path):
     assert not ablation(table[table["features"] == "cnn"])["step"].str.startswith("+ views").any()
 
 
+@pytest.mark.slow
 def test_noise_in_the_test_rows_changes_no_choice_of_the_full_recipe(tmp_path):
     """Views store, fused layers, normalisation, classifier, C: replacing every test row by noise changes
     the test numbers, never a choice."""
@@ -231,6 +232,7 @@ def test_recipe_best_is_the_recipe_of_the_command_line(tmp_path):
     assert set(pd.read_csv(tmp_path / "results" / "blobs" / "results.csv")["recipe"]) == {"plain", "best", "custom"}
 
 
+@pytest.mark.slow
 def test_recipe_best_from_extraction_to_report_on_an_office_layout(tiny, tmp_path):
     """`make extract VIEWS=centre,flip` + `make classify RECIPE=best` + `make report` on a fake Office-31 with a
     tiny real Keras model: a store per view setting, the plain and the best recipe's rows of both, and a
