@@ -39,7 +39,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from classify.evaluate import store_fingerprint_id
-from classify.report import TEXT_ONLY
+from classify.report.plots import TEXT_ONLY
 from classify.results import best_per, read_results, update_csv
 from extract.arguments import SEEDS, check, whole
 from extract.fileio import save_arrays

@@ -155,7 +155,7 @@ def accuracy_data(given: pd.DataFrame, metric: str, best) -> dict:
     models as they are). CNN taps are curves; baselines, fused layers (``a+b``: no store layer, so no
     embedding either) and trained models are lines. Backbones with other taps share the axis by
     relative depth."""
-    from classify.report import chosen_per
+    from classify.report.rows import chosen_per
 
     rows = chosen_per(given, ["features", "layer"])
     curve = (rows["kind"] == "cnn").to_numpy() & ~rows["layer"].astype(str).str.contains("+", regex=False).to_numpy()
@@ -408,7 +408,7 @@ def collect(results_dir: str | Path, report_dir: str | Path, *, features_dir: st
     """The page's data from results.csv (rows of live stores), the stores' embeddings (``make tsne``)
     and the chosen probe's predictions."""
     from classify.recipe import chosen_among
-    from classify.report import describe, main_rows, read_stores
+    from classify.report.rows import describe, main_rows, read_stores
 
     results_dir, report_dir = Path(results_dir), Path(report_dir)
     results = read_results(results_dir / "results.csv")

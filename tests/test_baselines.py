@@ -350,7 +350,7 @@ def test_presets_record_their_settings():
 
 
 def test_the_report_names_each_baselines_encoding_and_preset(image_tree):
-    from classify.report import describe_baseline
+    from classify.report.sections import describe_baseline
 
     dataset = load_dataset(f"folder:{image_tree}")
     preset, descriptor, encoding = describe_baseline(build("sift_bow", dataset).settings())

@@ -114,7 +114,7 @@ def test_the_genuine_store_reads_and_its_digest_is_checked(genuine):
 
 
 def test_a_store_renamed_from_another_dataset_is_refused_by_classify_tsne_and_report(genuine, tmp_path, caplog):
-    from classify.report import read_stores
+    from classify.report.rows import read_stores
 
     features = tmp_path / "features"
     (features / "flowers").mkdir(parents=True)

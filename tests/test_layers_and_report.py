@@ -94,7 +94,7 @@ def test_tsne_falls_back_to_scikit_learn_without_opentsne(monkeypatch):
 
 
 def test_rule_of_thumb_section_draws_curves_names_winners_and_crossovers(tmp_path):
-    from classify.report import rule_of_thumb_section
+    from classify.report.sections import rule_of_thumb_section
 
     means = {"probe": (0.60, 0.70, 0.75, 0.78), "top1": (0.50, 0.68, 0.80, 0.85), "all": (0.40, 0.55, 0.70, 0.90)}
     rows = [{"regime": regime, "per_class": k, "seed": seed, "top1": m + (0.01 if seed else -0.01)}

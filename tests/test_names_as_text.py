@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from classify.report import md
+from classify.report.markdown import md
 from classify.results import FORMULA_STARTS, read_csv, to_csv_text
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -308,7 +308,7 @@ def test_noise_in_the_test_rows_changes_no_choice(tmp_path):
 
 
 def test_the_report_labels_a_differing_test_best_as_an_oracle(tmp_path):
-    from classify.report import headline
+    from classify.report.sections import headline
 
     rows = pd.DataFrame([
         {"features": "a", "layer": "x", "layer_depth": 0, "classifier": "logreg", "cv_score": 0.9, "top1": 0.70, "mean_per_class_acc": 0.7,
