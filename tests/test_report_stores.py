@@ -93,3 +93,29 @@ def test_stores_record_what_computed_them_and_the_report_shows_it(tiny, image_tr
     assert f"| color | {md(UNRECORDED)} | - | - | - | - | - |" in section
     assert "computed on 2 different machines" in section
     assert pd.read_csv(tmp_path / "results" / "shapes" / "results.csv")["features"].nunique() == 3  # every store was probed
+
+
+def test_a_random_weights_store_is_shown_beside_its_pretrained_backbone_and_never_as_the_headline(tiny, image_tree, tmp_path):
+    from classify.page import collect
+    from classify.results import select_best
+
+    dataset = load_dataset(f"folder:{image_tree}")
+    features = tmp_path / "features"
+    pretrained = CNNFeaturizer(tiny, batch_size=8)
+    control = CNNFeaturizer(tiny, batch_size=8, weights="random")
+    control.name = "control"  # its own store; the report knows it by its fingerprint, whatever it is named
+    for featurizer in (pretrained, control):
+        extract_to_store(dataset, featurizer, store_path(features, dataset, featurizer), progress=False)
+    report = _probe_and_report(image_tree, tmp_path)
+
+    rows = pd.read_csv(tmp_path / "results" / "shapes" / "results.csv")
+    trained, untrained = (select_best(rows[rows["features"] == name]) for name in ("keras-tiny", "control"))
+    # The control has the higher CV score here: chosen among every row, it would be the headline.
+    assert untrained["cv_score"] > trained["cv_score"] and select_best(rows)["features"] == "control"
+    assert (f"Best by cross-validation on the training data: **keras-tiny / {trained['layer']} / {trained['classifier']}** "
+            f"(CV {100 * trained['cv_score']:.2f}%, the highest of {int((rows['features'] == 'keras-tiny').sum())} candidates)") in report
+    section = report.split("## Pretrained vs random weights")[1].split("\n## ")[0]
+    assert (f"| keras-tiny | keras-tiny / {trained['layer']} / {trained['classifier']} | {100 * trained['top1']:.2f} | "
+            f"control / {untrained['layer']} / {untrained['classifier']} | {100 * untrained['top1']:.2f} | "
+            f"{100 * (trained['top1'] - untrained['top1']):+.2f} |") in section
+    assert collect(tmp_path / "results" / "shapes", tmp_path / "reports" / "shapes", features_dir=features).best["features"] == "keras-tiny"

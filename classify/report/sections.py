@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from classify.recipe import ablation
+from classify.recipe import ablation, chosen_among
 from classify.report.markdown import code_span, markdown_table, md
 from classify.report.plots import METRIC_LABELS, plot_rule_of_thumb
-from classify.report.rows import describe
+from classify.report.rows import describe, weights_pairs
 from classify.results import PROBE_KINDS, best_per, read_csv, select_best
 from extract.errors import UserError
 from transfer.analysis import RULE_OF_THUMB_CSV, regime_depth, rule_of_thumb_crossovers, rule_of_thumb_curves, rule_of_thumb_winners
@@ -195,6 +195,29 @@ def headline(rows: pd.DataFrame, metric: str) -> tuple[pd.Series, list[str]]:
         lines.append(f"Oracle, for reference only (picked on the test split, not a result): {md(describe(oracle))}, "
                      f"{METRIC_LABELS[metric]} {100 * oracle[metric]:.2f}%.")
     return best, lines
+
+
+def weights_section(rows: pd.DataFrame, stores: list[dict], metric: str) -> list[str]:
+    """Per backbone with a random-weights control beside it (the same network and settings, weights
+    drawn at random): each store's layer and classifier chosen by CV on the training data, their test
+    scores and the difference, which is what the pretrained weights add."""
+    shown = []
+    for pretrained, control in weights_pairs(stores):
+        chosen = [select_best(chosen_among(rows[rows["features"] == store["extractor"]])) for store in (pretrained, control)]
+        if any(row is None for row in chosen):  # a store not probed yet
+            continue
+        trained, untrained = chosen
+        shown.append({"backbone": pretrained["fingerprint"]["model"],
+                      "pretrained (chosen by CV)": describe(trained), "pretrained %": f"{100 * trained[metric]:.2f}",
+                      "random weights (chosen by CV)": describe(untrained), "random weights %": f"{100 * untrained[metric]:.2f}",
+                      "pretrained - random (points)": f"{100 * (trained[metric] - untrained[metric]):+.2f}"})
+    if not shown:
+        return []
+    return ["## Pretrained vs random weights", "",
+            "The same network and settings with its pretrained weights and with weights drawn at random (`WEIGHTS=random`, "
+            f"seeded), each at the layer and classifier chosen by cross-validation on the training data; test {METRIC_LABELS[metric]}. "
+            "The difference is what pretraining put into the features beyond the architecture. The random-weights rows are a "
+            "control: they are never the headline.", "", markdown_table(pd.DataFrame(shown)), ""]
 
 
 def ablation_section(rows: pd.DataFrame, metric: str) -> list[str]:
