@@ -408,7 +408,7 @@ def collect(results_dir: str | Path, report_dir: str | Path, *, features_dir: st
     """The page's data from results.csv (rows of live stores), the stores' embeddings (``make tsne``)
     and the chosen probe's predictions."""
     from classify.recipe import chosen_among
-    from classify.report.rows import describe, main_rows, read_stores
+    from classify.report.rows import describe, headline_rows, main_rows, read_stores
 
     results_dir, report_dir = Path(results_dir), Path(report_dir)
     results = read_results(results_dir / "results.csv")
@@ -418,7 +418,7 @@ def collect(results_dir: str | Path, report_dir: str | Path, *, features_dir: st
     results = live_rows(results, {s["extractor"]: s for s in stores})
     metric = "mAP" if results["mAP"].notna().any() else "top1"
     given = chosen_among(main_rows(results))  # the rows the report's headline is chosen among
-    best = select_best(given) if len(given) else None
+    best = select_best(headline_rows(given, stores)) if len(given) else None  # the report's headline
     dataset = ", ".join(sorted(results["dataset"].astype(str).unique())) or report_dir.name
     embeddings = read_embeddings(results_dir, stores)
     if not embeddings:

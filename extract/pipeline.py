@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from extract.datasets import ImageDataset
+from extract.environment import machine_environment
 from extract.images import ImageDecodeError
 from extract.parallel import decode_pool, process_pool, run_pickled_job
 from extract.store import CHECKPOINT_SECONDS, StoreWriter
@@ -225,10 +226,12 @@ def extract_group(
         flush()
         bar.close()
         seconds = time.monotonic() - started
+        environment = machine_environment()  # once per run, after it: every framework the run loaded is imported
         for job in jobs:
             images = job.images
             job.writer.finalize(run={"seconds": round(seconds, 2), "images": images, "resumed_from": job.resumed_from,
                                      "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
+                                     "environment": environment,
                                      **({"shared_with": [f.name for f in featurizers if f is not job.featurizer]} if len(jobs) > 1 else {}),
                                      **({"ray_workers": source.workers} if distributed else {})})
         return [w.path for w in writers]

@@ -17,10 +17,10 @@ from sklearn.metrics import confusion_matrix
 from classify.recipe import ablation, chosen_among
 from classify.report.markdown import Markdown, code_span, markdown_table, md
 from classify.report.plots import METRIC_LABELS, plot_accuracy_by_layer, plot_best_per_method, plot_confusion, plot_few_shot, plot_summary
-from classify.report.rows import describe, main_rows, read_stores
+from classify.report.rows import describe, headline_rows, main_rows, read_stores
 from classify.report.sections import (
     ablation_section, baselines_section, domain_section, environment_section, headline, layers_section, percent, published_section,
-    rule_of_thumb_section, run_section,
+    rule_of_thumb_section, run_section, weights_section,
 )
 from classify.results import PROBES_VERSION, live_rows, read_csv, read_predictions, read_results, select_best, write_csv
 from extract.errors import UserError
@@ -32,7 +32,8 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
     """Write report.md and its PNGs. "Best" is always the highest cross-validation score on the
     training data; the test split only reports. The metric is top-1 accuracy, or mAP for
     multi-label datasets. With ``features_dir``, rows of stores that were deleted or rebuilt with
-    other settings are left out, and the stores' extraction times and package versions are added."""
+    other settings are left out, the stores' extraction times and environments are added, and a
+    random-weights store (by its fingerprint) is shown beside its pretrained backbone, never as the headline."""
     results_csv = Path(results_csv)
     results = read_results(results_csv)
     if results is None:
@@ -51,8 +52,8 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
     if every.empty:
         raise UserError(f"{results_csv} has no results of the given split or of transfers; run `make classify` first")
     given = chosen_among(every)
-    best, headline_lines = headline(given, metric)
-    plot = plot_accuracy_by_layer(given, report_dir / "accuracy_by_layer.png", metric=metric,
+    best, headline_lines = headline(headline_rows(given, stores), metric)
+    plot = plot_accuracy_by_layer(given, report_dir / "accuracy_by_layer.png", chosen=best, metric=metric,
                                   title=f"{dataset}: linear-probe {METRIC_LABELS[metric]} by layer")
     bars = plot_best_per_method(given, report_dir / "best_per_method.png", metric=metric,
                                 title=f"{dataset}: each feature set at its layer chosen by CV")
@@ -87,6 +88,7 @@ def write_report(results_csv: str | Path, report_dir: str | Path, *, metric: str
                      "every test image of them counts as wrong.")
     lines += ["", "Explore it in a browser: [index.html](index.html), every layer's embedding image by image, neighbours and confusions (offline)."]
     lines += ["", f"![accuracy by layer]({plot.name})", "", f"![each feature set at its chosen layer]({bars.name})", ""]
+    lines += weights_section(every, stores, metric)
     lines += ablation_section(every, metric)
     lines += domain_section(results)
 

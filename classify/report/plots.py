@@ -12,7 +12,7 @@ import pandas as pd
 
 from classify import fusion
 from classify.report.rows import chosen_per
-from classify.results import best_per, select_best
+from classify.results import best_per
 from transfer.analysis import regime_depth
 
 # Names are drawn as the text they are: no mathtext, whose parser dies on a class named `a$\bogus$b`.
@@ -21,10 +21,10 @@ METRIC_LABELS = {"top1": "top-1 accuracy", "mean_per_class_acc": "mean per-class
 
 
 @plt.rc_context(TEXT_ONLY)
-def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "top1", title: str = "") -> Path:
+def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, chosen: pd.Series | None, metric: str = "top1", title: str = "") -> Path:
     """CNN layers as curves (``kind`` cnn); baseline variants, fine-tuned and trained models as
     horizontal lines. Backbones with other taps share the axis by relative depth, each point
-    labelled with its tap."""
+    labelled with its tap. ``chosen``: the row the headline names, starred."""
     fig, ax = plt.subplots(figsize=(12, 5.5), constrained_layout=True)
     styles = {"logreg": "-", "svm": "--"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -35,7 +35,6 @@ def plot_accuracy_by_layer(table: pd.DataFrame, path: Path, *, metric: str = "to
     cnn = list(curves["features"].unique())
     tap_lists = {tuple(rows.sort_values("layer_depth")["layer"].unique()) for _, rows in curves.groupby("features")}
     shared_taps = len(tap_lists) == 1
-    chosen = select_best(table)
     for i, features in enumerate(cnn):
         for classifier, rows in curves[curves["features"] == features].groupby("classifier"):
             rows = rows.sort_values("layer_depth")

@@ -63,3 +63,31 @@ def describe(row) -> str:
     normalization = row.get("normalization")
     extra = f" ({normalization})" if isinstance(normalization, str) and normalization not in ("standard", "none") else ""
     return f"{row['features']} / {row['layer']} / {row['classifier']}{extra}"
+
+
+def is_random_weights(fingerprint: dict) -> bool:
+    """A random-weights control (``WEIGHTS=random``): the network untrained, known by its fingerprint
+    whatever its store is named."""
+    return fingerprint.get("weights") == "random"
+
+
+def _settings_but_weights(fingerprint: dict) -> dict:
+    """What made a CNN store less its weights: the backbone's weights record (``weights*``; a
+    saved model's ``architecture``), the seed of a random start, and the package versions."""
+    return {k: v for k, v in fingerprint.items() if not k.startswith("weights") and k not in ("seed", "architecture", "versions")}
+
+
+def weights_pairs(stores: list[dict]) -> list[tuple[dict, dict]]:
+    """(pretrained store, random-weights store) of the same backbone and settings but the weights."""
+    controls = [s for s in stores if is_random_weights(s["fingerprint"])]
+    return [(pretrained, control) for control in controls for pretrained in stores
+            if not is_random_weights(pretrained["fingerprint"]) and "model" in pretrained["fingerprint"]
+            and _settings_but_weights(pretrained["fingerprint"]) == _settings_but_weights(control["fingerprint"])]
+
+
+def headline_rows(given: pd.DataFrame, stores: list[dict]) -> pd.DataFrame:
+    """The rows the headline is chosen among: ``given`` less the rows of random-weights stores (a
+    control for transfer, not a transfer), unless none of the others has a CV score to choose by."""
+    controls = {s["extractor"] for s in stores if is_random_weights(s["fingerprint"])}
+    transfers = given[~given["features"].isin(controls)]
+    return transfers if transfers["cv_score"].notna().any() else given

@@ -4,25 +4,19 @@ the environment."""
 
 from __future__ import annotations
 
-import os
-import platform
-import shutil
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 
-from classify.recipe import ablation
+from classify.recipe import ablation, chosen_among
 from classify.report.markdown import code_span, markdown_table, md
 from classify.report.plots import METRIC_LABELS, plot_rule_of_thumb
-from classify.report.rows import describe
+from classify.report.rows import describe, weights_pairs
 from classify.results import PROBE_KINDS, best_per, read_csv, select_best
-from extract import package_versions
 from extract.errors import UserError
 from transfer.analysis import RULE_OF_THUMB_CSV, regime_depth, rule_of_thumb_crossovers, rule_of_thumb_curves, rule_of_thumb_winners
 
 PUBLISHED = Path(__file__).parents[1] / "published.csv"
-REPORT_PACKAGES = ("scikit-learn", "opentsne", "mahotas", "scikit-image", "opencv-python-headless", "matplotlib")
 
 
 def percent(value) -> str:
@@ -119,21 +113,43 @@ def baselines_section(stores: list[dict]) -> list[str]:
     return ["## Baselines: encodings and presets", "", markdown_table(pd.DataFrame(rows)), ""]
 
 
+UNRECORDED = "not recorded (made before 0.2.1)"
+
+
+def _listed(value) -> str:
+    """A recorded list (or one value) as text; "-" for none."""
+    text = ", ".join(map(str, value)) if isinstance(value, list) else "" if value is None else str(value)
+    return text or "-"
+
+
 def environment_section(stores: list[dict]) -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown") if Path("/proc/cpuinfo").exists() else platform.processor()
-    gpu = "none"
-    if shutil.which("nvidia-smi"):
-        found = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout.strip()
-        gpu = found.replace("\n", "; ") or "none"
-    versions: dict = {}
+    """Per store, the machine and software that computed it (its run record's ``environment``, written
+    at extraction), and whether the stores come from more than one machine. The record is shown as
+    text whatever it holds: it informs, nothing depends on it."""
+    if not stores:
+        return []
+    rows, machines = [], set()
     for store in stores:
-        versions.update(store["fingerprint"].get("versions", {}))
-    versions.update(package_versions(*REPORT_PACKAGES))
-    return ["## Environment", "",
-            f"- Python {platform.python_version()} on {md(platform.platform())}",
-            f"- CPU: {md(cpu)}, {os.cpu_count()} cores; GPU: {md(gpu)}",
-            "- Packages: " + ", ".join(f"{md(k)} {md(v)}" for k, v in sorted(versions.items(), key=str)), ""]
+        run = store["run"]
+        environment = run.get("environment")
+        if not isinstance(environment, dict):
+            rows.append({"store": store["extractor"], "host": UNRECORDED, "CPU": "-", "ISA": "-", "GPU": "-", "backend": "-", "versions": "-"})
+            continue
+        host, cpu, gpus = (_listed(environment.get(key)) for key in ("host", "cpu", "gpus"))
+        machines.add((host, cpu, gpus))
+        workers, versions = run.get("ray_workers"), environment.get("versions")
+        rows.append({
+            "store": store["extractor"],
+            "host": host + (f" (driver of {workers} Ray workers, which computed it)" if workers else ""),
+            "CPU": f"{cpu}, {_listed(environment.get('cores'))} cores", "ISA": _listed(environment.get("isa")),
+            "GPU": "none" if gpus == "-" else gpus, "backend": _listed(environment.get("keras_backend")),
+            "versions": ", ".join(f"{name} {version}" for name, version in versions.items()) if isinstance(versions, dict) else "-",
+        })
+    lines = ["## Environment", "", "What computed each store, as recorded when it was extracted.", "", markdown_table(pd.DataFrame(rows)), ""]
+    if len(machines) > 1:
+        lines += [f"The stores were computed on {len(machines)} different machines (host, CPU or GPU differ): "
+                  "their run times above are not comparable.", ""]
+    return lines
 
 
 def rule_of_thumb_section(results_dir: Path, report_dir: Path) -> list[str]:
@@ -179,6 +195,29 @@ def headline(rows: pd.DataFrame, metric: str) -> tuple[pd.Series, list[str]]:
         lines.append(f"Oracle, for reference only (picked on the test split, not a result): {md(describe(oracle))}, "
                      f"{METRIC_LABELS[metric]} {100 * oracle[metric]:.2f}%.")
     return best, lines
+
+
+def weights_section(rows: pd.DataFrame, stores: list[dict], metric: str) -> list[str]:
+    """Per backbone with a random-weights control beside it (the same network and settings, weights
+    drawn at random): each store's layer and classifier chosen by CV on the training data, their test
+    scores and the difference, which is what the pretrained weights add."""
+    shown = []
+    for pretrained, control in weights_pairs(stores):
+        chosen = [select_best(chosen_among(rows[rows["features"] == store["extractor"]])) for store in (pretrained, control)]
+        if any(row is None for row in chosen):  # a store not probed yet
+            continue
+        trained, untrained = chosen
+        shown.append({"backbone": pretrained["fingerprint"]["model"],
+                      "pretrained (chosen by CV)": describe(trained), "pretrained %": f"{100 * trained[metric]:.2f}",
+                      "random weights (chosen by CV)": describe(untrained), "random weights %": f"{100 * untrained[metric]:.2f}",
+                      "pretrained - random (points)": f"{100 * (trained[metric] - untrained[metric]):+.2f}"})
+    if not shown:
+        return []
+    return ["## Pretrained vs random weights", "",
+            "The same network and settings with its pretrained weights and with weights drawn at random (`WEIGHTS=random`, "
+            f"seeded), each at the layer and classifier chosen by cross-validation on the training data; test {METRIC_LABELS[metric]}. "
+            "The difference is what pretraining put into the features beyond the architecture. The random-weights rows are a "
+            "control: they are never the headline.", "", markdown_table(pd.DataFrame(shown)), ""]
 
 
 def ablation_section(rows: pd.DataFrame, metric: str) -> list[str]:

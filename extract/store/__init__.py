@@ -36,7 +36,10 @@ Root attributes:
 * ``complete``: true; a store is only ever published complete (see below)
 * ``created``: ISO-8601 UTC time of publication
 * ``run`` (optional): JSON of the run that finished the store: ``seconds`` of wall time,
-  ``images`` computed in it, ``resumed_from`` (rows already done), ``images_per_second``
+  ``images`` computed in it, ``resumed_from`` (rows already done), ``images_per_second``,
+  ``environment`` (``extract.environment.machine_environment``: host, CPU, GPUs, backend and
+  package versions of the machine that computed it; with ``ray_workers``, the driver's; stores
+  made before 0.2.1 have none). A record only: it is not compared when the store is read
 
 Crash safety. HDF5 files can be left unreadable when a writer dies mid-write, so no
 HDF5 file is ever written in place. Rows are computed into shards in
