@@ -15,6 +15,7 @@ import numpy as np
 from extract import package_versions
 from extract.arguments import FRACTION, POSITIVE, SEEDS, check
 from extract.backbones import FeatureInfo, get_backbone, layer_paths, tap_tensor
+from extract.backbones.weights_files import WEIGHTS_SUFFIXES
 from extract.images import RESIZES, VIEW_COUNTS, check_views, fit_to_input, view_inputs, views_side
 from extract.errors import UserError
 
@@ -51,7 +52,8 @@ def store_name(spec, *, pooling: str, views: str, requested_weights, weights: di
     if not own_weights and weights.get("weights") == "random":
         parts.append("random" if not weights.get("seed") else f"random-seed{weights['seed']}")
     elif not own_weights:  # a weights file: named by its file and its first hash digits
-        stem = re.sub(r"(\.weights)?\.(h5|keras)$", "", Path(str(weights.get("weights_file") or requested_weights)).name)
+        file_name = Path(str(weights.get("weights_file") or requested_weights)).name
+        stem = next((file_name.removesuffix(suffix) for suffix in WEIGHTS_SUFFIXES if file_name.endswith(suffix)), file_name)
         parts.append(f"weights-{_name_part(stem)}" + (f"-{weights['weights_sha256'][:8]}" if weights.get("weights_sha256") else ""))
     if dtype != "float32":
         parts.append(dtype)
