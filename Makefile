@@ -22,7 +22,7 @@ quote = '$(subst ','\'',$(1))'
 q = $(call quote,$(value $(1)))
 opt = $(if $(value $(2)),$(1) $(call q,$(2)))
 # Not into the recipes' environment either: exporting expands a value (and runs any $(shell) in it).
-unexport DATASET DATASETS DATA_DIR MODEL LAYER LAYERS POOLING VIEWS WEIGHTS DTYPE LIMIT FULL OVERWRITE ON_ERROR CROP RESIZE SEED \
+unexport DATASET DATASETS DATA_DIR MODEL LAYER LAYERS POOLING VIEWS WEIGHTS DTYPE LIMIT FULL OVERWRITE RUNTIME ON_ERROR CROP RESIZE SEED \
 	CHECKPOINT_SECONDS WORKERS RAY_ADDRESS SHIP_BYTES RECIPE CLASSIFIER NORMALIZATION FUSE BASELINES BASELINES_PRESET CODEBOOK_SPLIT FEATURES REPEATS REGIMES SIZES PROTOCOL N TRAIN EPOCHS BATCHNORM FEATURES_DIR RESULTS_DIR REPORTS_DIR
 
 # Where stores, results and reports go (default: features/, results/, reports/ here).
@@ -51,7 +51,8 @@ data: $(STAMP)
 
 extract: setup
 	$(PY) -m extract features $(DATA_ARGS) $(SCALE_ARGS) --model $(call q,MODEL) $(call opt,--layers,LAYERS) \
-		$(call opt,--pooling,POOLING) $(call opt,--views,VIEWS) $(call opt,--weights,WEIGHTS) $(call opt,--dtype,DTYPE)
+		$(call opt,--pooling,POOLING) $(call opt,--views,VIEWS) $(call opt,--weights,WEIGHTS) $(call opt,--dtype,DTYPE) \
+		$(call opt,--runtime,RUNTIME)
 
 layers: setup
 	$(PY) -m extract layers --model $(call q,MODEL)

@@ -10,19 +10,21 @@ from extract.commands import add_dataset_arguments, add_scaling_arguments, datas
 from extract.images import MISSING, VIEWS, ImageDecodeError, check_views
 
 DTYPES = ("float32", "bfloat16")  # extract.extractor.DTYPES, without importing Keras to parse a command line
+RUNTIMES = ("auto", "keras", "litert")  # extract.litert.RUNTIMES, likewise
 
 
 def cmd_features(args) -> None:
-    from extract.extractor import CNNFeaturizer
+    from extract.cached import cnn_featurizer
     from extract.pipeline import extract_to_store, store_path
 
     for view in args.views:  # every value checked before the dataset is read or any store written
         check_views(view)
     dataset = dataset_from(args)
     for view in args.views:  # one store per view setting
-        featurizer = CNNFeaturizer(
+        featurizer = cnn_featurizer(  # a run whose LiteRT model is cached starts without TensorFlow
             args.model, layers=args.layers, pooling=args.pooling, weights=args.weights, seed=args.seed,
             batch_size=args.batch_size, crop_pct=args.crop_pct, resize=dataset.resize, dtype=args.dtype, views=view,
+            runtime=args.runtime,
         )
         path = extract_to_store(
             dataset, featurizer, store_path(args.features_dir, dataset, featurizer),
@@ -114,6 +116,9 @@ def main(argv=None) -> int:
     features.add_argument("--dtype", default="float32", choices=DTYPES,
                           help="the model's weights and arithmetic; bfloat16 is faster on GPUs, features are stored as float32 "
                                "either way (and the dtype is recorded: a store is never mixed across dtypes)")
+    features.add_argument("--runtime", default="auto", choices=RUNTIMES,
+                          help="what runs the CNN: litert (LiteRT's XNNPACK kernels, fastest on CPUs), keras (the Keras "
+                               "backend), auto (litert on the TensorFlow backend in float32, else keras); recorded in the fingerprint")
     add_scaling_arguments(features)
     features.set_defaults(func=cmd_features)
 

@@ -127,16 +127,21 @@ def _limit_threads(threads: int) -> None:
     """This worker's share of the machine: TensorFlow's, BLAS/OpenMP's and OpenCV's thread pools."""
     from extract.parallel import limit_native_threads
 
+    from extract.litert import limit_threads
+
     threads = max(1, min(threads, host_cores()))
     limit_native_threads(threads)
-    if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
-        try:
-            import tensorflow as tf
+    limit_threads(threads)
+    if "tensorflow" not in sys.modules:  # read when TensorFlow starts, if it does (a cached LiteRT model needs none)
+        os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
+        return
+    import tensorflow as tf
 
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(max(1, threads))
-        except (ImportError, RuntimeError):  # no TensorFlow, or it has started already
-            pass
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow has started its thread pools already
+        pass
 
 
 class _Featurize:

@@ -17,7 +17,7 @@ from extract.parallel import host_cores
 # The instruction sets that decide how fast (and through which kernels) the CPU computes features.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 # Recorded only where the run imported them: a baseline run loads no deep-learning framework.
-FRAMEWORKS = ("tensorflow", "jax", "torch")
+FRAMEWORKS = ("tensorflow", "jax", "torch", "ai_edge_litert")
 PACKAGES = ("keras", "numpy", "h5py", "scikit-learn", "opencv-python-headless")
 
 

@@ -16,7 +16,9 @@ from extract import package_versions
 from extract.arguments import FRACTION, POSITIVE, SEEDS, check
 from extract.backbones import FeatureInfo, get_backbone, layer_paths, tap_tensor
 from extract.backbones.weights_files import WEIGHTS_SUFFIXES
-from extract.images import RESIZES, VIEW_COUNTS, check_views, fit_to_input, view_inputs, views_side
+from extract.forward import forward_in_batches
+from extract.images import RESIZES, VIEW_COUNTS, check_views, model_input, views_side
+from extract.litert import litert_forward, resolve_runtime, save_manifest
 from extract.errors import UserError
 
 # Bump when a change to this code (decoding, resizing, preprocessing, pooling, the models) alters CNN
@@ -171,14 +173,18 @@ def dtype_policy(dtype: str):
         keras.config.set_dtype_policy(previous)
 
 
-def compile_forward(model: keras.Model):
-    """A fast inference call for the active Keras backend: numpy in, dict of float32 numpy out.
+def compile_forward(model: keras.Model, runtime: str = "keras", taps: Sequence[str] = (), on_convert=None):
+    """A fast inference call: numpy in, dict of float32 numpy out. ``runtime="litert"`` runs
+    ``model`` (outputs ``taps``) on LiteRT (``extract.litert.litert_forward``, which calls
+    ``on_convert`` with each conversion); ``keras`` on the active backend.
 
     On this project's CPUs a ``tf.function`` call beat ``model.predict`` and XLA was
     slower for convnets, so TensorFlow runs a plain graph function; JAX is jitted, and runs
     on JAX's default device (the GPU where there is one). Outputs of a bfloat16 model are
     cast to float32 on the device (a float32 model's are left as they are).
     """
+    if runtime == "litert":
+        return litert_forward(model, taps, on_convert=on_convert)
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -220,6 +226,8 @@ class CNNFeaturizer:
     batch in one forward pass and returns, per image and tap, the mean of its views' pooled
     features: one row per image, as with one view. ``batch_size`` is the images of each forward pass:
     a call with fewer is padded to it (one static shape, traced once), one with more runs in several.
+    ``runtime`` is what runs the model (``extract.litert.RUNTIMES``): ``auto``, LiteRT where it can
+    (TensorFlow backend, float32), else Keras; the fingerprint records LiteRT.
     """
 
     def __init__(
@@ -236,6 +244,7 @@ class CNNFeaturizer:
         fold_batchnorm: bool = True,
         dtype: str = "float32",
         views: str = "centre",
+        runtime: str = "auto",
     ):
         check_views(views)
         for name, value, allowed in (("batch_size", batch_size, POSITIVE), ("seed", seed, SEEDS)):
@@ -245,7 +254,7 @@ class CNNFeaturizer:
             raise UserError(f"pooling={pooling!r} is not one of {POOLINGS}")
         self._arguments = (backbone, dict(layers=layers, pooling=pooling, weights=weights, seed=seed, batch_size=batch_size,
                                           crop_pct=crop_pct, resize=resize, fold_batchnorm=fold_batchnorm, dtype=dtype,
-                                          views=views))
+                                          views=views, runtime=runtime))
         self.spec = get_backbone(backbone)
         self.views, self.view_count = views, VIEW_COUNTS[views]
         self.pooling = pooling
@@ -261,6 +270,7 @@ class CNNFeaturizer:
         if dtype not in DTYPES:
             raise UserError(f"dtype={dtype!r} is not one of {DTYPES}; bfloat16 is faster on a GPU, float32 is exact")
         self.dtype = dtype
+        self.runtime = resolve_runtime(runtime, keras.backend.backend(), dtype)
         with dtype_policy(dtype):
             self._build(backbone, layers, pooling, weights, seed, fold_batchnorm)
         self.name = store_name(self.spec, pooling=pooling, views=views, requested_weights=weights,
@@ -338,6 +348,8 @@ class CNNFeaturizer:
             **({"batchnorm": "folded"} if self.batchnorm_folded else {}),
             # Only where it is not float32: stores written before the option existed stay valid.
             **({"dtype": self.dtype} if self.dtype != "float32" else {}),
+            # Only where it is not Keras: stores of the Keras runtime written before it existed stay valid.
+            **({"runtime": self.runtime} if self.runtime != "keras" else {}),
             # Likewise only where there is more than the one centre view.
             **({"views": {"name": self.views, "count": self.view_count, "from_side": self.min_side}} if self.views != "centre" else {}),
             "taps": {info.name: info.layer for info in self.feature_info},
@@ -349,29 +361,18 @@ class CNNFeaturizer:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """The model input, (S, S, 3); with views, all of them, (views, S, S, 3)."""
-        options = dict(crop_pct=self.crop_pct, interpolation=self.spec.interpolation, resize=self.resize)
-        if self.views == "centre":
-            return fit_to_input(image, self.input_size, **options)
-        return view_inputs(image, self.input_size, self.views, **options)
+        return model_input(image, self.input_size, self.views, crop_pct=self.crop_pct, interpolation=self.spec.interpolation,
+                           resize=self.resize)
+
+    def forward(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """The compiled model on one batch of model inputs, exactly as ``__call__`` shapes them."""
+        if self._forward is None:
+            self._forward = compile_forward(self.model, self.runtime, self.taps,
+                                            on_convert=lambda *converted: save_manifest(self, *converted))
+        return self._forward(pixels)
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
-        batch = np.stack(batch) if isinstance(batch, list) else batch
-        if self._forward is None:
-            self._forward = compile_forward(self.model)
-        if len(batch) > self.batch_size:
-            parts = [self(batch[start : start + self.batch_size]) for start in range(0, len(batch), self.batch_size)]
-            return {name: np.concatenate([part[name] for part in parts]) for name in self.taps}
-        n = len(batch)
-        if n < self.batch_size:  # pad to one static shape: no retracing on the last batch
-            batch = np.concatenate([batch, np.zeros((self.batch_size - n, *batch.shape[1:]), batch.dtype)])
-        if self.view_count > 1:  # (images, views, S, S, 3): every view of the batch in one forward pass
-            batch = batch.reshape(-1, *batch.shape[2:])
-        # Pixels are whole numbers in [0, 255]: uint8 holds them exactly, and the model casts them.
-        outputs = self._forward(batch if batch.dtype == np.uint8 else batch.astype(np.float32))
-        if self.view_count == 1:
-            return {name: np.asarray(outputs[name][:n], dtype=np.float32) for name in self.taps}
-        return {name: outputs[name].reshape(-1, self.view_count, outputs[name].shape[-1])[:n].mean(axis=1, dtype=np.float64)
-                .astype(np.float32) for name in self.taps}
+        return forward_in_batches(self.forward, batch, batch_size=self.batch_size, view_count=self.view_count, taps=self.taps)
 
 
 def _rebuild(cls, backbone: str, kwargs: dict) -> CNNFeaturizer:

@@ -229,6 +229,13 @@ def fit_to_input(rgb: np.ndarray, size: int, *, crop_pct: float = 1.0, interpola
     return cv2.resize(crop, (size, size), interpolation=INTERPOLATIONS[interpolation])
 
 
+def model_input(rgb: np.ndarray, size: int, views: str, *, crop_pct: float = 1.0, interpolation: str = "auto",
+                resize: str = "centre") -> np.ndarray:
+    """A CNN featurizer's input for one image: (size, size, 3) for the centre view, else every view, (V, size, size, 3)."""
+    options = dict(crop_pct=crop_pct, interpolation=interpolation, resize=resize)
+    return fit_to_input(rgb, size, **options) if views == "centre" else view_inputs(rgb, size, views, **options)
+
+
 def check_views(views: str) -> str:
     if views not in VIEWS:
         raise UserError(f"views={views!r} is not one of {', '.join(VIEWS)} (VIEWS= / --views)")

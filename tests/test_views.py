@@ -115,7 +115,7 @@ def test_centre_keeps_efficientnet_lite0s_name_and_fingerprint():  # a random-we
     featurizer = CNNFeaturizer("efficientnet_lite0", weights="random", layers="stem", views="centre")
     assert featurizer.name == "efficientnet_lite0-random" and featurizer.min_side == 224
     assert set(featurizer.fingerprint()) == {"model", "weights", "seed", "input_size", "preprocessing", "pooling", "batchnorm", "taps",
-                                             "keras_backend", "features_version", "versions"}
+                                             "keras_backend", "runtime", "features_version", "versions"}
 
 
 def _one_at_a_time(featurizer: CNNFeaturizer, views: np.ndarray) -> dict[str, np.ndarray]:
