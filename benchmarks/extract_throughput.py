@@ -266,6 +266,7 @@ def measure(args, isa: str, data: str, folder: Path, tmp: Path) -> None:
         timings: dict[str, list[float]] = {kind: [] for kind in calls}
         for _ in range(args.repeats):  # interleaved: the machine's load hits every kind alike
             for kind, call in calls.items():
+                time.sleep(0.2)  # the last call's thread pool stops spinning first (TensorFlow's and XNNPACK's both do)
                 timings[kind].append(median_time(call, 1))
         rate = {kind: args.batch_size / float(np.median(times)) for kind, times in timings.items()}
         pipeline = []
