@@ -5,9 +5,14 @@ float32) through the project's store writer, then, in a fresh process, probes it
 --jobs 1` does (``Evaluation``, protocol ``given``, the C search in that process) and prints that
 process's peak RSS (``ru_maxrss``) beside ``in_memory_peak``'s estimate. With ``--budget`` the
 same cases are probed within that budget: candidates over it are streamed, and the peak RSS is
-printed beside the budget and ``streaming_peak``'s estimate at the chunk used.
+printed beside the budget and ``streaming_peak``'s estimate at the chunk used. With
+``--split-workers N`` the C search's splits run in N worker processes (`--jobs N` on a store of
+one layer); the peak is then that of the whole process tree, sampled every 50 ms: the sum of the
+processes' proportional set sizes (PSS: a page shared by several counts once) plus joblib's
+memory-mapped copies in /dev/shm (counted again where a worker maps them: an upper bound).
 
     .venv/bin/python benchmarks/budget_calibration.py [--cases 6000x8192:logreg,12000x1024:logreg,4000x16384:svm] [--budget 512M]
+    .venv/bin/python benchmarks/budget_calibration.py --split-workers 3 [--cases ...]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +55,30 @@ def write_store(path: Path, train_rows: int, width: int) -> None:
         writer.finalize()
 
 
-def probe_store(path: Path, classifier: str, budget: int) -> dict:
+class TreeSampler(threading.Thread):
+    """The largest memory of this process and its children seen while it runs: PSS summed over the
+    tree, plus the size of joblib's memory-mapped files in /dev/shm."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.done = 0, threading.Event()
+
+    def run(self):
+        import psutil
+
+        me = psutil.Process()
+        while not self.done.wait(0.05):
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    total += process.memory_full_info().pss
+                except psutil.Error:  # a worker that just ended
+                    pass
+            total += sum(f.stat().st_size for f in Path("/dev/shm").glob("joblib_memmapping_folder_*/**/*") if f.is_file())
+            self.peak = max(self.peak, total)
+
+
+def probe_store(path: Path, classifier: str, budget: int, split_workers: int) -> dict:
     """In this process: probe the store, return the peak RSS, the estimates and what ran."""
     from classify import budget as memory
     from classify.evaluate import Evaluation, ProbeSettings, parse_protocol
@@ -58,17 +87,22 @@ def probe_store(path: Path, classifier: str, budget: int) -> dict:
     with FeatureStore(path) as store:
         train = int(np.sum(store.splits == "train"))
         width = store.dim("layer")
-    settings = ProbeSettings((classifier,), Cs=CS, n_jobs=1, memory_budget=budget)
+    settings = ProbeSettings((classifier,), Cs=CS, n_jobs=split_workers, memory_budget=budget)
     evaluation = Evaluation(path, parse_protocol("given"), settings)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sampler = TreeSampler()
+    if split_workers > 1:
+        sampler.start()
     row, = evaluation.run(progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sampler.done.set()
+    peak = sampler.peak if split_workers > 1 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kind, splits = ("val", 1) if train > 10_000 else ("cv", 3)
     chunk = memory.streaming_chunk_rows(budget, width, classes=CLASSES)
     return {"rows": train, "width": width, "classifier": classifier, "search": row["search"], "selection": row["selection"],
             "rss_before_fit": before, "peak_rss": peak,
             "in_memory_estimate": memory.in_memory_peak(train, width, classes=CLASSES, classifier=classifier, splits=splits,
-                                                        held_out_fraction=0.2 if kind == "val" else None),
+                                                        held_out_fraction=0.2 if kind == "val" else None,
+                                                        split_workers=min(splits, split_workers)),
             "streaming_estimate": memory.streaming_peak(chunk, width, classes=CLASSES), "chunk_rows": chunk, "top1": row["top1"]}
 
 
@@ -76,15 +110,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="6000x8192:logreg,12000x1024:logreg,4000x16384:svm")
     parser.add_argument("--budget", default=None, help="probe within this budget (default: one large enough for every fit)")
-    parser.add_argument("--child", nargs=3, metavar=("STORE", "CLASSIFIER", "BUDGET"), help=argparse.SUPPRESS)
+    parser.add_argument("--split-workers", type=int, default=1, help="worker processes for the C search's splits (default: 1, none)")
+    parser.add_argument("--child", nargs=4, metavar=("STORE", "CLASSIFIER", "BUDGET", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(probe_store(Path(args.child[0]), args.child[1], int(args.child[2]))))
+        print(json.dumps(probe_store(Path(args.child[0]), args.child[1], int(args.child[2]), int(args.child[3]))))
         return 0
     from classify.budget import describe_bytes, parse_bytes
 
     budget = parse_bytes(args.budget) if args.budget else 2**50
-    print(f"# {platform.processor() or platform.machine()}, {platform.python_version()}, budget {describe_bytes(budget)}")
+    print(f"# {platform.processor() or platform.machine()}, {platform.python_version()}, budget {describe_bytes(budget)}, "
+          f"split workers {args.split_workers}")
     print(f"{'rows':>6} {'width':>6} {'clf':<6} {'search':<7} {'at start':>10} {'peak RSS':>10} {'estimate':>10} {'ratio':>6}  selection")
     with tempfile.TemporaryDirectory() as folder:
         for case in args.cases.split(","):
@@ -94,7 +130,7 @@ def main(argv=None) -> int:
             subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
                             f"from benchmarks.budget_calibration import write_store; from pathlib import Path; "
                             f"write_store(Path({str(path)!r}), {rows}, {width})"], check=True, cwd=ROOT)
-            done = subprocess.run([sys.executable, __file__, "--child", str(path), classifier, str(budget)],
+            done = subprocess.run([sys.executable, __file__, "--child", str(path), classifier, str(budget), str(args.split_workers)],
                                   check=True, capture_output=True, text=True, cwd=ROOT)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             estimate = result["streaming_estimate"] if result["search"] == "stream" else result["in_memory_estimate"]

@@ -464,16 +464,17 @@ class Evaluation:
         targets, splits = store.multilabel, store.splits
         train, test_split = choose_splits(splits, self.protocol.train_split, self.protocol.test_split)
         train_rows, test_rows = np.flatnonzero(splits == train), np.flatnonzero(splits == test_split)
-        X_test = fusion.features(store, layer, test_rows)
-        scores = np.zeros((len(test_rows), targets.shape[1]))
         probes = []
         for c in range(targets.shape[1]):
             rows = train_rows[targets[train_rows, c] >= 0]
             if len(np.unique(targets[rows, c])) < 2:
                 raise UserError(f"{store.path}: class {store.classes[c]!r} has no positive or no negative training image in {train!r}")
-            probe = self._fit(store, job, rows, targets[:, c], self.settings.seed, scoring="average_precision")
-            scores[:, c] = probe.decision_function(X_test).ravel()
-            probes.append(probe)
+            probes.append(self._fit(store, job, rows, targets[:, c], self.settings.seed, scoring="average_precision"))
+        # every class's scores of the test rows, read once, a chunk at a time
+        scores, done = np.zeros((len(test_rows), targets.shape[1])), 0
+        for positions, X in fusion.iter_chunks(store, layer, test_rows, rows_per_read(test_rows, self._chunk_rows(store, layer))):
+            scores[done : done + len(positions)] = np.stack([probe.decision_function(X).ravel() for probe in probes], axis=1)
+            done += len(positions)
         truth = targets[test_rows]
         row = {
             **self._base_row(store, job), "protocol": self.protocol.name, "train_split": train,

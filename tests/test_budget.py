@@ -132,3 +132,21 @@ def test_a_fused_layer_streams_with_its_blocks_normalised_in_passes(tmp_path):
     rows = Evaluation(path, parse_protocol("given"), ProbeSettings(Cs=(0.01, 1.0), memory_budget=2**20)).run(layers=["low+high"], progress=False)
     row, = rows
     assert row["layer"] == "low+high" and row["search"] == "stream" and row["top1"] > 0.9
+
+
+def test_a_multilabel_store_streams_one_binary_probe_per_class_scored_by_average_precision(tmp_path):
+    from extract.datasets.base import ImageDataset
+    from extract.store import StoreWriter
+
+    X, y = _blobs(n_per_class=60, dim=10)
+    targets = np.stack([(y == 0) | (y == 2), y == 1], axis=1).astype(np.int8)  # two labels; class 2 carries the first
+    splits = np.where(np.arange(len(y)) % 4 == 0, "test", "train")
+    dataset = ImageDataset("tags", ("warm", "cold"), tuple(f"x{i}" for i in range(len(y))), targets.argmax(axis=1), tuple(splits),
+                           read=None, targets=targets)
+    with StoreWriter(tmp_path / "tags.h5", dataset=dataset, extractor="tags", fingerprint={"toy": 1}, taps=["layer"]) as writer:
+        writer.write_shard(np.arange(len(y)), {"layer": X})
+        writer.finalize()
+    streamed, = Evaluation(tmp_path / "tags.h5", parse_protocol("given"), ProbeSettings(Cs=(0.01, 1.0), memory_budget=2**20)).run(progress=False)
+    in_memory, = Evaluation(tmp_path / "tags.h5", parse_protocol("given"), ProbeSettings(Cs=(0.01, 1.0))).run(progress=False)
+    assert streamed["search"] == "stream" and streamed["selection"].endswith("by streaming SGD (lowest held-out log-loss), per class")
+    assert streamed["mAP"] > 0.95 and in_memory["mAP"] > 0.95 and 0.9 < streamed["cv_score"] <= 1.0
