@@ -23,7 +23,7 @@ q = $(call quote,$(value $(1)))
 opt = $(if $(value $(2)),$(1) $(call q,$(2)))
 # Not into the recipes' environment either: exporting expands a value (and runs any $(shell) in it).
 unexport DATASET DATASETS DATA_DIR MODEL LAYER LAYERS POOLING VIEWS WEIGHTS DTYPE LIMIT FULL OVERWRITE RUNTIME ON_ERROR CROP RESIZE SEED \
-	CHECKPOINT_SECONDS WORKERS RAY_ADDRESS SHIP_BYTES RECIPE CLASSIFIER NORMALIZATION FUSE BASELINES BASELINES_PRESET CODEBOOK_SPLIT FEATURES REPEATS REGIMES SIZES PROTOCOL N TRAIN EPOCHS BATCHNORM FEATURES_DIR RESULTS_DIR REPORTS_DIR
+	CHECKPOINT_SECONDS WORKERS RAY_ADDRESS SHIP_BYTES RECIPE CLASSIFIER NORMALIZATION FUSE MEMORY_BUDGET BASELINES BASELINES_PRESET CODEBOOK_SPLIT FEATURES REPEATS REGIMES SIZES PROTOCOL N TRAIN EPOCHS BATCHNORM FEATURES_DIR RESULTS_DIR REPORTS_DIR
 
 # Where stores, results and reports go (default: features/, results/, reports/ here).
 RESULT_DIRS = $(call opt,--results-dir,RESULTS_DIR) $(call opt,--reports-dir,REPORTS_DIR)
@@ -71,7 +71,8 @@ baselines: setup
 classify: setup
 	$(PY) -m classify probe $(DATASET_ARGS) $(RESULT_DIRS) --recipe $(call q,RECIPE) --seed $(call q,SEED) \
 		$(call opt,--classifier,CLASSIFIER) $(call opt,--normalization,NORMALIZATION) $(call opt,--fuse,FUSE) \
-		$(call opt,--features,FEATURES) $(call opt,--layers,LAYERS) $(call opt,--protocol,PROTOCOL) $(call opt,--repeats,REPEATS)
+		$(call opt,--features,FEATURES) $(call opt,--layers,LAYERS) $(call opt,--protocol,PROTOCOL) $(call opt,--repeats,REPEATS) \
+		$(call opt,--memory-budget,MEMORY_BUDGET)
 
 tsne: setup
 	$(PY) -m classify tsne $(DATASET_ARGS) $(RESULT_DIRS) $(call opt,--data-dir,DATA_DIR) --seed $(call q,SEED) --model $(call q,MODEL) $(call opt,--n,N)

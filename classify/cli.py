@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from classify.budget import DEFAULT_MEMORY_BUDGET, describe_bytes, parse_bytes
 from classify.evaluate import (ALL_CLASSIFIERS, FUSE_SIZES, PROBE_RANGES, PROTOCOL_HELP, Evaluation, ProbeSettings, parse_protocol,
                                store_paths)
 from classify.persist import SavedProbe
@@ -56,7 +57,7 @@ def probe_settings(args) -> ProbeSettings:
     if any(fields[k] != v for k, v in given.items()):
         fields = {**fields, **given, "recipe": "custom"}
     return ProbeSettings(**fields, search=args.search, cv=args.cv, select_by=args.select_by, seed=args.seed,
-                         repeats=args.repeats, n_jobs=args.jobs)
+                         repeats=args.repeats, n_jobs=args.jobs, memory_budget=args.memory_budget)
 
 
 def parse_fuse(text: str) -> tuple[int, ...]:
@@ -227,6 +228,10 @@ def main(argv=None) -> int:
     probe.add_argument("--repeats", type=option(PROBE_RANGES["repeats"]), default=5, help="few-shot draws per k")
     probe.add_argument("--seed", type=option(PROBE_RANGES["seed"]), default=0)
     probe.add_argument("--jobs", type=option(PROBE_RANGES["n_jobs"]), default=None, help="worker processes: one probe (layer, classifier) each, or the C search's folds when a store has one probe to fit (default: all cores)")
+    probe.add_argument("--memory-budget", type=user_option(parse_bytes), default=DEFAULT_MEMORY_BUDGET,
+                       help="what the fits running at once may hold, e.g. 8G, 512M or bytes: a (layer, classifier) whose "
+                            "in-memory fit is estimated above it is fitted by streaming SGD over chunks of the store "
+                            f"(default: {describe_bytes(DEFAULT_MEMORY_BUDGET)})")
     probe.add_argument("--save-probes", action="store_true", help="save each probe to results/<dataset>/probes/ (npz)")
     probe.add_argument("--refit", action="store_true", help="fit every probe again, even those whose rows results.csv already holds")
     probe.add_argument("--no-progress", action="store_true")

@@ -18,7 +18,9 @@ precision-recall envelope; ``mAP_voc07``: the 11-point VOC 2007 measure); diffic
 labels take no part in training or scoring; C is chosen per class by cross-validated average precision.
 
 Every row records ``cv_score``, the mean validation score at the chosen C (training rows
-only), which is what the report ranks by; and ``selection``, what chose C. A row whose key
+only), which is what the report ranks by; and ``selection``, what chose C. A candidate whose
+in-memory fit is estimated over ``ProbeSettings.memory_budget`` (``classify.budget``) is fitted
+by the streaming SGD probe instead: its ``search`` is ``stream`` and its ``selection`` says why. A row whose key
 (``classify.results.RESULT_KEY``) is already in ``results.csv`` is not fitted again.
 """
 
@@ -40,10 +42,12 @@ from sklearn.metrics import accuracy_score
 from tqdm.auto import tqdm
 
 from classify import fusion
+from classify.budget import (DEFAULT_MEMORY_BUDGET, STREAM_BATCH_ROWS, describe_bytes, in_memory_peak, rows_per_read, streaming_chunk_rows,
+                            streaming_peak)
 from classify.metrics import mean_average_precision, mean_per_class_accuracy
 from classify.persist import save_probe
-from classify.probe import (C_GRID, CLASSIFIERS, CV_FOLDS, DEFAULT_CS, NORMALIZATIONS, SEARCHES, SELECT_BY, LinearProbe,
-                            StreamingSGDProbe, worker_processes)
+from classify.probe import (C_GRID, CLASSIFIERS, CV_FOLDS, DEFAULT_CS, DEFAULT_VAL_FRACTION, NORMALIZATIONS, SEARCHES, SELECT_BY,
+                            LinearProbe, StreamingSGDProbe, worker_processes)
 from classify import results as result_file
 from classify.results import PREDICTIONS, PROBES, cached_rows, output_path, write_csv, write_predictions
 from extract.arguments import POSITIVE, SEEDS, Names, OrNone, Several, check_params, whole
@@ -64,15 +68,20 @@ FUSE_SIZES = Several(whole(2), least=0)  # how many taps each fused layer joins:
 PROBE_RANGES = {
     "classifiers": Several(Names(ALL_CLASSIFIERS)), "Cs": C_GRID, "search": Names(SEARCHES), "cv": CV_FOLDS,
     "cv_repeats": POSITIVE, "select_by": Names(SELECT_BY), "normalizations": Several(Names(NORMALIZATIONS)), "fuse": FUSE_SIZES,
-    "seed": SEEDS, "repeats": POSITIVE, "n_jobs": OrNone(POSITIVE),
+    "seed": SEEDS, "repeats": POSITIVE, "n_jobs": OrNone(POSITIVE), "memory_budget": POSITIVE,
 }
+# The ``search`` column of a candidate fitted by the streaming SGD probe because its in-memory fit
+# would not fit the memory budget (a 20% validation split, read in chunks).
+STREAMED_SEARCH = "stream"
 
 
 @dataclass(frozen=True)
 class ProbeSettings:
     """What a run fits: every (layer, classifier, normalisation) is a candidate and a row of its own;
     ``fuse`` adds the fused layers of the top k single layers by CV score for each k (``classify.fusion``);
-    ``cv_repeats`` repeats the k-fold CV on other seeded partitions. ``recipe`` names the settings
+    ``cv_repeats`` repeats the k-fold CV on other seeded partitions. ``memory_budget`` (bytes) bounds
+    what the fits running at once may hold (``classify.budget``): a candidate whose in-memory fit is
+    estimated above it is fitted by the streaming SGD probe instead. ``recipe`` names the settings
     (``classify.recipe``) in the rows. Each field's allowed values are declared in ``PROBE_RANGES``."""
 
     classifiers: tuple[str, ...] = ("logreg",)
@@ -86,6 +95,7 @@ class ProbeSettings:
     seed: int = 0
     repeats: int = 5
     n_jobs: int | None = None
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
     recipe: str = "plain"
 
     def __post_init__(self):
@@ -160,20 +170,11 @@ def few_shot_rows(labels: np.ndarray, candidates: np.ndarray, shots: int, seed: 
     return np.sort(np.concatenate(chosen))
 
 
-def _fit(settings: ProbeSettings, job, store, rows, labels, seed, scoring: str = "accuracy"):
-    layer, classifier, normalization = job
-    if classifier == "sgd":
-        if fusion.is_fused(layer):
-            raise UserError(f"the streaming SGD probe reads one tap at a time; fit fused layers ({layer}) with logreg or svm")
-        return StreamingSGDProbe(Cs=settings.Cs, seed=seed).fit_store(store, layer, rows, labels)
-    probe = LinearProbe(classifier, Cs=settings.Cs, search=settings.search, cv=settings.cv, cv_repeats=settings.cv_repeats,
-                        scoring=scoring, select_by=settings.select_by, normalization=normalization,
-                        blocks=fusion.blocks(store, layer), seed=seed, n_jobs=settings.n_jobs)
-    return probe.fit(fusion.features(store, layer, rows), labels[rows])
-
-
-def _predict(probe, store, layer, rows) -> np.ndarray:
-    return np.concatenate([probe.predict(X) for _, X in fusion.iter_chunks(store, layer, rows)]) if len(rows) else np.zeros(0, int)
+def _predict(probe, store, layer, rows, span_rows: int) -> np.ndarray:
+    """Predictions of sorted dataset ``rows``, read in chunks that span about ``span_rows`` rows of the store."""
+    if not len(rows):
+        return np.zeros(0, int)
+    return np.concatenate([probe.predict(X) for _, X in fusion.iter_chunks(store, layer, rows, rows_per_read(rows, span_rows))])
 
 
 class StoreChangedError(UserError):
@@ -201,6 +202,7 @@ class Evaluation:
         self.save_probes, self.fitted, self.results = save_probes, fitted, results
         self.on_rows = on_rows
         self.cached = 0
+        self.memory_share = settings.memory_budget  # what this process's fits may hold (workers: their share)
 
     def run(self, layers=None, progress: bool = True) -> list[dict]:
         """Rows of every candidate: the store's taps (or those of ``layers`` it has; names joined by
@@ -210,6 +212,8 @@ class Evaluation:
             self._store_columns = self._columns_of(store)
             self._taps, images = store.taps, len(store)
             self._check_shots(store)
+            self._fit_rows = self._training_rows_at_most(store)
+            self._classes = 2 if store.multilabel is not None else len(store.classes)  # multi-label: binary probes
             wanted = self._taps if layers is None else [t for t in self._taps if t in set(layers)]
             for name in [] if layers is None else [n for n in layers if fusion.is_fused(n)]:
                 if all(tap in self._taps for tap in fusion.parts(name)):
@@ -237,33 +241,94 @@ class Evaluation:
                 f"images per class, but class {store.classes[smallest]!r} has {counts[smallest]} in {train!r}: "
                 f"give shots of {counts[smallest]} or fewer")
 
+    def _training_rows_at_most(self, store) -> int:
+        """The most training rows one fit of this protocol takes (what its memory estimate counts): the
+        training split's, or k per class of it for a draw of k."""
+        train = store.splits == self.protocol.train_split
+        if not self.protocol.repeated or store.multilabel is not None:
+            return int(np.sum(train))
+        return int(np.minimum(np.bincount(store.labels[train]), max(self.protocol.shots)).sum())
+
+    def _linear_probe(self, store, job, *, seed: int, scoring: str = "accuracy", n_jobs: int | None = None) -> LinearProbe:
+        layer, classifier, normalization = job
+        settings = self.settings
+        return LinearProbe(classifier, Cs=settings.Cs, search=settings.search, cv=settings.cv, cv_repeats=settings.cv_repeats,
+                           scoring=scoring, select_by=settings.select_by, normalization=normalization,
+                           blocks=fusion.blocks(store, layer), seed=seed, n_jobs=n_jobs)
+
+    def _in_memory_peak(self, store, job, split_workers: int = 1) -> int:
+        """The estimated peak bytes of ``job``'s in-memory fit (``classify.budget.in_memory_peak``)."""
+        kind, splits = self._linear_probe(store, job, seed=0).search_plan(self._fit_rows)
+        return in_memory_peak(self._fit_rows, fusion.dim(store, job[0]), classes=self._classes, classifier=job[1], splits=splits,
+                              held_out_fraction=DEFAULT_VAL_FRACTION if kind == "val" else None, split_workers=split_workers)
+
+    def _streamed_because(self, store, job) -> str | None:
+        """Why ``job`` is fitted by the streaming SGD probe instead of in memory (its estimated peak is
+        over the memory budget), or None. Decided on the whole budget and the training rows' count,
+        the same whichever jobs run at once: what a row's key says."""
+        if job[1] == "sgd":
+            return None
+        peak, budget = self._in_memory_peak(store, job), self.settings.memory_budget
+        if peak <= budget:
+            return None
+        return f"in-memory fit estimated at {describe_bytes(peak)}, over the {describe_bytes(budget)} memory budget: "
+
+    def _needs(self, store, job) -> int:
+        """The bytes ``job`` needs at least: its in-memory fit's, or a streamed fit's smallest chunk."""
+        if job[1] == "sgd" or self._streamed_because(store, job):
+            return streaming_peak(STREAM_BATCH_ROWS, fusion.dim(store, job[0]), classes=self._classes)
+        return self._in_memory_peak(store, job)
+
+    def _chunk_rows(self, store, layer: str) -> int:
+        """Rows of the store a chunk read may span, for streamed fits and predictions, within this process's share of the budget."""
+        return streaming_chunk_rows(self.memory_share, fusion.dim(store, layer), classes=self._classes)
+
+    def _fit(self, store, job, rows, labels, seed, scoring: str = "accuracy"):
+        """A probe of ``job`` fitted on dataset ``rows``: in memory (C searched by ``LinearProbe``, its
+        splits in worker processes where the budget holds them), or by the streaming SGD probe."""
+        layer, classifier, normalization = job
+        if classifier == "sgd" or self._streamed_because(store, job):
+            probe = StreamingSGDProbe("logreg" if classifier == "sgd" else classifier, normalization=normalization,
+                                      blocks=fusion.blocks(store, layer), Cs=self.settings.Cs, scoring=scoring, seed=seed,
+                                      chunk_rows=self._chunk_rows(store, layer))
+            return probe.fit_store(store, layer, rows, labels)
+        probe = self._linear_probe(store, job, seed=seed, scoring=scoring, n_jobs=self.settings.n_jobs)
+        workers = worker_processes(probe.search_plan(len(rows))[1], len(rows), self.settings.n_jobs)
+        if workers > 1 and self._in_memory_peak(store, job, split_workers=workers) > self.memory_share:
+            probe.set_params(n_jobs=1)  # the splits one after another in this process: the same numbers
+        return probe.fit(fusion.features(store, layer, rows), labels[rows])
+
     def _rows(self, jobs, images: int, progress: bool) -> list[dict]:
         with FeatureStore(self.path) as store:
             self._check_identity(store)
             found = {job: self._cached(store, job) for job in jobs}
+            needs = max((self._needs(store, job) for job in jobs if found[job] is None), default=1)
         todo = [job for job in jobs if found[job] is None]
         self.cached += len(jobs) - len(todo)
         bar = tqdm(total=len(todo), desc=f"{self.protocol.name} {self._store_columns['features']}", disable=not progress or not todo)
         with bar:
-            fitted = self._fit_jobs(todo, images, bar)
+            fitted = self._fit_jobs(todo, images, needs, bar)
             rows = [row for job in jobs for row in (found[job] if found[job] is not None else next(fitted))]
         if len(jobs) > len(todo):
             log.info("%s %s: %d of %d probes cached in results.csv (same store, settings and seed)",
                      self.protocol.name, self.path.stem, len(jobs) - len(todo), len(jobs))
         return rows
 
-    def _fit_jobs(self, jobs, images: int, bar):
+    def _fit_jobs(self, jobs, images: int, needs: int, bar):
         """The rows of each job, in order, each handed to ``on_rows`` when done. Two or more jobs on a
         store of ``PARALLEL_MIN_ROWS`` images or more run in worker processes, one job each, every
         probe's C search in its worker (spreading each layer's folds over the cores instead left one
-        core idle through every final fit). Each fit is single-threaded either way: the same numbers."""
+        core idle through every final fit), as many at once as the memory budget holds jobs that need
+        ``needs`` bytes each (each then gets its share). Each fit is single-threaded either way: the same numbers."""
         processes = worker_processes(len(jobs), images, self.settings.n_jobs)
+        processes = min(processes, max(1, self.settings.memory_budget // needs))
         if processes < 2:
             done = ((self._job(job), None, []) for job in jobs)
         else:
             worker = copy.copy(self)
             worker.settings = replace(self.settings, n_jobs=1)  # one process per job, not per fold too
             worker.results, worker.on_rows, worker.fitted = None, None, None if self.fitted is None else {}
+            worker.memory_share = self.settings.memory_budget // processes
             done = Parallel(n_jobs=processes, return_as="generator")(delayed(_job_in_worker)(worker, job) for job in jobs)
         for rows, fitted, records in done:
             for record in records:  # a worker's warnings, as if logged here
@@ -320,24 +385,26 @@ class Evaluation:
         layer, classifier, normalization = job
         settings = self.settings
         sgd = classifier == "sgd"
+        streamed = self._streamed_because(store, job) is not None
         return {
             **self._store_columns, "layer": layer, "layer_depth": fusion.depth(store, layer),
             "classifier": classifier, "normalization": normalization,
-            "search": "val" if sgd else settings.search_name,
-            "select_by": "loss" if sgd else settings.select_by,
+            "search": STREAMED_SEARCH if streamed else "val" if sgd else settings.search_name,
+            "select_by": "loss" if sgd or streamed else settings.select_by,
             "Cs": ",".join(f"{c:g}" for c in settings.Cs), "seed": settings.seed,
             "repeats": settings.repeats if self.protocol.repeated else 1, "probe_version": result_file.PROBES_VERSION, "recipe": settings.recipe,
             "n_features": fusion.dim(store, layer), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
     @staticmethod
-    def _probe_columns(probes, how: str = "") -> dict:
+    def _probe_columns(probes, how: str = "", streamed_because: str | None = None) -> dict:
         """What chose C and how the fits went, over one probe or several (per class, per draw): the median
-        C, the mean CV score (NaN if any fit had nothing to hold out), all converged."""
+        C, the mean CV score (NaN if any fit had nothing to hold out), all converged; ``selection`` says
+        why a streamed probe was streamed (``_streamed_because``)."""
         cv_scores = [p.cv_score_ for p in probes]
         return {"C": float(np.median([p.best_C_ for p in probes])),
                 "cv_score": float(np.mean(cv_scores)) if np.all(np.isfinite(cv_scores)) else np.nan,
-                "selection": probes[0].selection_ + how, "converged": all(bool(p.converged_) for p in probes),
+                "selection": (streamed_because or "") + probes[0].selection_ + how, "converged": all(bool(p.converged_) for p in probes),
                 "cv_splits": probes[0].n_splits_, "fit_seconds": round(float(np.mean([p.fit_seconds_ for p in probes])), 3)}
 
     def _single(self, store, job) -> dict:
@@ -347,13 +414,13 @@ class Evaluation:
         labels, splits = store.labels, store.splits
         train, test_split = choose_splits(splits, self.protocol.train_split, None if self.protocol.other_dataset else self.protocol.test_split)
         train_rows = np.flatnonzero(splits == train)
-        probe = _fit(self.settings, job, store, train_rows, labels, self.settings.seed)
+        probe = self._fit(store, job, train_rows, labels, self.settings.seed)
         if self.protocol.other_dataset:
             test_store, test_rows, test_split = self._cross_target(store)
         else:  # this store stays open for the caller
             test_store, test_rows = contextlib.nullcontext(store), np.flatnonzero(splits == test_split)
         with test_store as target:
-            predicted = _predict(probe, target, layer, test_rows)
+            predicted = _predict(probe, target, layer, test_rows, self._chunk_rows(store, layer))
             paths = target.paths[test_rows]
             # ``classes`` reads the store each time it is asked: once per store, not once per image.
             true_names = np.asarray(target.classes)[target.labels[test_rows]]
@@ -363,7 +430,8 @@ class Evaluation:
         if self.fitted is not None:
             self.fitted[job] = probe
         row = {
-            **self._base_row(store, job), **self._probe_columns([probe]), "protocol": self.protocol.name,
+            **self._base_row(store, job), **self._probe_columns([probe], streamed_because=self._streamed_because(store, job)),
+            "protocol": self.protocol.name,
             "train_split": train, "test_split": test_split, "n_train": len(train_rows), "n_test": len(test_rows),
             "classes_unseen_in_train": unseen,
             "top1": float(accuracy_score(true_names, predicted_names)), "top1_std": 0.0,
@@ -396,22 +464,23 @@ class Evaluation:
         targets, splits = store.multilabel, store.splits
         train, test_split = choose_splits(splits, self.protocol.train_split, self.protocol.test_split)
         train_rows, test_rows = np.flatnonzero(splits == train), np.flatnonzero(splits == test_split)
-        X_test = fusion.features(store, layer, test_rows)
-        scores = np.zeros((len(test_rows), targets.shape[1]))
         probes = []
         for c in range(targets.shape[1]):
             rows = train_rows[targets[train_rows, c] >= 0]
             if len(np.unique(targets[rows, c])) < 2:
                 raise UserError(f"{store.path}: class {store.classes[c]!r} has no positive or no negative training image in {train!r}")
-            probe = _fit(self.settings, job, store, rows, targets[:, c], self.settings.seed, scoring="average_precision")
-            scores[:, c] = probe.decision_function(X_test).ravel()
-            probes.append(probe)
+            probes.append(self._fit(store, job, rows, targets[:, c], self.settings.seed, scoring="average_precision"))
+        # every class's scores of the test rows, read once, a chunk at a time
+        scores, done = np.zeros((len(test_rows), targets.shape[1])), 0
+        for positions, X in fusion.iter_chunks(store, layer, test_rows, rows_per_read(test_rows, self._chunk_rows(store, layer))):
+            scores[done : done + len(positions)] = np.stack([probe.decision_function(X).ravel() for probe in probes], axis=1)
+            done += len(positions)
         truth = targets[test_rows]
         row = {
             **self._base_row(store, job), "protocol": self.protocol.name, "train_split": train,
             "test_split": test_split,
             # cv_score: the cross-validated mAP, each class's probe's mean validation AP at its chosen C
-            **self._probe_columns(probes, ", per class"),
+            **self._probe_columns(probes, ", per class", self._streamed_because(store, job)),
             "n_train": len(train_rows), "n_test": len(test_rows), "classes_unseen_in_train": 0,
             "top1": np.nan, "top1_std": 0.0, "mean_per_class_acc": np.nan, "mean_per_class_acc_std": 0.0,
             "mAP": mean_average_precision(truth, scores), "mAP_voc07": mean_average_precision(truth, scores, eleven_point=True),
@@ -453,15 +522,15 @@ class Evaluation:
             for repeat in range(self.settings.repeats):
                 seed = self.settings.seed + repeat
                 train_rows = few_shot_rows(labels, candidates, shots, seed)
-                probe = _fit(self.settings, job, store, train_rows, labels, seed)
-                predicted = _predict(probe, store, layer, test_rows)
+                probe = self._fit(store, job, train_rows, labels, seed)
+                predicted = _predict(probe, store, layer, test_rows, self._chunk_rows(store, layer))
                 draws.append({"top1": accuracy_score(labels[test_rows], predicted),
                               "balanced": mean_per_class_accuracy(labels[test_rows], predicted), "probe": probe})
             unseen = self._check_fit(store, job, probe, labels[train_rows], labels[test_rows])
             rows.append({
                 **self._base_row(store, job), "protocol": self.protocol.name if self.protocol.sampled else f"{shots}-shot",
                 "train_split": train, "test_split": test_split,
-                **self._probe_columns([d["probe"] for d in draws], f", per draw ({shots} per class)"),
+                **self._probe_columns([d["probe"] for d in draws], f", per draw ({shots} per class)", self._streamed_because(store, job)),
                 "n_train": len(train_rows), "n_test": len(test_rows), "classes_unseen_in_train": unseen,
                 "top1": float(np.mean([d["top1"] for d in draws])), "top1_std": float(np.std([d["top1"] for d in draws])),
                 "mean_per_class_acc": float(np.mean([d["balanced"] for d in draws])),

@@ -18,9 +18,13 @@ rows are many (hand-crafted encodings of 8,000-40,000 values) are projected onto
 the training rows first (``RowSpan``): the same optimum, found on at most n features.
 Then the probe is refitted on all training rows with the chosen C. Test rows never reach ``fit``.
 
-``StreamingSGDProbe`` is the variant for stores too large for memory: it reads the
-HDF5 layer in chunks (``partial_fit``), choosing the regularisation on a held-out part
-of the training rows.
+Above ``CV_MAX_ROWS`` training rows the k folds give way to one stratified held-out split of
+``val_fraction`` of the rows (``search_plan``): each fold's fit there costs as much as the split's,
+and thousands of held-out rows score a C well enough.
+
+``StreamingSGDProbe`` is the variant for layers too large for memory (``classify.budget``): it
+reads the HDF5 layer in chunks (``partial_fit``), the normaliser's statistics in a streaming pass,
+choosing the regularisation on a held-out part of the training rows.
 
 Each estimator declares the allowed values of its parameters in ``_parameter_ranges``
 (scikit-learn's ``_parameter_constraints``, written with ``extract.arguments``' ranges, which
@@ -46,6 +50,9 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from sklearn.svm import LinearSVC
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import ThreadpoolController
+
+from classify import fusion
+from classify.budget import rows_per_read
 from extract.parallel import host_cores
 from extract.arguments import POSITIVE, SEEDS, Names, OrNone, Several, check_params, number, whole
 from extract.errors import UserError
@@ -64,6 +71,8 @@ DEFAULT_CS = tuple(float(c) for c in np.logspace(-5, 3, 9))
 # want C in the thousands, standardised wide layers (squared norm ~ d) a thousandth.
 WIDE_CS = tuple(float(c) for c in np.logspace(-6, 5, 12))
 DEFAULT_VAL_FRACTION = 0.2
+# Above this many training rows C is chosen on one stratified held-out split instead of k folds.
+CV_MAX_ROWS = 10_000
 # Below this many training rows a split's fit takes milliseconds, less than handing it to a
 # worker process costs: such searches (few-shot draws, small datasets) run in this process, and
 # so do the layers of a store of fewer images (``classify.evaluate`` spreads larger stores' layers).
@@ -141,19 +150,30 @@ class BlockNormalizer(TransformerMixin, BaseEstimator):
         return np.cumsum([0, *self.blocks])
 
     def fit(self, X, y=None):
+        return self.fit_chunks(lambda: (X,))
+
+    def fit_chunks(self, chunks):
+        """``fit`` over the rows in chunks: ``chunks()`` yields them afresh for each of two passes (each
+        block's statistics, then its mean squared norm)."""
         check_params(type(self).__name__, self.get_params(deep=False), self._parameter_ranges)
         edges = self._edges()
-        if X.shape[1] != edges[-1]:
-            raise UserError(f"a fused layer of blocks {list(self.blocks)} has {edges[-1]} columns. Received {X.shape[1]}")
-        self.normalizers_, self.weights_ = [], []
-        for start, stop in zip(edges[:-1], edges[1:]):
-            normalizer = make_normalizer(self.normalization).fit(X[:, start:stop])
-            block = normalizer.transform(X[:, start:stop])
-            mean_square = float(np.mean(np.sum(np.square(block, dtype=np.float64), axis=1)))
-            self.normalizers_.append(normalizer)
-            self.weights_.append(1.0 / np.sqrt(mean_square) if mean_square > 0 else 1.0)
-        self.n_features_in_ = X.shape[1]
+        blocks = list(zip(edges[:-1], edges[1:]))
+        self.normalizers_ = [fit_normalizer(self.normalization, lambda: (X[:, start:stop] for X in self._checked(chunks())))
+                             for start, stop in blocks]
+        squares, rows = np.zeros(len(blocks)), 0
+        for X in chunks():
+            for i, (normalizer, (start, stop)) in enumerate(zip(self.normalizers_, blocks)):
+                squares[i] += np.sum(np.sum(np.square(normalizer.transform(X[:, start:stop]), dtype=np.float64), axis=1))
+            rows += len(X)
+        self.weights_ = [1.0 / np.sqrt(total / rows) if total > 0 else 1.0 for total in squares]
+        self.n_features_in_ = int(edges[-1])
         return self
+
+    def _checked(self, chunks):
+        for X in chunks:
+            if X.shape[1] != self._edges()[-1]:
+                raise UserError(f"a fused layer of blocks {list(self.blocks)} has {self._edges()[-1]} columns. Received {X.shape[1]}")
+            yield X
 
     def transform(self, X):
         check_is_fitted(self, "normalizers_")
@@ -161,6 +181,20 @@ class BlockNormalizer(TransformerMixin, BaseEstimator):
         return np.concatenate([(normalizer.transform(X[:, start:stop]) * weight).astype(np.float32)
                                for normalizer, weight, start, stop in zip(self.normalizers_, self.weights_, edges[:-1], edges[1:])],
                               axis=1)
+
+
+def fit_normalizer(normalization: str, chunks, blocks: tuple[int, ...] | None = None):
+    """``make_normalizer(normalization, blocks)`` fitted on rows that ``chunks()`` yields an array at a
+    time (afresh at each call: a fused layer's blocks take two passes): the standard scaler's
+    statistics accumulate chunk by chunk; l2, sqrt and none learn nothing."""
+    normalizer = make_normalizer(normalization, blocks)
+    if isinstance(normalizer, BlockNormalizer):
+        return normalizer.fit_chunks(chunks)
+    if isinstance(normalizer, StandardScaler):
+        for X in chunks():
+            normalizer.partial_fit(X)
+        return normalizer
+    return normalizer.fit(next(iter(chunks())))
 
 
 def make_classifier(classifier: str, *, C: float, max_iter: int, seed: int):
@@ -284,7 +318,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         "classifier": Names(CLASSIFIERS), "Cs": C_GRID, "search": Names(SEARCHES), "cv": CV_FOLDS,
         "val_fraction": VAL_FRACTIONS, "normalization": Names(NORMALIZATIONS), "blocks": OrNone(Several(POSITIVE)),
         "cv_repeats": POSITIVE, "scoring": Names(SCORINGS), "max_iter": POSITIVE, "patience": OrNone(POSITIVE),
-        "select_by": Names(SELECT_BY), "seed": SEEDS, "n_jobs": OrNone(POSITIVE),
+        "select_by": Names(SELECT_BY), "seed": SEEDS, "n_jobs": OrNone(POSITIVE), "cv_max_rows": OrNone(POSITIVE),
     }
 
     def __init__(
@@ -304,6 +338,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         select_by: str = "loss",
         seed: int = 0,
         n_jobs: int | None = None,
+        cv_max_rows: int | None = CV_MAX_ROWS,
     ):
         self.classifier = classifier
         self.Cs = Cs
@@ -319,16 +354,25 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.select_by = select_by
         self.seed = seed
         self.n_jobs = n_jobs
+        self.cv_max_rows = cv_max_rows
+
+    def search_plan(self, rows: int) -> tuple[str, int]:
+        """How C is searched on ``rows`` training rows: ("cv", folds x repeats), or ("val", 1) for a
+        held-out split, asked for or above ``cv_max_rows`` (before counting the rows of each class,
+        which may leave fewer folds, or none)."""
+        if self.search == "val" or (self.cv_max_rows is not None and rows > self.cv_max_rows):
+            return "val", 1
+        return "cv", self.cv * self.cv_repeats
 
     def _splits(self, X, y, smallest_class: int):
-        if self.search == "cv":
+        if self.search_plan(len(y))[0] == "cv":
             folds = min(self.cv, smallest_class)
             if folds < 2:
                 return []
             if self.cv_repeats > 1:  # other seeded partitions of the same rows: a less noisy estimate
                 return list(RepeatedStratifiedKFold(n_splits=folds, n_repeats=self.cv_repeats, random_state=self.seed).split(X, y))
             return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.seed).split(X, y))
-        # search == "val" (checked at fit)
+        # a validation split: asked for, or above cv_max_rows
         n_val = max(len(self.classes_), round(self.val_fraction * len(y)))
         if smallest_class < 2 or len(y) - n_val < len(self.classes_):
             return []
@@ -382,10 +426,15 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             self.cv_loss_ = float(self.cv_losses_[best].mean())
             criterion = ("lowest held-out " + ("log-loss" if self.classifier == "logreg" else "squared hinge loss")
                          if self.select_by == "loss" else f"highest {self.scoring}")
-            repeats = self.cv_repeats if self.search == "cv" else 1
-            folds = len(splits) // repeats
-            self.selection_ = (f"C by {folds}-fold CV" + (f" x {repeats}" if repeats > 1 else "") if self.search == "cv"
-                               else f"C by a {self.val_fraction:.0%} validation split") + f" ({criterion})"
+            if self.search_plan(len(y))[0] == "cv":
+                repeats = self.cv_repeats
+                self.selection_ = f"C by {len(splits) // repeats}-fold CV" + (f" x {repeats}" if repeats > 1 else "")
+            else:
+                self.selection_ = f"C by a {self.val_fraction:.0%} validation split"
+                if self.search == "cv":  # the rows are many: one held-out split, not k folds
+                    self.selection_ += (f" of {len(y):,} training rows (one split above {self.cv_max_rows:,} rows, "
+                                        f"not {self.cv}-fold CV" + (f" x {self.cv_repeats}" if self.cv_repeats > 1 else "") + ")")
+            self.selection_ += f" ({criterion})"
         else:  # too few images per class to hold any out: the middle of the grid
             self.cv_scores_ = self.cv_losses_ = np.zeros((len(Cs), 0))
             self.best_C_, self.cv_score_ = float(Cs[len(Cs) // 2]), float("nan")
@@ -416,29 +465,45 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
 
 class StreamingSGDProbe(ClassifierMixin, BaseEstimator):
-    """Logistic regression by SGD over chunks of a store, for layers too large for memory.
+    """A linear probe by SGD over chunks of a store, for layers too large for memory.
 
-    The scaler is fitted in one streaming pass over the training rows. ``alpha`` (the SGD
-    form of 1 / (C n)) is chosen on a stratified validation part of the training rows,
-    then the probe is refitted on all of them; every pass reads ``chunk_rows`` at a time.
-    ``converged_`` is true when the weights changed by less than ``tol`` (relative to
-    their norm) over the final refit's last epoch.
+    ``classifier`` names the objective: logistic regression (log-loss) or the linear SVM's squared
+    hinge. The normaliser (``normalization``; ``blocks`` for a fused layer, read through
+    ``classify.fusion``) is fitted in streaming passes over the training rows. ``alpha`` (the SGD
+    form of 1 / (C n)) is chosen on a stratified validation part of the training rows by the lowest
+    held-out loss, then the probe is refitted on all of them. Every read spans at most
+    ``chunk_rows`` rows of the store (the memory a chunk takes); scikit-learn's SGD sees them
+    ``batch_rows`` at a time, each batch shuffled, so the numbers do not depend on ``chunk_rows``
+    while a chunk holds one batch or more. ``converged_`` is true when the weights changed by less
+    than ``tol`` (relative to their norm) over the final refit's last epoch.
     """
 
-    normalization = "standard"
-    _parameter_ranges = {"Cs": C_GRID, "epochs": POSITIVE, "tol": number(0, None, closed="neither"), "chunk_rows": POSITIVE,
-                         "val_fraction": VAL_FRACTIONS, "seed": SEEDS}
+    _parameter_ranges = {"classifier": Names(CLASSIFIERS), "normalization": Names(NORMALIZATIONS), "blocks": OrNone(Several(POSITIVE)),
+                         "Cs": C_GRID, "epochs": POSITIVE, "tol": number(0, None, closed="neither"), "chunk_rows": POSITIVE,
+                         "batch_rows": POSITIVE, "val_fraction": VAL_FRACTIONS, "scoring": Names(SCORINGS), "seed": SEEDS}
 
-    def __init__(self, *, Cs=DEFAULT_CS, epochs: int = 5, tol: float = 1e-2, chunk_rows: int = 4096,
-                 val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0):
+    def __init__(self, classifier: str = "logreg", *, normalization: str = "standard", blocks: tuple[int, ...] | None = None,
+                 Cs=DEFAULT_CS, epochs: int = 5, tol: float = 1e-2, chunk_rows: int = 4096, batch_rows: int = 256,
+                 val_fraction: float = DEFAULT_VAL_FRACTION, scoring: str = "accuracy", seed: int = 0):
+        self.classifier = classifier
+        self.normalization = normalization
+        self.blocks = blocks
         self.Cs = Cs
         self.epochs = epochs
         self.tol = tol
         self.chunk_rows = chunk_rows
+        self.batch_rows = batch_rows
         self.val_fraction = val_fraction
+        self.scoring = scoring
         self.seed = seed
 
-    def _passes(self, store, layer, rows, labels, model, scaler):
+    def _chunks(self, store, layer, rows):
+        """(positions, features) of ``rows``, read a chunk at a time: a chunk is read as the span from its
+        first row to its last, so a chunk of a sparse selection holds fewer rows; whole batches each."""
+        size = rows_per_read(rows, self.chunk_rows)
+        return fusion.iter_chunks(store, layer, rows, size - size % self.batch_rows if size >= self.batch_rows else size)
+
+    def _passes(self, store, layer, rows, labels, model, normalizer):
         """``epochs`` passes of ``partial_fit``; sets ``model.last_change_``, the relative change of the
         weights over the last pass (the convergence test: below ``tol``)."""
         rng = np.random.default_rng(self.seed)
@@ -446,53 +511,62 @@ class StreamingSGDProbe(ClassifierMixin, BaseEstimator):
         for _ in range(self.epochs):
             if hasattr(model, "coef_"):
                 before = model.coef_.copy()
-            for positions, X in store.iter_chunks(layer, rows, self.chunk_rows):
-                order = rng.permutation(len(positions))
-                model.partial_fit(scaler.transform(X[order]), labels[positions[order]], classes=self.classes_)
+            for positions, X in self._chunks(store, layer, rows):
+                X = normalizer.transform(X)
+                for start in range(0, len(positions), self.batch_rows):
+                    batch = start + rng.permutation(min(self.batch_rows, len(positions) - start))
+                    model.partial_fit(X[batch], labels[positions[batch]], classes=self.classes_)
         model.last_change_ = (float(np.linalg.norm(model.coef_ - before) / max(np.linalg.norm(model.coef_), 1e-12))
                               if before is not None else float("inf"))
         return model
 
-    def _score(self, store, layer, rows, labels, model, scaler) -> tuple[float, float]:
-        """Held-out accuracy and log-loss, a chunk at a time."""
-        hits = loss = 0.0
-        for positions, X in store.iter_chunks(layer, rows, self.chunk_rows):
-            X, y = scaler.transform(X), labels[positions]
-            hits += np.sum(model.predict(X) == y)
+    def _score(self, store, layer, rows, labels, model, normalizer) -> tuple[float, float]:
+        """Held-out score (accuracy, or average precision of a binary probe) and loss, a chunk at a time."""
+        decisions, loss = [], 0.0
+        for positions, X in self._chunks(store, layer, rows):
+            X, y = normalizer.transform(X), labels[positions]
+            decisions.append(model.decision_function(X))
             loss += held_out_loss(model, X, y) * len(y)
-        return hits / max(1, len(rows)), loss / max(1, len(rows))
+        y, decisions = labels[rows], np.concatenate(decisions)
+        if self.scoring == "average_precision":
+            score = float(average_precision_score(y, decisions))
+        else:
+            predicted = self.classes_[(decisions > 0).astype(int) if decisions.ndim == 1 else decisions.argmax(axis=1)]
+            score = float(np.mean(predicted == y))
+        return score, loss / max(1, len(rows))
 
     def fit_store(self, store, layer: str, rows, labels):
-        """Fit on ``store``'s ``layer`` at dataset ``rows``; ``labels`` is indexed by row."""
+        """Fit on ``store``'s ``layer`` (a tap, or a fused layer) at dataset ``rows``; ``labels`` is indexed by row."""
         start = time.perf_counter()
         check_params(type(self).__name__, self.get_params(deep=False), self._parameter_ranges)
         rows = np.sort(np.asarray(rows))
         self.classes_ = np.unique(labels[rows])
-        scaler = StandardScaler()
-        for _, X in store.iter_chunks(layer, rows, self.chunk_rows):
-            scaler.partial_fit(X)
+        normalizer = fit_normalizer(self.normalization, lambda: (X for _, X in self._chunks(store, layer, rows)), self.blocks)
         split = StratifiedShuffleSplit(n_splits=1, test_size=self.val_fraction, random_state=self.seed)
         train_idx, val_idx = next(split.split(rows, labels[rows]))
         fit_rows, val_rows = np.sort(rows[train_idx]), np.sort(rows[val_idx])
         Cs = np.sort(np.asarray(self.Cs, dtype=float))
         held_out = np.array([
-            self._score(store, layer, val_rows, labels, self._passes(store, layer, fit_rows, labels, self._model(C, len(fit_rows)), scaler), scaler)
+            self._score(store, layer, val_rows, labels,
+                        self._passes(store, layer, fit_rows, labels, self._model(C, len(fit_rows)), normalizer), normalizer)
             for C in Cs
         ])
         self.cv_scores_, self.cv_losses_ = held_out[:, :1], held_out[:, 1:]
         best = int(np.argmin(self.cv_losses_[:, 0]))  # ties: stronger regularisation
         self.best_C_, self.cv_score_ = float(Cs[best]), float(self.cv_scores_[best, 0])
         self.n_splits_ = 1
-        self.selection_ = f"C by a {self.val_fraction:.0%} validation split (lowest held-out log-loss)"
-        model = self._passes(store, layer, rows, labels, self._model(self.best_C_, len(rows)), scaler)
-        self.pipeline_ = Pipeline([("normalize", scaler), ("classify", model)])
+        loss = "log-loss" if self.classifier == "logreg" else "squared hinge loss"
+        self.selection_ = f"C by a {self.val_fraction:.0%} validation split, by streaming SGD (lowest held-out {loss})"
+        model = self._passes(store, layer, rows, labels, self._model(self.best_C_, len(rows)), normalizer)
+        self.pipeline_ = Pipeline([("normalize", normalizer), ("classify", model)])
         # The weights moved less than ``tol`` (relative) over the last epoch.
         self.converged_ = model.last_change_ < self.tol
         self.fit_seconds_ = time.perf_counter() - start
         return self
 
     def _model(self, C: float, n: int) -> SGDClassifier:
-        return SGDClassifier(loss="log_loss", alpha=1.0 / (C * n), learning_rate="optimal", random_state=self.seed)
+        return SGDClassifier(loss="log_loss" if self.classifier == "logreg" else "squared_hinge", alpha=1.0 / (C * n),
+                             learning_rate="optimal", shuffle=False, random_state=self.seed)
 
     def _fitted(self) -> Pipeline:
         if not hasattr(self, "pipeline_"):

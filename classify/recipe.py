@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from classify import fusion
-from classify.evaluate import PROBE_RANGES
+from classify.evaluate import PROBE_RANGES, STREAMED_SEARCH
 from classify.probe import DEFAULT_CS, WIDE_CS
 from classify.results import PROBE_KINDS, select_best
 from extract.arguments import check_params
@@ -71,7 +71,8 @@ def _grid(Cs) -> str:
 def _searched_as(recipe: Recipe):
     """Rows whose C was searched as ``recipe`` searches it (its grid, its repeated CV), whatever else was set."""
     # k-fold CV with any k (--cv), on the recipe's number of partitions: cv3, cv5 / cv3x3, cv2x3
-    search = rf"cv\d+x{recipe.cv_repeats}" if recipe.cv_repeats > 1 else r"cv\d+"
+    # or streamed (``classify.evaluate.STREAMED_SEARCH``: the in-memory fit was over the memory budget)
+    search = (rf"cv\d+x{recipe.cv_repeats}" if recipe.cv_repeats > 1 else r"cv\d+") + f"|{STREAMED_SEARCH}"
     return lambda r: r["search"].astype(str).str.fullmatch(search) & (r["Cs"].astype(str) == _grid(recipe.Cs))
 
 

@@ -125,10 +125,13 @@ BAD_PARAMETERS = [  # (estimator, parameter, value, what the line says is allowe
     ("LinearProbe", "patience", 0, "a whole number in [1, inf) (or None)"),
     ("LinearProbe", "n_jobs", 0, "a whole number in [1, inf) (or None)"),
     ("LinearProbe", "cv", 2.5, "a whole number in [2, inf)"),
+    ("LinearProbe", "cv_max_rows", 0, "a whole number in [1, inf) (or None)"),
     ("StreamingSGDProbe", "Cs", (), "one or more values, each a number in (0, inf)"),
     ("StreamingSGDProbe", "epochs", 0, "a whole number in [1, inf)"),
     ("StreamingSGDProbe", "tol", 0.0, "a number in (0, inf)"),
     ("StreamingSGDProbe", "chunk_rows", 0, "a whole number in [1, inf)"),
+    ("StreamingSGDProbe", "batch_rows", 0, "a whole number in [1, inf)"),
+    ("StreamingSGDProbe", "classifier", "knn", "one of 'logreg', 'svm'"),
     ("StreamingSGDProbe", "val_fraction", 0.0, "a number in (0, 1)"),
     ("StreamingSGDProbe", "seed", -1, "a whole number in [0, 4294967295]"),
     ("BlockNormalizer", "normalization", "zscore", "one of 'standard', 'l2', 'sqrt', 'none'"),
@@ -179,6 +182,7 @@ BAD_SETTINGS = [  # (ProbeSettings field, value, what the line says is allowed)
     ("repeats", 0, "a whole number in [1, inf)"),
     ("seed", 2**32, "a whole number in [0, 4294967295]"),
     ("n_jobs", 0, "a whole number in [1, inf) (or None)"),
+    ("memory_budget", 0, "a whole number in [1, inf)"),
 ]
 
 

@@ -279,9 +279,12 @@ def test_streaming_sgd_probe_reads_chunks(tmp_path):
 
 # -- model selection never sees the test split ------------------------------------------------------
 
-def test_noise_in_the_test_rows_changes_no_choice(tmp_path):
+@pytest.mark.parametrize("memory_budget", [None, 2**20], ids=["in-memory", "streamed"])
+def test_noise_in_the_test_rows_changes_no_choice(tmp_path, memory_budget):
     """Layer, classifier, C and the report's headline choice come from training rows only: replacing
-    every test row's features by noise changes the test numbers and nothing that was chosen."""
+    every test row's features by noise changes the test numbers and nothing that was chosen. So too
+    for probes streamed by SGD over chunks of the store (a 1 MiB memory budget), whose normaliser is
+    fitted in a streaming pass over the training rows."""
     from classify.report import write_report
 
     X, y = _blobs(n_per_class=40)
@@ -294,7 +297,9 @@ def test_noise_in_the_test_rows_changes_no_choice(tmp_path):
     for name, features in (("clean", layers), ("noisy", noisy)):
         root = tmp_path / name
         store = _store(root / "features" / "blobs" / "toy.h5", X, y, splits, layers=features)
-        rows = Evaluation(store, parse_protocol("given"), ProbeSettings(("logreg", "svm"), Cs=(0.001, 0.1, 10.0))).run(progress=False)
+        budget = {} if memory_budget is None else {"memory_budget": memory_budget}
+        rows = Evaluation(store, parse_protocol("given"), ProbeSettings(("logreg", "svm"), Cs=(0.001, 0.1, 10.0), **budget)).run(progress=False)
+        assert {r["search"] for r in rows} == {"cv3" if memory_budget is None else "stream"}
         update_results(root / "results" / "blobs" / "results.csv", rows)
         report = write_report(root / "results" / "blobs" / "results.csv", root / "reports" / "blobs",
                               features_dir=root / "features").read_text()
