@@ -89,8 +89,11 @@ def test_the_featurizer_defaults_the_cache_is_keyed_by_are_cnnfeaturizers():
 
     from extract.litert import FEATURIZER_DEFAULTS
 
+    from extract import cli, litert
+
     parameters = inspect.signature(CNNFeaturizer.__init__).parameters
     assert {name: p.default for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY} == FEATURIZER_DEFAULTS
+    assert cli.RUNTIMES == litert.RUNTIMES  # the command line's copy, kept to parse without importing TensorFlow
 
 
 TWIN = r"""
