@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def _converted(model, taps: list[str], shape: tuple, dtype: np.dtype) -> tuple[b
     try:
         flatbuffer = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module).convert()
     except Exception as error:  # the converter's own errors are many and unrelated classes
-        raise UserError(f"{model.name} does not convert to LiteRT ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+        raise UserError(f"{model.name} does not convert to LiteRT ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}); "
                         "RUNTIME=keras runs it on TensorFlow") from error
     target = folder / f"{key}-{hashlib.sha256(flatbuffer).hexdigest()[:16]}.tflite"
     return flatbuffer, target.name if _cache_write(target, flatbuffer) else None
@@ -225,6 +226,10 @@ def manifest_path(backbone: str, arguments: dict, backend: str) -> Path:
     return cache_folder() / f"featurizer-{featurizer_key(backbone, arguments, backend)}.json"
 
 
+# A cached flatbuffer's name: a record names only files of this form, inside the cache folder.
+CACHE_FILE = re.compile(r"[0-9a-f]{32}-[0-9a-f]{16}\.tflite")
+
+
 def read_manifest(path: Path) -> dict | None:
     try:
         manifest = json.loads(path.read_text())
@@ -232,7 +237,8 @@ def read_manifest(path: Path) -> dict | None:
         return None
     fields = {"name": str, "taps": list, "dims": dict, "batch_size": int, "input_size": int, "views": str, "view_count": int,
               "min_side": int, "prepare": dict, "fingerprint": dict, "version_packages": list, "inputs": dict}
-    if not isinstance(manifest, dict) or any(not isinstance(manifest.get(field), kind) for field, kind in fields.items()):
+    if (not isinstance(manifest, dict) or any(not isinstance(manifest.get(field), kind) for field, kind in fields.items())
+            or not all(isinstance(name, str) and CACHE_FILE.fullmatch(name) for name in manifest["inputs"].values())):
         log.warning("%s is not a featurizer record of this version: ignored (the model is built instead)", path)
         return None
     return manifest

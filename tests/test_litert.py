@@ -139,6 +139,9 @@ def test_a_later_run_starts_without_tensorflow_and_gives_the_same_store_facts_an
 
 
 def test_a_changed_model_file_or_a_bad_record_builds_the_model_again(cache, tmp_path):
+    import json
+    import re
+
     import keras
 
     from extract.cached import cnn_featurizer
@@ -156,6 +159,13 @@ def test_a_changed_model_file_or_a_bad_record_builds_the_model_again(cache, tmp_
     changed = cnn_featurizer(f"keras:{path}", batch_size=2)
     assert isinstance(changed, CNNFeaturizer)
     assert not np.allclose(changed(pixels)["fc"], before["fc"])
-    for record in cache.glob("featurizer-*.json"):
+    records = list(cache.glob("featurizer-*.json"))
+    good = records[0].read_text()
+    for record in records:
         record.write_text('{"name": 3}')  # not a record of this version
     assert isinstance(cnn_featurizer(f"keras:{path}", batch_size=2), CNNFeaturizer)
+    outside = tmp_path / "keep.txt"
+    outside.write_text("not the cache's")
+    for record in records:  # a record naming a file outside the cache is not followed (nor is that file removed)
+        record.write_text(re.sub(r'"[0-9a-f]{32}-[0-9a-f]{16}\.tflite"', json.dumps(f"../../{outside.name}"), good))
+    assert isinstance(cnn_featurizer(f"keras:{path}", batch_size=2), CNNFeaturizer) and outside.exists()
