@@ -125,9 +125,8 @@ def plan(resources: dict, workers: int | None) -> tuple[int, dict, int]:
 
 def _limit_threads(threads: int) -> None:
     """This worker's share of the machine: TensorFlow's, BLAS/OpenMP's and OpenCV's thread pools."""
-    from extract.parallel import limit_native_threads
-
     from extract.litert import limit_threads
+    from extract.parallel import limit_native_threads
 
     threads = max(1, min(threads, host_cores()))
     limit_native_threads(threads)

@@ -209,15 +209,14 @@ def featurizer_key(backbone: str, arguments: dict, backend: str) -> str:
     named = [backbone.split(":", 1)[1]] if ":" in backbone else []
     if isinstance(arguments.get("weights"), str):
         named.append(arguments["weights"])
-    files = []
-    for text in named:
-        path = Path(text).expanduser()
-        if path.is_file():
-            stat = path.stat()
-            files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    def stamp(path: Path, name: str) -> list:
+        stat = path.stat()
+        return [name, stat.st_size, stat.st_mtime_ns]
+
+    files = [stamp(path, str(path.resolve())) for path in (Path(text).expanduser() for text in named) if path.is_file()]
     keras_models = _keras_home() / "models"
     if keras_models.is_dir():
-        files += sorted([path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in keras_models.iterdir() if path.is_file())
+        files += sorted(stamp(path, path.name) for path in keras_models.iterdir() if path.is_file())
     facts = [backbone, {**FEATURIZER_DEFAULTS, **arguments}, backend, _code_digest(), package_versions(*_KEY_PACKAGES), files]
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
