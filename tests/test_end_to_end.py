@@ -61,8 +61,8 @@ def test_end_to_end_on_generated_images(tmp_path):
     for section in ("![t-SNE of each layer](tsne_grid.png)", "## Published numbers", "## Run time and throughput",
                     "## Environment", "| efficientnet_lite0 | 36 |"):
         assert section in report, section
-    printed = _cli("classify", "summary", "--datasets", f"folder:{tree}", "--results-dir", str(tmp_path / "results"),
-                   "--reports-dir", str(tmp_path / "reports"))
+    _cli("classify", "summary", "--datasets", f"folder:{tree}", "--results-dir", str(tmp_path / "results"),
+         "--reports-dir", str(tmp_path / "reports"))
     summary = (tmp_path / "reports" / "summary.md").read_text()
     assert "| shapes | best CNN layer | efficientnet_lite0 |" in summary and "| shapes | best baseline |" in summary
 

@@ -4,7 +4,6 @@ regime sees the same draws, finished runs are not redone, and a run repeats exac
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import keras
 import numpy as np
