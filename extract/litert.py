@@ -59,6 +59,13 @@ def resolve_runtime(runtime: str, backend: str, dtype: str) -> str:
 _threads: int | None = None
 
 
+# XNNPACK runs each operator over every image of an invoke before the next operator: two 224-pixel
+# images keep an operator's activations in cache, 32 do not. Measured on Lite0 (2 cores, AMD EPYC
+# AVX-512, model alone): 2 per invoke 160-200 img/s against 149-160 for 32, 9-13% less CPU per
+# image; the features are bit-identical (a row does not depend on the rows beside it).
+IMAGES_PER_INVOKE = 2
+
+
 def limit_threads(threads: int) -> None:
     global _threads
     _threads = threads
@@ -87,6 +94,9 @@ def litert_forward(model, taps: Sequence[str], on_convert=None) -> Callable[[np.
 
 
 def litert_runner(flatbuffer: bytes, taps: list[str]) -> Callable:
+    """A batch in, a dict of float32 arrays out. The batch runs ``IMAGES_PER_INVOKE`` images at a
+    time through an interpreter resized to that many; a model whose graph fixes its batch size, or
+    a batch that does not divide, runs whole."""
     from ai_edge_litert.interpreter import Interpreter
 
     from extract.parallel import host_cores
@@ -94,11 +104,28 @@ def litert_runner(flatbuffer: bytes, taps: list[str]) -> Callable:
     interpreter = Interpreter(model_content=flatbuffer, num_threads=_threads or host_cores())
     run = interpreter.get_signature_runner()
     input_name = next(iter(interpreter.get_signature_list()["serving_default"]["inputs"]))
+    converted = interpreter.get_input_details()[0]
+    try:
+        trial = run(**{input_name: np.zeros((IMAGES_PER_INVOKE, *converted["shape"][1:]), converted["dtype"])})
+        resizable = all(len(out) == IMAGES_PER_INVOKE for out in trial.values())
+    except (ValueError, RuntimeError):  # a Reshape to the traced batch size, say
+        resizable = False
+    if not resizable:
+        run = interpreter.get_signature_runner()
+    per_invoke = IMAGES_PER_INVOKE if resizable else None
 
     def call(batch: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = run(**{input_name: np.ascontiguousarray(batch)})
-        # The runner's arrays are views of the interpreter's buffers, which the next call overwrites.
-        return {tap: np.array(outputs[f"tap{i}"], dtype=np.float32) for i, tap in enumerate(taps)}
+        batch = np.ascontiguousarray(batch)
+        step = per_invoke if per_invoke and len(batch) % per_invoke == 0 else len(batch)
+        rows: dict[str, np.ndarray] = {}
+        for start in range(0, len(batch), step):
+            result = run(**{input_name: batch[start : start + step]})
+            for i, tap in enumerate(taps):
+                out = result[f"tap{i}"]
+                if start == 0:
+                    rows[tap] = np.empty((len(batch), *out.shape[1:]), np.float32)
+                rows[tap][start : start + step] = out  # copied: the next invoke overwrites the runner's arrays
+        return rows
 
     return call
 

@@ -169,3 +169,24 @@ def test_a_changed_model_file_or_a_bad_record_builds_the_model_again(cache, tmp_
     for record in records:  # a record naming a file outside the cache is not followed (nor is that file removed)
         record.write_text(re.sub(r'"[0-9a-f]{32}-[0-9a-f]{16}\.tflite"', json.dumps(f"../../{outside.name}"), good))
     assert isinstance(cnn_featurizer(f"keras:{path}", batch_size=2), CNNFeaturizer) and outside.exists()
+
+
+@pytest.mark.parametrize("fixed_batch", [False, True])
+def test_a_batch_runs_a_few_images_per_invoke_with_its_rows_in_order(cache, fixed_batch):
+    import keras
+
+    from extract.litert import IMAGES_PER_INVOKE, litert_forward
+
+    inputs = keras.Input((12, 12, 3))
+    hidden = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    if fixed_batch:  # a graph that reshapes to the traced batch size cannot run fewer images at a time
+        hidden = keras.layers.Lambda(lambda x: keras.ops.reshape(x, (6, -1)), output_shape=(400,))(hidden)
+    else:
+        hidden = keras.layers.GlobalAveragePooling2D()(hidden)
+    model = keras.Model(inputs, {"feature": keras.layers.Dense(5)(hidden)})
+    pixels = RNG.integers(0, 256, (6, 12, 12, 3)).astype(np.float32)
+    assert 6 % IMAGES_PER_INVOKE == 0 and 6 > IMAGES_PER_INVOKE
+    got = litert_forward(model, ["feature"])(pixels)["feature"]
+    expected = keras.ops.convert_to_numpy(model(pixels)["feature"])
+    assert got.shape == (6, 5) and len(np.unique(got.round(4), axis=0)) == 6
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
