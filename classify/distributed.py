@@ -30,24 +30,28 @@ def _job_on_node(function, evaluation, job, driver: str):
 
 class RayJobs:
     """Ray tasks on the cluster at ``address`` (a local one of this machine's CPUs without it), ``workers``
-    at once (default: one per CPU of the cluster), each asking one CPU. A cluster started here is shut
-    down on leaving ``stack``."""
+    at once (default: one per CPU of the cluster), each asking one CPU, or up to ``widest`` (the
+    workers one node holds) for a task that spreads its C search's splits over processes. A cluster
+    started here is shut down on leaving ``stack``."""
 
     def __init__(self, stack, workers: int | None, address: str | None):
         self.ray = connect(stack, address)
         self.workers = workers or max(1, int(self.ray.cluster_resources().get("CPU", 1)))
-        self._task = self.ray.remote(num_cpus=1, max_retries=RESTARTS)(_job_on_node)
+        node_cpus = max((int(node["Resources"].get("CPU", 0)) for node in self.ray.nodes() if node["Alive"]), default=1)
+        self.widest = max(1, min(self.workers, node_cpus))
+        self._task = self.ray.remote(max_retries=RESTARTS)(_job_on_node)
 
-    def map(self, function, evaluation, jobs, at_once: int):
-        """``function(evaluation, job)`` of each of ``jobs`` as Ray tasks, at most ``at_once`` running;
-        their results in the order of ``jobs``, each as soon as it and those before it are done."""
+    def map(self, function, evaluation, jobs, at_once: int, cpus: int = 1):
+        """``function(evaluation, job)`` of each of ``jobs`` as Ray tasks of ``cpus`` CPUs, at most ``at_once``
+        running; their results in the order of ``jobs``, each as soon as it and those before it are done."""
+        task = self._task.options(num_cpus=cpus)
         ray, driver = self.ray, socket.gethostname()
         shared = ray.put(evaluation)
         todo, running, finished, submitted, given = iter(jobs), {}, {}, 0, 0
         try:
             while True:
                 while len(running) < at_once and (job := next(todo, None)) is not None:
-                    running[self._task.remote(function, shared, job, driver)] = submitted
+                    running[task.remote(function, shared, job, driver)] = submitted
                     submitted += 1
                 if given == submitted:
                     return

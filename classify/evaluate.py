@@ -321,7 +321,9 @@ class Evaluation:
         probe's C search in its worker (spreading each layer's folds over the cores instead left one
         core idle through every final fit), as many at once as the memory budget holds jobs that need
         ``needs`` bytes each (each then gets its share). On a Ray ``cluster`` every job is a task, as many
-        at once as it has workers and the budget holds. Each fit is single-threaded either way: the same numbers."""
+        at once as it has workers and the budget holds; one at a time, a task spreads its C search's
+        splits over worker processes of its own, as this process does. Each fit is single-threaded
+        either way: the same numbers."""
         if self.cluster is None:
             processes = worker_processes(len(jobs), images, self.settings.n_jobs)
         else:
@@ -331,12 +333,14 @@ class Evaluation:
             done = ((self._job(job), None, []) for job in jobs)
         else:
             worker = copy.copy(self)
-            worker.settings = replace(self.settings, n_jobs=1)  # one process per job, not per fold too
+            # one process per job, not per fold too; a lone task on a cluster: its folds on the CPUs of one node
+            splits = self.cluster.widest if self.cluster is not None and processes == 1 else 1
+            worker.settings = replace(self.settings, n_jobs=splits)
             worker.results, worker.on_rows, worker.cluster = None, None, None
             worker.fitted = None if self.fitted is None else {}
             worker.memory_share = self.settings.memory_budget // processes
             if self.cluster is not None:
-                done = self.cluster.map(_job_in_worker, worker, jobs, at_once=processes)
+                done = self.cluster.map(_job_in_worker, worker, jobs, at_once=processes, cpus=splits)
             else:
                 done = Parallel(n_jobs=processes, return_as="generator")(delayed(_job_in_worker)(worker, job) for job in jobs)
         for rows, fitted, records in done:

@@ -82,8 +82,10 @@ def test_probe_jobs_as_ray_tasks_write_the_rows_of_a_local_run(ray_cluster, tmp_
 @pytest.mark.slow
 def test_streamed_in_memory_and_few_shot_jobs_on_ray_equal_the_local_run(ray_cluster, tmp_path):
     """A memory budget under which the wide layer's fit streams (StreamingSGDProbe, chunked reads) and
-    the others fit in memory; the given and the few-shot protocols: Ray's rows are the local ones."""
-    layers, y, splits = _layers(PARALLEL_MIN_ROWS // 3 + 10, wide=8000)
+    the others fit in memory, one job at a time (here, and on Ray as one task at a time, each
+    spreading its C search's folds over 2 worker processes, as this process does: over
+    PARALLEL_MIN_ROWS training rows); the given and the few-shot protocols: Ray's rows are the local ones."""
+    layers, y, splits = _layers(PARALLEL_MIN_ROWS * 2 // 3 + 10, wide=8000)
     features = tmp_path / "features"
     _store(features / "blobs" / "toy.h5", layers["low"], y, splits, layers=layers)
     options = ["--memory-budget", "320M"]
