@@ -47,28 +47,35 @@ class RayJobs:
         task = self._task.options(num_cpus=cpus)
         ray, driver = self.ray, socket.gethostname()
         shared = ray.put(evaluation)
-        todo, running, finished, submitted, given = iter(jobs), {}, {}, 0, 0
+        todo, running, finished, submitted = iter(jobs), {}, {}, []
         try:
             while True:
                 while len(running) < at_once and (job := next(todo, None)) is not None:
-                    running[task.remote(function, shared, job, driver)] = submitted
-                    submitted += 1
-                if given == submitted:
+                    running[task.remote(function, shared, job, driver)] = len(submitted)
+                    submitted.append(job)
+                if len(finished) + len(running) == 0:
                     return
                 ready, _ = ray.wait(list(running), num_returns=1)
                 for ref in ready:
                     finished[running.pop(ref)] = ref
+                given = len(submitted) - len(running) - len(finished)
                 while given in finished:
-                    yield self._result(finished.pop(given))
+                    yield self._result(finished.pop(given), submitted[given])
                     given += 1
         finally:
             for ref in running:  # the caller stopped (an error, an interrupted run): the tasks it started too
                 ray.cancel(ref)
 
-    def _result(self, ref):
-        """A task's result; a ``UserError`` it raised as itself, one line, not under Ray's wrappers."""
+    def _result(self, ref, job):
+        """A task's result; a ``UserError`` it raised as itself, one line, not under Ray's wrappers, and so
+        a worker lost on every attempt."""
+        lost = self.ray.exceptions
         try:
             return self.ray.get(ref)
+        except (lost.WorkerCrashedError, lost.OutOfMemoryError, lost.NodeDiedError) as error:
+            raise UserError(f"the Ray worker of probe job {'/'.join(job)} died on each of {RESTARTS + 1} attempts "
+                            f"({type(error).__name__}): killed, by hand or for memory; give the workers more memory, or "
+                            "run fewer at once (WORKERS) or in a smaller MEMORY_BUDGET") from None
         except Exception as error:
             user = _user_error(error)
             if user is None:

@@ -124,6 +124,27 @@ def test_a_worker_killed_in_a_job_costs_only_time(ray_cluster, tmp_path):
         [{k: v for k, v in r.items() if k not in VOLATILE_COLUMNS} for r in local]
 
 
+@pytest.mark.slow  # five attempts, each a worker started and killed
+def test_a_worker_killed_on_every_attempt_is_one_line(ray_cluster, tmp_path):
+    from classify.distributed import RayJobs
+    from extract.distributed import RESTARTS
+
+    attempts = tmp_path / "attempts"
+
+    class KilledAlways(Evaluation):
+        def _job(self, job):
+            with attempts.open("a") as record:
+                record.write(f"{os.getpid()}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    layers, y, splits = _layers(10)
+    path = _store(tmp_path / "toy.h5", layers["low"], y, splits)
+    with ExitStack() as stack, pytest.raises(UserError, match=rf"^the Ray worker of probe job layer/logreg/standard died on each of "
+                                                              rf"{RESTARTS + 1} attempts \(WorkerCrashedError\): killed, .*MEMORY_BUDGET$"):
+        KilledAlways(path, parse_protocol("given"), ProbeSettings(), cluster=RayJobs(stack, 2, None)).run(progress=False)
+    assert len(set(attempts.read_text().split())) == RESTARTS + 1  # each attempt in a worker of its own
+
+
 def test_a_node_without_the_store_is_named_in_one_line(tmp_path):
     from classify.distributed import _job_on_node
 
