@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     probe.add_argument("--cv-repeats", type=option(PROBE_RANGES["cv_repeats"]), default=None, help="repeat the k-fold CV on this many seeded partitions (default: the recipe's)")
     probe.add_argument("--repeats", type=option(PROBE_RANGES["repeats"]), default=5, help="few-shot draws per k")
     probe.add_argument("--seed", type=option(PROBE_RANGES["seed"]), default=0)
-    probe.add_argument("--jobs", type=option(PROBE_RANGES["n_jobs"]), default=None, help="worker processes: one probe (layer, classifier) each, or the C search's folds when a store has one probe to fit (default: all cores)")
+    probe.add_argument("--jobs", type=option(PROBE_RANGES["n_jobs"]), default=None, help="worker processes: one probe (layer, classifier) each, or the C search's folds when a store has one probe to fit (default: all cores; with --workers or --ray-address, the Ray tasks instead)")
     probe.add_argument("--memory-budget", type=user_option(parse_bytes), default=DEFAULT_MEMORY_BUDGET,
                        help="what the fits running at once may hold, e.g. 8G, 512M or bytes: a (layer, classifier) whose "
                             "in-memory fit is estimated above it is fitted by streaming SGD over chunks of the store "
