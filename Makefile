@@ -33,7 +33,9 @@ DATA_ARGS = $(DATASET_ARGS) --seed $(call q,SEED) $(call opt,--resize,RESIZE) \
 	$(if $(value OVERWRITE),--overwrite) $(call opt,--on-error,ON_ERROR) $(call opt,--checkpoint-seconds,CHECKPOINT_SECONDS)
 # WORKERS=N: a local Ray cluster with N workers; RAY_ADDRESS=auto|HOST:PORT: an existing one
 # (one worker per GPU where it has GPUs); SHIP_BYTES=1: send images' bytes to workers that cannot read the paths.
-SCALE_ARGS = $(call opt,--workers,WORKERS) $(call opt,--ray-address,RAY_ADDRESS) $(if $(value SHIP_BYTES),--ship-bytes)
+# make classify takes the cluster's two (CLUSTER_ARGS): each probe job a Ray task.
+CLUSTER_ARGS = $(call opt,--workers,WORKERS) $(call opt,--ray-address,RAY_ADDRESS)
+SCALE_ARGS = $(CLUSTER_ARGS) $(if $(value SHIP_BYTES),--ship-bytes)
 
 .PHONY: setup data fetch extract layers baselines classify tsne report projector benchmark data-info finetune pretrain recipe rule-of-thumb browser test test-slow
 
@@ -72,7 +74,7 @@ classify: setup
 	$(PY) -m classify probe $(DATASET_ARGS) $(RESULT_DIRS) --recipe $(call q,RECIPE) --seed $(call q,SEED) \
 		$(call opt,--classifier,CLASSIFIER) $(call opt,--normalization,NORMALIZATION) $(call opt,--fuse,FUSE) \
 		$(call opt,--features,FEATURES) $(call opt,--layers,LAYERS) $(call opt,--protocol,PROTOCOL) $(call opt,--repeats,REPEATS) \
-		$(call opt,--memory-budget,MEMORY_BUDGET)
+		$(call opt,--memory-budget,MEMORY_BUDGET) $(CLUSTER_ARGS)
 
 tsne: setup
 	$(PY) -m classify tsne $(DATASET_ARGS) $(RESULT_DIRS) $(call opt,--data-dir,DATA_DIR) --seed $(call q,SEED) --model $(call q,MODEL) $(call opt,--n,N)

@@ -7,6 +7,7 @@ import argparse
 import functools
 import itertools
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from classify.probe import CLASSIFIERS, NORMALIZATIONS, SEARCHES, SELECT_BY, par
 from classify.recipe import DEFAULT_RECIPE, RECIPES
 from classify.results import read_results, update_results, write_csv
 from extract.arguments import POSITIVE, SEEDS, ArgumentParser, names, option, user_option, whole
-from extract.commands import run_command
+from extract.commands import add_cluster_arguments, run_command
 from extract.datasets import CROPS, DATASETS, dataset_slug
 from extract.errors import UserError
 from extract.store import FeatureStore
@@ -97,12 +98,19 @@ def cmd_probe(args) -> None:
     rows, cached = [], 0
     # Each fitted job's rows are merged as soon as they are done: a killed run keeps them.
     merge = functools.partial(update_results, out / "results.csv")
-    for path in dataset_stores(args, args.features):
-        for protocol, run in itertools.product(protocols_for(args), runs):
-            evaluation = Evaluation(path, protocol, run, out_dir=out, features_dir=Path(args.features_dir),
-                                    save_probes=args.save_probes, results=previous, on_rows=merge)
-            rows += evaluation.run(layers=args.layers, progress=not args.no_progress)
-            cached += evaluation.cached
+    paths = dataset_stores(args, args.features)
+    with ExitStack() as stack:
+        cluster = None
+        if args.workers or args.ray_address:
+            from classify.distributed import RayJobs  # imports Ray only where asked for
+
+            cluster = RayJobs(stack, args.workers, args.ray_address)
+        for path in paths:
+            for protocol, run in itertools.product(protocols_for(args), runs):
+                evaluation = Evaluation(path, protocol, run, out_dir=out, features_dir=Path(args.features_dir),
+                                        save_probes=args.save_probes, results=previous, on_rows=merge, cluster=cluster)
+                rows += evaluation.run(layers=args.layers, progress=not args.no_progress)
+                cached += evaluation.cached
     if not rows:
         raise UserError(f"no store of {args.dataset} has any of the layers {','.join(args.layers)}")
     for row in rows:
@@ -227,11 +235,12 @@ def main(argv=None) -> int:
     probe.add_argument("--cv-repeats", type=option(PROBE_RANGES["cv_repeats"]), default=None, help="repeat the k-fold CV on this many seeded partitions (default: the recipe's)")
     probe.add_argument("--repeats", type=option(PROBE_RANGES["repeats"]), default=5, help="few-shot draws per k")
     probe.add_argument("--seed", type=option(PROBE_RANGES["seed"]), default=0)
-    probe.add_argument("--jobs", type=option(PROBE_RANGES["n_jobs"]), default=None, help="worker processes: one probe (layer, classifier) each, or the C search's folds when a store has one probe to fit (default: all cores)")
+    probe.add_argument("--jobs", type=option(PROBE_RANGES["n_jobs"]), default=None, help="worker processes: one probe (layer, classifier) each, or the C search's folds when a store has one probe to fit (default: all cores; with --workers or --ray-address, the Ray tasks instead)")
     probe.add_argument("--memory-budget", type=user_option(parse_bytes), default=DEFAULT_MEMORY_BUDGET,
                        help="what the fits running at once may hold, e.g. 8G, 512M or bytes: a (layer, classifier) whose "
                             "in-memory fit is estimated above it is fitted by streaming SGD over chunks of the store "
                             f"(default: {describe_bytes(DEFAULT_MEMORY_BUDGET)})")
+    add_cluster_arguments(probe, per_gpu=False)  # each (layer, classifier) a Ray task: the same rows as here
     probe.add_argument("--save-probes", action="store_true", help="save each probe to results/<dataset>/probes/ (npz)")
     probe.add_argument("--refit", action="store_true", help="fit every probe again, even those whose rows results.csv already holds")
     probe.add_argument("--no-progress", action="store_true")

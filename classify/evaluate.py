@@ -190,17 +190,18 @@ class Evaluation:
     """Runs one protocol on one store; rows go to ``rows``, predictions and probes under ``out_dir``.
     Jobs whose rows are already in ``results`` (same key) are taken from there, not refitted; the
     others run one (layer, classifier, normalisation) job per worker process on stores large enough
-    to gain (``_fit_jobs``). ``on_rows`` receives each fitted job's rows as soon as it is done (the
-    command merges them into results.csv then, so a killed run keeps them). The store is pinned: a
+    to gain (``_fit_jobs``), or one per Ray task with ``cluster`` (``classify.distributed.RayJobs``).
+    ``on_rows`` receives each fitted job's rows as soon as it is done (the command merges them into
+    results.csv then, so a killed run keeps them). The store is pinned: a
     job that finds another file at the path (rebuilt while this ran) stops with ``StoreChangedError``."""
 
     def __init__(self, path, protocol: Protocol, settings: ProbeSettings, *, out_dir: Path | None = None,
                  features_dir: Path | None = None, save_probes: bool = False, fitted: dict | None = None,
-                 results: pd.DataFrame | None = None, on_rows=None):
+                 results: pd.DataFrame | None = None, on_rows=None, cluster=None):
         self.path, self.protocol, self.settings = Path(path), protocol, settings
         self.out_dir, self.features_dir = out_dir, features_dir
         self.save_probes, self.fitted, self.results = save_probes, fitted, results
-        self.on_rows = on_rows
+        self.on_rows, self.cluster = on_rows, cluster
         self.cached = 0
         self.memory_share = settings.memory_budget  # what this process's fits may hold (workers: their share)
 
@@ -319,17 +320,29 @@ class Evaluation:
         store of ``PARALLEL_MIN_ROWS`` images or more run in worker processes, one job each, every
         probe's C search in its worker (spreading each layer's folds over the cores instead left one
         core idle through every final fit), as many at once as the memory budget holds jobs that need
-        ``needs`` bytes each (each then gets its share). Each fit is single-threaded either way: the same numbers."""
-        processes = worker_processes(len(jobs), images, self.settings.n_jobs)
+        ``needs`` bytes each (each then gets its share). On a Ray ``cluster`` every job is a task, as many
+        at once as it has workers and the budget holds; one at a time, a task spreads its C search's
+        splits over worker processes of its own, as this process does. Each fit is single-threaded
+        either way: the same numbers."""
+        if self.cluster is None:
+            processes = worker_processes(len(jobs), images, self.settings.n_jobs)
+        else:
+            processes = min(len(jobs), self.cluster.workers)
         processes = min(processes, max(1, self.settings.memory_budget // needs))
-        if processes < 2:
+        if processes < 2 and self.cluster is None:
             done = ((self._job(job), None, []) for job in jobs)
         else:
             worker = copy.copy(self)
-            worker.settings = replace(self.settings, n_jobs=1)  # one process per job, not per fold too
-            worker.results, worker.on_rows, worker.fitted = None, None, None if self.fitted is None else {}
+            # one process per job, not per fold too; a lone task on a cluster: its folds on the CPUs of one node
+            splits = self.cluster.widest if self.cluster is not None and processes == 1 else 1
+            worker.settings = replace(self.settings, n_jobs=splits)
+            worker.results, worker.on_rows, worker.cluster = None, None, None
+            worker.fitted = None if self.fitted is None else {}
             worker.memory_share = self.settings.memory_budget // processes
-            done = Parallel(n_jobs=processes, return_as="generator")(delayed(_job_in_worker)(worker, job) for job in jobs)
+            if self.cluster is not None:
+                done = self.cluster.map(_job_in_worker, worker, jobs, at_once=processes, cpus=splits)
+            else:
+                done = Parallel(n_jobs=processes, return_as="generator")(delayed(_job_in_worker)(worker, job) for job in jobs)
         for rows, fitted, records in done:
             for record in records:  # a worker's warnings, as if logged here
                 logger = logging.getLogger(record["name"])

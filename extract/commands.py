@@ -39,14 +39,19 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-seconds", type=option(number(0)), default=CHECKPOINT_SECONDS, help="save finished batches at least this often")
 
 
-def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the images are decoded and featurized: here, or on Ray workers (``extract.distributed``)."""
-    parser.add_argument("--threads", type=option(POSITIVE), default=None, help="image decoding threads of this process")
+def add_cluster_arguments(parser: argparse.ArgumentParser, *, per_gpu: bool = True) -> None:
+    """``--workers`` / ``--ray-address``: the work runs on Ray (``extract.distributed.connect``)."""
     parser.add_argument("--workers", type=option(POSITIVE), default=None,
                         help="Ray workers: a local Ray cluster of this machine's CPUs with N workers, or N workers of --ray-address")
     parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
-                        help="an existing Ray cluster (auto: the one this machine belongs to; default: $RAY_ADDRESS); "
-                             "one worker per GPU where it has GPUs")
+                        help="an existing Ray cluster (auto: the one this machine belongs to; default: $RAY_ADDRESS)"
+                             + ("; one worker per GPU where it has GPUs" if per_gpu else ""))
+
+
+def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the images are decoded and featurized: here, or on Ray workers (``extract.distributed``)."""
+    parser.add_argument("--threads", type=option(POSITIVE), default=None, help="image decoding threads of this process")
+    add_cluster_arguments(parser)
     parser.add_argument("--ship-bytes", action="store_true",
                         help="send each image's encoded bytes from here to the Ray workers (when they cannot read the image paths)")
 

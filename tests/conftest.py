@@ -99,6 +99,19 @@ def make_image_tree(root: Path, *, classes=("circle", "square"), per_class: dict
     return root
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs, as on this project's machines; it takes seconds to start."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    if started:
+        ray.shutdown()
+
+
 @pytest.fixture
 def image_tree(tmp_path) -> Path:
     return make_image_tree(tmp_path / "shapes")

@@ -34,18 +34,6 @@ ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TF_CPP_MIN_LOG_LEVEL": "2"
 ENV.pop("RAY_ADDRESS", None)
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray cluster of 2 CPUs, as on this project's machines; it takes seconds to start."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     from conftest import make_image_tree

@@ -233,7 +233,7 @@ MAKE_TARGETS = {
     "data-info": {"DATASET": "--dataset", "DATA_DIR": "--data-dir"},
     "baselines": {"DATASET": "--dataset", "BASELINES": "--baselines"},
     "classify": {"DATASET": "--dataset", "CLASSIFIER": "--classifier", "FEATURES": "--features", "LAYERS": "--layers",
-                 "PROTOCOL": "--protocol", "SEED": "--seed"},
+                 "PROTOCOL": "--protocol", "SEED": "--seed", "WORKERS": "--workers", "RAY_ADDRESS": "--ray-address"},
     "tsne": {"DATASET": "--dataset", "MODEL": "--model", "N": "--n"},
     "report": {"DATASET": "--dataset"},
     "finetune": {"DATASET": "--dataset", "MODEL": "--model", "TRAIN": "--train", "EPOCHS": "--epochs", "WEIGHTS": "--weights",
