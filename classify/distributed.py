@@ -15,7 +15,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from extract.distributed import RESTARTS, _user_error, connect
+from extract.distributed import RESTARTS, connect, user_error
 from extract.errors import UserError
 
 
@@ -77,7 +77,7 @@ class RayJobs:
                             f"({type(error).__name__}): killed, by hand or for memory; give the workers more memory, or "
                             "run fewer at once (WORKERS) or in a smaller MEMORY_BUDGET") from None
         except Exception as error:
-            user = _user_error(error)
+            user = user_error(error)
             if user is None:
                 raise
             raise type(user)(*user.args) from None

@@ -196,7 +196,7 @@ class _Featurize:
         return {"record": np.array([record], dtype=object)}
 
 
-def _user_error(error: BaseException) -> UserError | None:
+def user_error(error: BaseException) -> UserError | None:
     """The ``UserError`` a worker raised, from under Ray's wrappers."""
     seen = set()
     while error is not None and id(error) not in seen:
@@ -224,7 +224,7 @@ class RayBatches:
         self.workers = self._workers
 
     def _run(self, dataset, featurizers, todo, prepare, batches, workers, address, ship_bytes):
-        ray = connect(self._stack, address)
+        connect(self._stack, address)  # a started or joined cluster; `import ray.data` binds `ray` too
         import pyarrow as pa
         import ray.data
 
@@ -281,7 +281,7 @@ class RayBatches:
                 for record in batch["record"]:
                     yield self._unpack(record)
         except Exception as error:
-            user = _user_error(error)
+            user = user_error(error)
             if user is None:
                 raise
             raise type(user)(*user.args) if not isinstance(user, ImageDecodeError) else user from None
