@@ -7,12 +7,16 @@ images (``--limit`` of two thirds of them: that many training images and half as
 images; 70000, all of them, is ``--full``), each size in its own features/results/reports folders
 under ``--out``, each stage in a fresh process. Per stage it records the wall time, the CPU time
 (user + system) and the peak resident set size of the stage's process (``os.wait4``: its largest
-process, workers it waited for included, not their sum), and the bytes the stage added under the
-size's folder (for extract and baselines: its stores). Rows go to ``--out``/scale_curve.csv as each
+process, workers it waited for included, not their sum; this process is their subreaper, so
+workers left behind are reaped and counted too), the seconds the stage's process spent stopped
+(SIGSTOP, as when the machine is shared with benchmarks that pause other jobs: sampled every
+0.2 s, and the gaps when this process was stopped as well; left out of the fit), and the bytes the stage added under the size's folder (for extract
+and baselines: its stores). Rows go to ``--out``/scale_curve.csv as each
 stage ends; a (size, stage) with a row that succeeded is not run again, so a run can be resumed
 and a large size run later on its own (``--sizes 70000``): the table, the fit and the plot always
-cover every row in the CSV. Then it fits, per stage, the exponent k of wall time ~ images^k (least
-squares on log-log over the sizes done), flags any above 1.2 (worse than linear), and writes
+cover every row in the CSV. Then it fits, per stage, the exponent k of wall time (less the time
+stopped) ~ images^k and that of CPU time (least squares on log-log over the sizes done), flags
+any above 1.2 (worse than linear), and writes
 scale_curve.md (the table and the exponents) and scale_curve.png (log-log).
 
     .venv/bin/python benchmarks/scale_curve.py [--sizes 2000,10000,30000,70000] [--out /tmp/scale-curve] [--memory-budget 8G]
@@ -39,7 +43,10 @@ MODEL, SEED, RECIPE = "efficientnet_lite0", "0", "plain"
 BASELINES, BASELINES_PRESET = "hog,surf_bow,sift_bow,vlad,fisher,color,raw", "paper"
 STAGES = ("extract", "baselines", "classify", "tsne", "report")
 STEEP = 1.2  # an exponent above this grows worse than linearly: flagged
-COLUMNS = ["size", "stage", "images", "wall_s", "cpu_s", "peak_rss_mib", "disk_mib", "returncode", "finished"]
+COLUMNS = ["size", "stage", "images", "wall_s", "paused_s", "cpu_s", "peak_rss_mib", "disk_mib", "returncode", "finished"]
+NUMBERS = ("wall_s", "paused_s", "cpu_s", "peak_rss_mib", "disk_mib")
+POLL_S = 0.2
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2): orphaned descendants are reparented to this process
 
 
 def subset_arguments(size: int) -> list[str]:
@@ -82,34 +89,76 @@ def store_images(folder: Path) -> int:
         return len(store)
 
 
+def become_subreaper() -> None:
+    """Workers a stage leaves behind become this process's children, to be reaped and counted."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
 def run_stage(command: list[str], log: Path) -> dict:
-    """Run ``command`` in a fresh process (output to ``log``); its wall and CPU seconds and peak RSS."""
+    """Run ``command`` in a fresh process (output to ``log``); its wall, stopped and CPU seconds and peak RSS."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        start = time.perf_counter()
+        start, paused = time.perf_counter(), 0.0
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        _, status, usage = os.wait4(process.pid, 0)  # this child's own usage, with the children it waited for
+        polled = time.perf_counter()
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)  # this child's own usage, with the children it waited for
+            if pid:
+                break
+            time.sleep(POLL_S)
+            now = time.perf_counter()
+            gap, polled = now - polled, now
+            # the child stopped, or this process too (a sleep of 0.2 s that took over a second)
+            paused += gap - POLL_S if gap > 5 * POLL_S else POLL_S if stopped(process.pid) else 0.0
         wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "returncode": process.returncode}
+    cpu, peak = usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+    for left in reap_left_behind():
+        cpu, peak = cpu + left.ru_utime + left.ru_stime, max(peak, left.ru_maxrss)
+    return {"wall_s": round(wall, 2), "paused_s": round(paused, 1), "cpu_s": round(cpu, 2), "peak_rss_mib": round(peak / 1024, 1),
+            "returncode": process.returncode}
+
+
+def reap_left_behind(wait_s: float = 30.0):
+    """The usage of each descendant the stage left running, once it exits (up to ``wait_s`` for all)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            pid, _, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:  # none left
+            return
+        if pid:
+            yield usage
+        else:
+            time.sleep(POLL_S)
 
 
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
+        # a number missing from a row (a column added since it was written) reads as NaN
         return [{**row, "size": int(row["size"]), "images": int(row["images"]), "returncode": int(row["returncode"]),
-                 **{k: float(row[k]) for k in ("wall_s", "cpu_s", "peak_rss_mib", "disk_mib")}} for row in csv.DictReader(f)]
+                 **{k: float(row.get(k) or "nan") for k in NUMBERS}} for row in csv.DictReader(f)]
 
 
 def append_row(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
+    """Add ``row`` to the CSV (rewritten under the current columns when it has others)."""
+    rows = read_rows(path)
+    with open(path.with_suffix(".tmp"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+        writer.writeheader()
+        writer.writerows([*rows, row])
+    path.with_suffix(".tmp").replace(path)
 
 
 def exponent(images, seconds) -> float:
@@ -125,19 +174,26 @@ def done_rows(rows: list[dict]) -> dict:
     return {(row["size"], row["stage"]): row for row in rows if row["returncode"] == 0}
 
 
+def running_s(row: dict) -> float:
+    """The stage's wall time less the time it was stopped (none counted where not recorded)."""
+    return row["wall_s"] - (row["paused_s"] if np.isfinite(row["paused_s"]) else 0.0)
+
+
 def write_summary(out: Path, rows: list[dict]) -> str:
     done = done_rows(rows)
-    lines = ["| images | stage | wall (s) | CPU (s) | CPU / wall | peak RSS (MiB) | added on disk (MiB) |", "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| images | stage | wall (s) | of it stopped (s) | CPU (s) | CPU / running | peak RSS (MiB) | added on disk (MiB) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for (size, stage), row in sorted(done.items(), key=lambda item: (item[0][0], STAGES.index(item[0][1]))):
-        lines.append(f"| {row['images']:,} | {stage} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | {row['cpu_s'] / max(row['wall_s'], 1e-9):.2f} | "
-                     f"{row['peak_rss_mib']:.0f} | {row['disk_mib']:.1f} |")
-    lines += ["", f"Exponent k of wall time ~ images^k (least squares on log-log; flagged above {STEEP}):", "",
-              "| stage | sizes | k | |", "|---|---:|---:|---|"]
+        lines.append(f"| {row['images']:,} | {stage} | {row['wall_s']:.1f} | {row['paused_s']:.1f} | {row['cpu_s']:.1f} | "
+                     f"{row['cpu_s'] / max(running_s(row), 1e-9):.2f} | {row['peak_rss_mib']:.0f} | {row['disk_mib']:.1f} |")
+    lines += ["", f"Exponents k of time ~ images^k (least squares on log-log; flagged above {STEEP}):", "",
+              "| stage | sizes | k (wall, less stopped) | k (CPU) | |", "|---|---:|---:|---:|---|"]
     for stage in STAGES:
         points = [row for (size, name), row in done.items() if name == stage]
-        k = exponent([row["images"] for row in points], [row["wall_s"] for row in points])
-        flag = f"**above {STEEP}**" if k > STEEP else ""
-        lines.append(f"| {stage} | {len(points)} | {k:.2f} | {flag} |")
+        images = [row["images"] for row in points]
+        k_wall, k_cpu = exponent(images, [running_s(row) for row in points]), exponent(images, [row["cpu_s"] for row in points])
+        flag = f"**above {STEEP}**" if max(k_wall, k_cpu) > STEEP else ""
+        lines.append(f"| {stage} | {len(points)} | {k_wall:.2f} | {k_cpu:.2f} | {flag} |")
     failed = [row for row in rows if row["returncode"] != 0 and (row["size"], row["stage"]) not in done]
     if failed:
         lines += ["", "Failed (see logs/): " + ", ".join(f"{row['stage']} at {row['size']:,} (exit {row['returncode']})" for row in failed)]
@@ -155,11 +211,11 @@ def plot(path: Path, done: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for stage in STAGES:
-        points = sorted((row["images"], row["wall_s"]) for (size, name), row in done.items() if name == stage)
+        points = sorted((row["images"], running_s(row)) for (size, name), row in done.items() if name == stage)
         if points:
             k = exponent(*zip(*points))
             ax.plot(*zip(*points), marker="o", label=f"{stage} (k = {k:.2f})" if np.isfinite(k) else stage)
-    ax.set(xscale="log", yscale="log", xlabel="images", ylabel="wall time (s)", title="make benchmark stages on Fashion-MNIST")
+    ax.set(xscale="log", yscale="log", xlabel="images", ylabel="wall time, less stopped (s)", title="make benchmark stages on Fashion-MNIST")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -176,6 +232,7 @@ def main(argv=None) -> str:
     sizes = [min(int(size), FULL_SIZE) for size in args.sizes.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     table = args.out / "scale_curve.csv"
+    become_subreaper()
     for size in sizes:
         folder = args.out / f"n{size}"
         for stage in STAGES:
@@ -188,7 +245,7 @@ def main(argv=None) -> str:
             row = {"size": size, "stage": stage, "images": store_images(folder) or size, **measured,
                    "disk_mib": round((folder_bytes(folder) - before) / 2**20, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
             append_row(table, row)
-            print(f"[{size:,} images] {stage}: {row['wall_s']:.1f} s wall, {row['cpu_s']:.1f} s CPU, {row['peak_rss_mib']:.0f} MiB peak, "
+            print(f"[{size:,} images] {stage}: {row['wall_s']:.1f} s wall ({row['paused_s']:.0f} s stopped), {row['cpu_s']:.1f} s CPU, {row['peak_rss_mib']:.0f} MiB peak, "
                   f"+{row['disk_mib']:.1f} MiB" + ("" if row["returncode"] == 0 else f", FAILED (exit {row['returncode']}, see {folder / 'logs'})"),
                   flush=True)
             if row["returncode"] != 0:
