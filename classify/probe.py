@@ -58,6 +58,7 @@ from classify.budget import rows_per_read
 from extract.parallel import host_cores
 from extract.arguments import FRACTION, POSITIVE, SEEDS, Names, OrNone, Several, check_params, number, whole
 from extract.errors import UserError
+from extract.fileio import DISK_ERRNOS
 
 CLASSIFIERS = ("logreg", "svm")
 NORMALIZATIONS = ("standard", "l2", "sqrt", "none")
@@ -497,14 +498,23 @@ class NormalisedRows:
         return max(self.batch_rows, size - size % self.batch_rows)
 
     def fill(self):
-        """Copy the rows into the temporary file, if it has the room (with a tenth to spare)."""
+        """Copy the rows into the temporary file, if it has the room (with a tenth to spare; a disk that
+        fills up meanwhile, or a temporary folder not writable, leaves the passes to the store)."""
         needed = len(self.rows) * self.width * np.dtype(np.float32).itemsize
         if shutil.disk_usage(tempfile.gettempdir()).free < needed * 1.1:
             return self
-        self.file = tempfile.TemporaryFile(prefix="offshelf-stream-")
-        self.passes["store"] += 1
-        for _, X in fusion.iter_chunks(self.store, self.layer, self.rows, self._read_size(self.rows)):
-            self.file.write(np.ascontiguousarray(X, dtype=np.float32).data)
+        try:
+            self.file = tempfile.TemporaryFile(prefix="offshelf-stream-")
+            self.passes["store"] += 1
+            for _, X in fusion.iter_chunks(self.store, self.layer, self.rows, self._read_size(self.rows)):
+                self.file.write(np.ascontiguousarray(X, dtype=np.float32).data)
+            self.file.flush()
+        except OSError as error:
+            if error.errno not in DISK_ERRNOS:
+                raise
+            if self.file is not None:
+                self.file.close()
+            self.file = None
         return self
 
     def _spans(self, positions: np.ndarray):
