@@ -9,7 +9,7 @@ eigendecomposition's workspace), and the solver's working set (L-BFGS: a few num
 class; liblinear: the rows again in float64 and as its own sparse nodes of 16 bytes a value). The
 final refit on all rows repeats the normalised copy and the span. The peak is the held rows plus
 the larger of the search and the refit. ``streaming_peak`` is the same for one chunk of the
-streaming SGD probe. Calibrated against the peak RSS of real fits (``benchmarks/budget_calibration.py``).
+streaming SGD probe (its Cs trained side by side). Calibrated against the peak RSS of real fits (``benchmarks/budget_calibration.py``).
 
 A candidate whose estimate is over the budget is fitted by the streaming SGD probe instead
 (``classify.evaluate``), its chunks sized by ``streaming_chunk_rows``.
@@ -97,13 +97,14 @@ def in_memory_peak(rows: int, width: int, *, classes: int, classifier: str = "lo
     return INTERPRETER_BYTES + held + max(checking, search, refit)
 
 
-def streaming_peak(chunk_rows: int, width: int, *, classes: int) -> int:
+def streaming_peak(chunk_rows: int, width: int, *, classes: int, candidates: int = 1) -> int:
     """Estimated peak bytes of the streaming SGD probe reading ``chunk_rows`` rows at a time: the read,
-    its selected rows and finite mask, the normalised chunk, one shuffled batch, and the model (weights,
-    the previous epoch's copy, the scaler's statistics)."""
+    its selected rows and finite mask, the normalised chunk, one shuffled batch, and the models: the
+    weights of the ``candidates`` (Cs) trained side by side and one class's working copy, or the
+    refit's weights and the previous epoch's copy; and the scaler's statistics."""
     chunk = chunk_rows * width * (2 * FLOAT32 + MASK + FLOAT32)
     batch = min(chunk_rows, STREAM_BATCH_ROWS) * width * FLOAT32
-    model = (3 * max(classes, 2) + 4) * width * FLOAT64
+    model = (max(candidates + 1, 3) * max(classes, 2) + 4) * width * FLOAT64
     return INTERPRETER_BYTES + chunk + batch + model
 
 
@@ -116,10 +117,10 @@ def rows_per_read(rows, span_rows: int) -> int:
     return max(1, span_rows * len(rows) // (int(rows[-1]) - int(rows[0]) + 1))
 
 
-def streaming_chunk_rows(budget: int, width: int, *, classes: int) -> int:
+def streaming_chunk_rows(budget: int, width: int, *, classes: int, candidates: int = 1) -> int:
     """The most rows of the store a chunk of the streaming probe (or of a prediction) may span within
-    ``budget`` (at least one batch of ``STREAM_BATCH_ROWS``)."""
-    fixed = streaming_peak(0, width, classes=classes) + STREAM_BATCH_ROWS * width * FLOAT32
+    ``budget`` (at least one batch of ``STREAM_BATCH_ROWS``), ``candidates`` Cs trained side by side."""
+    fixed = streaming_peak(0, width, classes=classes, candidates=candidates) + STREAM_BATCH_ROWS * width * FLOAT32
     per_row = width * (3 * FLOAT32 + MASK)
     fits = max(0, budget - fixed) // per_row
     return int(max(fits, STREAM_BATCH_ROWS))

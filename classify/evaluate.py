@@ -277,12 +277,12 @@ class Evaluation:
     def _needs(self, store, job) -> int:
         """The bytes ``job`` needs at least: its in-memory fit's, or a streamed fit's smallest chunk."""
         if job[1] == "sgd" or self._streamed_because(store, job):
-            return streaming_peak(STREAM_BATCH_ROWS, fusion.dim(store, job[0]), classes=self._classes)
+            return streaming_peak(STREAM_BATCH_ROWS, fusion.dim(store, job[0]), classes=self._classes, candidates=len(self.settings.Cs))
         return self._in_memory_peak(store, job)
 
     def _chunk_rows(self, store, layer: str) -> int:
         """Rows of the store a chunk read may span, for streamed fits and predictions, within this process's share of the budget."""
-        return streaming_chunk_rows(self.memory_share, fusion.dim(store, layer), classes=self._classes)
+        return streaming_chunk_rows(self.memory_share, fusion.dim(store, layer), classes=self._classes, candidates=len(self.settings.Cs))
 
     def _fit(self, store, job, rows, labels, seed, scoring: str = "accuracy"):
         """A probe of ``job`` fitted on dataset ``rows``: in memory (C searched by ``LinearProbe``, its

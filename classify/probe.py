@@ -35,6 +35,8 @@ the command lines share) and checks them when ``fit`` starts: a bad one is a ``U
 from __future__ import annotations
 
 import functools
+import shutil
+import tempfile
 import time
 import warnings
 
@@ -54,8 +56,9 @@ from threadpoolctl import ThreadpoolController
 from classify import fusion
 from classify.budget import rows_per_read
 from extract.parallel import host_cores
-from extract.arguments import POSITIVE, SEEDS, Names, OrNone, Several, check_params, number, whole
+from extract.arguments import FRACTION, POSITIVE, SEEDS, Names, OrNone, Several, check_params, number, whole
 from extract.errors import UserError
+from extract.fileio import DISK_ERRNOS
 
 CLASSIFIERS = ("logreg", "svm")
 NORMALIZATIONS = ("standard", "l2", "sqrt", "none")
@@ -464,6 +467,100 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return self.pipeline_.predict(np.asarray(X, dtype=np.float32))
 
 
+class NormalisedRows:
+    """The training ``rows`` of a store's ``layer``, normalised, for the many passes of a streamed fit.
+
+    ``fill`` reads the store once (gzip-compressed chunks: decompressing them was most of a pass)
+    into a temporary file of float32 rows, which ``normalise`` then rewrites normalised: every later
+    pass reads plain floats, and normalises nothing. The file is read with plain reads, not mapped,
+    so its pages are the system's cache and not this process's memory. Where the temporary directory
+    lacks the room, every pass reads and normalises the store instead. ``passes`` counts the passes
+    over each source. Reads span at most ``chunk_rows`` rows of their source, in whole batches of
+    ``batch_rows`` (at least one): the batches are the same whichever source serves them.
+    """
+
+    def __init__(self, store, layer: str, rows: np.ndarray, *, chunk_rows: int, batch_rows: int):
+        self.store, self.layer, self.rows = store, layer, np.sort(np.asarray(rows))
+        self.chunk_rows, self.batch_rows = chunk_rows, batch_rows
+        self.width = fusion.dim(store, layer)
+        self.file, self.normalizer = None, None
+        self.passes = {"store": 0, "copy": 0}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # a TemporaryFile: removed on closing
+
+    def _read_size(self, index: np.ndarray) -> int:
+        size = rows_per_read(index, self.chunk_rows)
+        return max(self.batch_rows, size - size % self.batch_rows)
+
+    def fill(self):
+        """Copy the rows into the temporary file, if it has the room (with a tenth to spare; a disk that
+        fills up meanwhile, or a temporary folder not writable, leaves the passes to the store)."""
+        needed = len(self.rows) * self.width * np.dtype(np.float32).itemsize
+        if shutil.disk_usage(tempfile.gettempdir()).free < needed * 1.1:
+            return self
+        try:
+            self.file = tempfile.TemporaryFile(prefix="offshelf-stream-")
+            self.passes["store"] += 1
+            for _, X in fusion.iter_chunks(self.store, self.layer, self.rows, self._read_size(self.rows)):
+                self.file.write(np.ascontiguousarray(X, dtype=np.float32).data)
+            self.file.flush()
+        except OSError as error:
+            if error.errno not in DISK_ERRNOS:
+                raise
+            if self.file is not None:
+                self.file.close()
+            self.file = None
+        return self
+
+    def _spans(self, positions: np.ndarray):
+        """(first, stop, positions) of each read of the file at sorted ``positions``."""
+        size = self._read_size(positions)
+        for start in range(0, len(positions), size):
+            block = positions[start : start + size]
+            yield int(block[0]), int(block[-1]) + 1, block
+
+    def _read(self, first: int, stop: int) -> np.ndarray:
+        span = np.empty((stop - first, self.width), np.float32)
+        self.file.seek(first * span.itemsize * self.width)
+        self.file.readinto(memoryview(span).cast("B"))
+        return span
+
+    def raw(self):
+        """The features as stored, a chunk at a time: a pass of the normaliser's fit."""
+        return (X for _, X in self._chunks(self.rows, normalised=False))
+
+    def normalise(self, normalizer):
+        """Normalise the rows by ``normalizer`` (fitted on ``raw``): in the file, in one pass."""
+        self.normalizer = normalizer
+        if self.file is not None:
+            self.passes["copy"] += 1
+            for first, stop, _ in self._spans(np.arange(len(self.rows))):
+                X = normalizer.transform(self._read(first, stop))
+                self.file.seek(first * X.itemsize * self.width)
+                self.file.write(np.ascontiguousarray(X, dtype=np.float32).data)
+        return self
+
+    def chunks(self, rows=None):
+        """(rows, normalised features) of the sorted dataset ``rows`` (a subset of the training rows), a chunk at a time."""
+        return self._chunks(self.rows if rows is None else rows, normalised=True)
+
+    def _chunks(self, rows, normalised: bool):
+        if self.file is None:
+            self.passes["store"] += 1
+            for block, X in fusion.iter_chunks(self.store, self.layer, rows, self._read_size(rows)):
+                yield block, self.normalizer.transform(X) if normalised else X
+            return
+        self.passes["copy"] += 1
+        positions = np.searchsorted(self.rows, rows)
+        for first, stop, block in self._spans(positions):
+            yield self.rows[block], self._read(first, stop)[block - first]
+
+
 class StreamingSGDProbe(ClassifierMixin, BaseEstimator):
     """A linear probe by SGD over chunks of a store, for layers too large for memory.
 
@@ -471,20 +568,27 @@ class StreamingSGDProbe(ClassifierMixin, BaseEstimator):
     hinge. The normaliser (``normalization``; ``blocks`` for a fused layer, read through
     ``classify.fusion``) is fitted in streaming passes over the training rows. ``alpha`` (the SGD
     form of 1 / (C n)) is chosen on a stratified validation part of the training rows by the lowest
-    held-out loss, then the probe is refitted on all of them. Every read spans at most
-    ``chunk_rows`` rows of the store (the memory a chunk takes); scikit-learn's SGD sees them
-    ``batch_rows`` at a time, each batch shuffled, so the numbers do not depend on ``chunk_rows``
-    while a chunk holds one batch or more. ``converged_`` is true when the weights changed by less
-    than ``tol`` (relative to their norm) over the final refit's last epoch.
+    held-out loss, then the probe is refitted on all of them. Every C is trained side by side, each
+    batch read once and fed to all of them (the same batches, in the same order, as each would see
+    alone). After each epoch but the last the candidates are scored on the validation rows and only
+    the best ``keep`` of them (by held-out loss, at least one) train on: successive halving at 0.5,
+    where the search costs about two candidates' full training instead of one per C; 1 trains
+    every C for every epoch. The rows are read from the store once and kept
+    normalised in a temporary file (``NormalisedRows``). Every read spans at most ``chunk_rows`` rows
+    (the memory a chunk takes); scikit-learn's SGD sees them ``batch_rows`` at a time, each batch
+    shuffled, so the numbers do not depend on ``chunk_rows``. ``converged_`` is true when the
+    weights changed by less than ``tol`` (relative to their norm) over the final refit's last epoch.
+    ``passes_`` counts the passes over the training rows (of the store, of the normalised copy);
+    ``selection_`` gives them and ``fit_seconds_``.
     """
 
     _parameter_ranges = {"classifier": Names(CLASSIFIERS), "normalization": Names(NORMALIZATIONS), "blocks": OrNone(Several(POSITIVE)),
                          "Cs": C_GRID, "epochs": POSITIVE, "tol": number(0, None, closed="neither"), "chunk_rows": POSITIVE,
-                         "batch_rows": POSITIVE, "val_fraction": VAL_FRACTIONS, "scoring": Names(SCORINGS), "seed": SEEDS}
+                         "batch_rows": POSITIVE, "val_fraction": VAL_FRACTIONS, "scoring": Names(SCORINGS), "keep": FRACTION, "seed": SEEDS}
 
     def __init__(self, classifier: str = "logreg", *, normalization: str = "standard", blocks: tuple[int, ...] | None = None,
                  Cs=DEFAULT_CS, epochs: int = 5, tol: float = 1e-2, chunk_rows: int = 4096, batch_rows: int = 256,
-                 val_fraction: float = DEFAULT_VAL_FRACTION, scoring: str = "accuracy", seed: int = 0):
+                 val_fraction: float = DEFAULT_VAL_FRACTION, scoring: str = "accuracy", keep: float = 0.5, seed: int = 0):
         self.classifier = classifier
         self.normalization = normalization
         self.blocks = blocks
@@ -495,45 +599,69 @@ class StreamingSGDProbe(ClassifierMixin, BaseEstimator):
         self.batch_rows = batch_rows
         self.val_fraction = val_fraction
         self.scoring = scoring
+        self.keep = keep
         self.seed = seed
 
-    def _chunks(self, store, layer, rows):
-        """(positions, features) of ``rows``, read a chunk at a time: a chunk is read as the span from its
-        first row to its last, so a chunk of a sparse selection holds fewer rows; whole batches each."""
-        size = rows_per_read(rows, self.chunk_rows)
-        return fusion.iter_chunks(store, layer, rows, size - size % self.batch_rows if size >= self.batch_rows else size)
+    def _epoch(self, data: NormalisedRows, rows, labels, models: list, rng):
+        """One pass of ``partial_fit`` over ``rows``, every batch (shuffled by ``rng``) fed to each of ``models``."""
+        for positions, X in data.chunks(rows):
+            for start in range(0, len(positions), self.batch_rows):
+                batch = start + rng.permutation(min(self.batch_rows, len(positions) - start))
+                X_batch, y_batch = X[batch], labels[positions[batch]]
+                for model in models:
+                    model.partial_fit(X_batch, y_batch, classes=self.classes_)
 
-    def _passes(self, store, layer, rows, labels, model, normalizer):
-        """``epochs`` passes of ``partial_fit``; sets ``model.last_change_``, the relative change of the
-        weights over the last pass (the convergence test: below ``tol``)."""
-        rng = np.random.default_rng(self.seed)
-        before = None
+    def _score(self, data: NormalisedRows, rows, labels, models: list) -> np.ndarray:
+        """Held-out (score, loss) of each of ``models``: accuracy, or average precision of a binary probe; one pass."""
+        decisions, losses = [[] for _ in models], np.zeros(len(models))
+        for positions, X in data.chunks(rows):
+            for i, model in enumerate(models):
+                decisions[i].append(model.decision_function(X))
+                losses[i] += held_out_loss(model, X, labels[positions]) * len(positions)
+        y, held_out = labels[rows], []
+        for found, loss in zip(decisions, losses):
+            found = np.concatenate(found)
+            if self.scoring == "average_precision":
+                score = float(average_precision_score(y, found))
+            else:
+                score = float(np.mean(self.classes_[(found > 0).astype(int) if found.ndim == 1 else found.argmax(axis=1)] == y))
+            held_out.append((score, loss / max(1, len(rows))))
+        return np.array(held_out).reshape(len(models), 2)
+
+    def _search(self, data: NormalisedRows, fit_rows, val_rows, labels, Cs) -> tuple[np.ndarray, int, int]:
+        """Held-out (score, loss) of each C (NaN where it was dropped before the last epoch), the number
+        of (C, epoch) fits made, and the grid index of the lowest final loss (ties: stronger regularisation)."""
+        held_out = np.full((len(Cs), 2), np.nan)
+        live = list(range(len(Cs)))
+        models = {i: self._model(Cs[i], len(fit_rows)) for i in live}
+        rng, fits = np.random.default_rng(self.seed), 0
+
+        def by_loss(i):  # a diverged fit's loss (NaN or infinite) ranks last
+            return (held_out[i, 1] if np.isfinite(held_out[i, 1]) else np.inf, i)
+
+        for epoch in range(self.epochs):
+            self._epoch(data, fit_rows, labels, [models[i] for i in live], rng)
+            fits += len(live)
+            kept = max(1, int(np.ceil(self.keep * len(live))))
+            if epoch == self.epochs - 1 or kept < len(live):
+                held_out[live] = self._score(data, val_rows, labels, [models[i] for i in live])
+            if epoch < self.epochs - 1 and kept < len(live):
+                ranked = sorted(live, key=by_loss)
+                held_out[ranked[kept:]] = np.nan  # their training stops here
+                live = sorted(ranked[:kept])
+        return held_out, fits, min(live, key=by_loss)
+
+    def _refit(self, data: NormalisedRows, labels, C: float) -> SGDClassifier:
+        """``epochs`` passes over all training rows at ``C``; sets ``model.last_change_``, the relative
+        change of the weights over the last pass (the convergence test: below ``tol``)."""
+        model, rng, before = self._model(C, len(data.rows)), np.random.default_rng(self.seed), None
         for _ in range(self.epochs):
             if hasattr(model, "coef_"):
                 before = model.coef_.copy()
-            for positions, X in self._chunks(store, layer, rows):
-                X = normalizer.transform(X)
-                for start in range(0, len(positions), self.batch_rows):
-                    batch = start + rng.permutation(min(self.batch_rows, len(positions) - start))
-                    model.partial_fit(X[batch], labels[positions[batch]], classes=self.classes_)
+            self._epoch(data, data.rows, labels, [model], rng)
         model.last_change_ = (float(np.linalg.norm(model.coef_ - before) / max(np.linalg.norm(model.coef_), 1e-12))
                               if before is not None else float("inf"))
         return model
-
-    def _score(self, store, layer, rows, labels, model, normalizer) -> tuple[float, float]:
-        """Held-out score (accuracy, or average precision of a binary probe) and loss, a chunk at a time."""
-        decisions, loss = [], 0.0
-        for positions, X in self._chunks(store, layer, rows):
-            X, y = normalizer.transform(X), labels[positions]
-            decisions.append(model.decision_function(X))
-            loss += held_out_loss(model, X, y) * len(y)
-        y, decisions = labels[rows], np.concatenate(decisions)
-        if self.scoring == "average_precision":
-            score = float(average_precision_score(y, decisions))
-        else:
-            predicted = self.classes_[(decisions > 0).astype(int) if decisions.ndim == 1 else decisions.argmax(axis=1)]
-            score = float(np.mean(predicted == y))
-        return score, loss / max(1, len(rows))
 
     def fit_store(self, store, layer: str, rows, labels):
         """Fit on ``store``'s ``layer`` (a tap, or a fused layer) at dataset ``rows``; ``labels`` is indexed by row."""
@@ -541,27 +669,29 @@ class StreamingSGDProbe(ClassifierMixin, BaseEstimator):
         check_params(type(self).__name__, self.get_params(deep=False), self._parameter_ranges)
         rows = np.sort(np.asarray(rows))
         self.classes_ = np.unique(labels[rows])
-        normalizer = fit_normalizer(self.normalization, lambda: (X for _, X in self._chunks(store, layer, rows)), self.blocks)
         split = StratifiedShuffleSplit(n_splits=1, test_size=self.val_fraction, random_state=self.seed)
         train_idx, val_idx = next(split.split(rows, labels[rows]))
         fit_rows, val_rows = np.sort(rows[train_idx]), np.sort(rows[val_idx])
         Cs = np.sort(np.asarray(self.Cs, dtype=float))
-        held_out = np.array([
-            self._score(store, layer, val_rows, labels,
-                        self._passes(store, layer, fit_rows, labels, self._model(C, len(fit_rows)), normalizer), normalizer)
-            for C in Cs
-        ])
-        self.cv_scores_, self.cv_losses_ = held_out[:, :1], held_out[:, 1:]
-        best = int(np.argmin(self.cv_losses_[:, 0]))  # ties: stronger regularisation
-        self.best_C_, self.cv_score_ = float(Cs[best]), float(self.cv_scores_[best, 0])
+        with NormalisedRows(store, layer, rows, chunk_rows=self.chunk_rows, batch_rows=self.batch_rows) as data:
+            data.fill()
+            data.normalise(fit_normalizer(self.normalization, data.raw, self.blocks))
+            held_out, fits, best = self._search(data, fit_rows, val_rows, labels, Cs)
+            self.cv_scores_, self.cv_losses_ = held_out[:, :1], held_out[:, 1:]
+            self.best_C_, self.cv_score_ = float(Cs[best]), float(self.cv_scores_[best, 0])
+            model = self._refit(data, labels, self.best_C_)
+            self.pipeline_ = Pipeline([("normalize", data.normalizer), ("classify", model)])
+            self.passes_ = dict(data.passes)
         self.n_splits_ = 1
         loss = "log-loss" if self.classifier == "logreg" else "squared hinge loss"
-        self.selection_ = f"C by a {self.val_fraction:.0%} validation split, by streaming SGD (lowest held-out {loss})"
-        model = self._passes(store, layer, rows, labels, self._model(self.best_C_, len(rows)), normalizer)
-        self.pipeline_ = Pipeline([("normalize", normalizer), ("classify", model)])
+        trained = f"{len(Cs)} C{'s' if len(Cs) > 1 else ''} side by side" + (
+            f", the best {self.keep:.0%} kept after each epoch ({fits} of {len(Cs) * self.epochs} C-epochs)" if fits < len(Cs) * self.epochs else "")
+        read = f"{self.passes_['store']} of the store" + (f", {self.passes_['copy']} of a normalised copy" if self.passes_["copy"] else "")
         # The weights moved less than ``tol`` (relative) over the last epoch.
         self.converged_ = model.last_change_ < self.tol
         self.fit_seconds_ = time.perf_counter() - start
+        self.selection_ = (f"C by a {self.val_fraction:.0%} validation split, by streaming SGD (lowest held-out {loss}; {trained}; "
+                           f"{sum(self.passes_.values())} passes over the training rows with the refit ({read}), {self.fit_seconds_:.0f} s)")
         return self
 
     def _model(self, C: float, n: int) -> SGDClassifier:

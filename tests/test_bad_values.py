@@ -133,6 +133,7 @@ BAD_PARAMETERS = [  # (estimator, parameter, value, what the line says is allowe
     ("StreamingSGDProbe", "batch_rows", 0, "a whole number in [1, inf)"),
     ("StreamingSGDProbe", "classifier", "knn", "one of 'logreg', 'svm'"),
     ("StreamingSGDProbe", "val_fraction", 0.0, "a number in (0, 1)"),
+    ("StreamingSGDProbe", "keep", 0.0, "a number in (0, 1]"),
     ("StreamingSGDProbe", "seed", -1, "a whole number in [0, 4294967295]"),
     ("BlockNormalizer", "normalization", "zscore", "one of 'standard', 'l2', 'sqrt', 'none'"),
     ("BlockNormalizer", "blocks", (2, 0), "one or more values, each a whole number in [1, inf)"),

@@ -269,12 +269,50 @@ def test_streaming_sgd_probe_reads_chunks(tmp_path):
         probe = StreamingSGDProbe(Cs=(0.1, 10.0), chunk_rows=16, epochs=20).fit_store(store, "layer", train, store.labels)
         test = store.splits == "test"
         chosen = [0.1, 10.0].index(probe.best_C_)
-        assert chosen == np.argmin(probe.cv_losses_[:, 0]) and probe.cv_score_ == probe.cv_scores_[chosen, 0]
+        assert chosen == np.nanargmin(probe.cv_losses_[:, 0]) and probe.cv_score_ == probe.cv_scores_[chosen, 0]
         assert np.mean(probe.predict(store.features("layer", test)) == store.labels[test]) > 0.9
+        # the Cs train side by side on the same batches: each C's held-out loss is the one it gets alone
+        together = StreamingSGDProbe(Cs=(0.01, 0.1, 10.0), chunk_rows=16, epochs=3, keep=1.0).fit_store(store, "layer", train, store.labels)
+        for i, C in enumerate((0.01, 0.1, 10.0)):
+            alone = StreamingSGDProbe(Cs=(C,), chunk_rows=16, epochs=3).fit_store(store, "layer", train, store.labels)
+            assert together.cv_losses_[i, 0] == pytest.approx(alone.cv_losses_[0, 0], rel=1e-6)
+        # successive halving: 3 Cs, then 2, then 1 train; the dropped have no held-out numbers
+        halved = StreamingSGDProbe(Cs=(0.01, 0.1, 10.0), chunk_rows=16, epochs=3).fit_store(store, "layer", train, store.labels)
+        assert np.isnan(halved.cv_losses_[:, 0]).sum() == 2 and "(6 of 9 C-epochs)" in halved.selection_
+        kept = int(np.nanargmin(halved.cv_losses_[:, 0]))
+        assert halved.best_C_ == (0.01, 0.1, 10.0)[kept] and np.isnan(halved.cv_scores_[:, 0]).sum() == 2
         settled = StreamingSGDProbe(Cs=(0.1,), chunk_rows=16, epochs=20).fit_store(store, "layer", train, store.labels)
         assert settled.converged_  # 20 epochs of a decaying step: the weights settle
         one_pass = StreamingSGDProbe(Cs=(10.0,), chunk_rows=16, epochs=1).fit_store(store, "layer", train, store.labels)
         assert not one_pass.converged_  # one epoch says nothing about convergence
+
+
+def test_the_normalised_copy_serves_the_rows_the_store_does(tmp_path):
+    """A streamed fit reads the store once into a temporary file of normalised rows; every later pass
+    reads that copy, which holds what reading and normalising the store would give."""
+    from classify.probe import NormalisedRows, fit_normalizer
+    from extract.store import FeatureStore
+
+    X, y = _blobs(n_per_class=60, dim=10)
+    splits = np.where(np.arange(len(y)) % 4 == 0, "test", "train")
+    with FeatureStore(_store(tmp_path / "s.h5", X, y, splits)) as store:
+        train = np.flatnonzero(store.splits == "train")
+        subset = train[::3]
+        read = []
+        for copied in (True, False):
+            with NormalisedRows(store, "layer", train, chunk_rows=40, batch_rows=8) as data:
+                if copied:
+                    data.fill()
+                data.normalise(fit_normalizer("standard", data.raw))
+                read.append([(rows, X) for rows, X in data.chunks(subset)])
+                assert data.passes == ({"store": 1, "copy": 3} if copied else {"store": 2, "copy": 0})
+    (copy, direct) = read
+    for chunks in read:  # whole batches of 8 (the last excepted), in order: the same batches either way
+        assert all(len(rows) % 8 == 0 for rows, _ in chunks[:-1])
+        np.testing.assert_array_equal(np.concatenate([rows for rows, _ in chunks]), subset)
+    np.testing.assert_allclose(np.concatenate([X for _, X in copy]), np.concatenate([X for _, X in direct]), rtol=1e-6)
+    scaled = np.concatenate([X for _, X in copy])
+    np.testing.assert_allclose(scaled, (X[subset] - X[train].mean(0)) / X[train].std(0), rtol=1e-4, atol=1e-5)
 
 
 # -- model selection never sees the test split ------------------------------------------------------
