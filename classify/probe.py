@@ -579,7 +579,7 @@ class StreamingSGDProbe(ClassifierMixin, BaseEstimator):
     shuffled, so the numbers do not depend on ``chunk_rows``. ``converged_`` is true when the
     weights changed by less than ``tol`` (relative to their norm) over the final refit's last epoch.
     ``passes_`` counts the passes over the training rows (of the store, of the normalised copy);
-    ``selection_`` gives them and ``fit_seconds_``.
+    ``selection_`` gives them (the time is ``fit_seconds_``, a row's own column).
     """
 
     _parameter_ranges = {"classifier": Names(CLASSIFIERS), "normalization": Names(NORMALIZATIONS), "blocks": OrNone(Several(POSITIVE)),
@@ -691,7 +691,7 @@ class StreamingSGDProbe(ClassifierMixin, BaseEstimator):
         self.converged_ = model.last_change_ < self.tol
         self.fit_seconds_ = time.perf_counter() - start
         self.selection_ = (f"C by a {self.val_fraction:.0%} validation split, by streaming SGD (lowest held-out {loss}; {trained}; "
-                           f"{sum(self.passes_.values())} passes over the training rows with the refit ({read}), {self.fit_seconds_:.0f} s)")
+                           f"{sum(self.passes_.values())} passes over the training rows with the refit ({read}))")
         return self
 
     def _model(self, C: float, n: int) -> SGDClassifier:
