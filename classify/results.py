@@ -46,7 +46,7 @@ RESULT_COLUMNS = [
 # fusion.py, recipe.py): bump it when a change there alters a row's numbers (CONTRIBUTING.md). Rows of another
 # version are then refitted, never served from the cache, and left out of reports; rows of trained models and
 # the stores are untouched.
-PROBES_VERSION = 3
+PROBES_VERSION = 4
 # What determines a row's numbers; a row with the same key is the same experiment.
 # ``settings``: a trained run's settings (transfer.training.settings_text); empty for probes, whose settings are columns.
 RESULT_KEY = ["dataset", "features", "store_fingerprint", "layer", "classifier", "protocol", "normalization", "search", "select_by", "Cs", "seed",
